@@ -1,0 +1,1 @@
+"""Baton decode worker."""

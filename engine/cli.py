@@ -1,0 +1,53 @@
+"""The `baton` command: one entry point; each package registers its own sub-commands."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="baton",
+    help="Baton: disaggregated prefill/decode LLM serving with KV-aware routing and autoscaling.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Packages whose `cli.register(app)` adds commands. Each keeps heavy imports (torch, grpc)
+# inside its command functions so `baton --help` stays fast.
+_COMMAND_MODULES = (
+    "engine.engine_cli",
+    "router.cli",
+    "prefill_worker.cli",
+    "decode_worker.cli",
+    "controlplane.cli",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"baton {version('baton')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Baton command line."""
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != _name:
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    app()
