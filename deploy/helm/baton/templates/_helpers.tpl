@@ -1,0 +1,92 @@
+{{/* Resource name prefix: <release>-baton, or the release name when it already says baton. */}}
+{{- define "baton.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "baton.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: baton
+{{- end -}}
+
+{{/* Selector labels for one component; call with (dict "root" $ "component" "router"). */}}
+{{- define "baton.selectorLabels" -}}
+app.kubernetes.io/name: {{ default .root.Chart.Name .root.Values.nameOverride }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "baton.image" -}}
+{{- $tag := .image.tag | default (printf "%s%s" .root.Chart.AppVersion .suffix) -}}
+image: {{ printf "%s:%s" .image.repository $tag | quote }}
+imagePullPolicy: {{ .image.pullPolicy }}
+{{- end -}}
+
+{{- define "baton.redisHost" -}}
+{{- printf "%s-redis" (include "baton.fullname" .) -}}
+{{- end -}}
+
+{{/* REDIS_URL env var; commands pass it on as --redis-url $(REDIS_URL). */}}
+{{- define "baton.redisUrlEnv" -}}
+- name: REDIS_URL
+{{- if .Values.redis.enabled }}
+  value: {{ printf "redis://%s:%d/0" (include "baton.redisHost" .) (int .Values.redis.port) | quote }}
+{{- else if .Values.redis.externalUrlSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.externalUrlSecret.name }}
+      key: {{ .Values.redis.externalUrlSecret.key }}
+{{- else if .Values.redis.externalUrl }}
+  value: {{ .Values.redis.externalUrl | quote }}
+{{- else }}
+{{- fail "redis.enabled is false: set redis.externalUrl or redis.externalUrlSecret.name" }}
+{{- end }}
+{{- end -}}
+
+{{- define "baton.adminSecretName" -}}
+{{- .Values.controlPlane.adminToken.existingSecret | default (printf "%s-admin" (include "baton.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Role the control plane's Kubernetes backend needs, and nothing more. */}}
+{{- define "baton.controlPlaneRules" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch]
+- apiGroups: [apps]
+  resources: [deployments/scale]
+  verbs: [get, patch]
+{{- end -}}
+
+{{- define "baton.modelVolume" -}}
+- name: model
+{{- if .Values.model.createPVC.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "baton.fullname" . }}-models
+    readOnly: true
+{{- else }}
+{{- toYaml .Values.model.volume | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* preStop sleep: lets load balancers and routers stop sending before SIGTERM starts the drain. */}}
+{{- define "baton.preStop" -}}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", {{ . | quote }}]
+{{- end -}}
