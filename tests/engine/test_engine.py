@@ -182,3 +182,24 @@ def test_abort_releases_pinned_and_reserved_blocks(model_dir):
     assert a.abort("d")
     assert not a.abort("unknown")
     assert_all_free(a)
+
+
+def test_stop_strings_and_text_with_real_tokenizer(tmp_path):
+    from engine.make_model import make_model
+
+    model_dir = make_model(tmp_path / "tok", arch="qwen2", vocab=512, seed=1)
+    engine = new_engine(str(model_dir))
+    prompt = engine.tokenizer.encode("def main():\n    return")
+    full = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    text = engine.tokenizer.decode(full.output_ids)
+    assert len(text) > 6
+    stop = text[3:6]  # stop on text generated mid-stream, possibly across token boundaries
+    engine.add_request("s", prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]))
+    pieces, reason = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces.append(out.text)
+            reason = out.finish_reason or reason
+    assert reason == "stop"
+    assert "".join(pieces) == text[: text.index(stop)]
+    assert_all_free(engine)
