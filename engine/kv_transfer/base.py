@@ -1,0 +1,313 @@
+"""The `KVTransport` seam: moves KV-cache blocks from a prefill engine's cache into a decode engine's cache.
+
+Backends (tcp, nixl, later nvlink) implement `_send` and `endpoint`; the receiver bookkeeping lives here.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from prometheus_client import Counter, Histogram
+
+# Version of the endpoint descriptor and of every backend's hand-off payload; bump on any change.
+PROTOCOL_VERSION = 1
+
+KV_TRANSFER_BYTES = Counter("baton_kv_transfer_bytes", "KV-cache bytes moved by this process", ["transport"])
+KV_TRANSFER_SECONDS = Histogram(
+    "baton_kv_transfer_seconds", "Duration of KV-cache transfers seen by this process", ["transport"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KVTransferError(ValueError):
+    """Caller error: bad block ids, an unusable endpoint, mismatched cache geometry, unknown transfer."""
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Shape of a block-major KV cache [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]."""
+
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def from_tensor(cls, kv_cache: torch.Tensor) -> CacheGeometry:
+        if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+            raise KVTransferError(
+                "kv_cache must have shape [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], "
+                f"got {list(kv_cache.shape)}")
+        if not kv_cache.is_contiguous():
+            raise KVTransferError("kv_cache must be contiguous so that each block is one span of memory")
+        dtype = str(kv_cache.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise KVTransferError(f"kv_cache dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        n, layers, _, block_size, heads, head_dim = kv_cache.shape
+        return cls(n, layers, block_size, heads, head_dim, dtype)
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * _DTYPES[self.dtype].itemsize
+
+    def check_compatible(self, peer: CacheGeometry) -> None:
+        """Raise unless a block of ours and a block of the peer's hold the same thing (num_blocks may differ)."""
+        diffs = [f"{name} {getattr(self, name)} != {getattr(peer, name)}"
+                 for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+                 if getattr(self, name) != getattr(peer, name)]
+        if diffs:
+            raise KVTransferError("peer KV cache geometry differs (local != peer): " + ", ".join(diffs))
+
+    def check_block_ids(self, block_ids: Sequence[int], side: str) -> None:
+        for b in block_ids:
+            if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.num_blocks:
+                raise KVTransferError(f"{side} block id {b!r} out of range [0, {self.num_blocks})")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a sender needs to reach a receiver: its transport, cache geometry and backend-specific params.
+
+    Travels as opaque bytes (a protobuf `bytes` field); each backend parses `params` into its own typed form.
+    """
+
+    transport: str
+    geometry: CacheGeometry
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"baton_kv": PROTOCOL_VERSION, "transport": self.transport,
+                           "geometry": asdict(self.geometry), "params": dict(self.params)}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Endpoint:
+        try:
+            doc = json.loads(bytes(data))
+        except (ValueError, TypeError) as e:
+            raise KVTransferError(f"peer endpoint is not a Baton KV endpoint descriptor ({e})") from None
+        if not isinstance(doc, dict) or "baton_kv" not in doc:
+            raise KVTransferError("peer endpoint is not a Baton KV endpoint descriptor")
+        if doc["baton_kv"] != PROTOCOL_VERSION:
+            raise KVTransferError(
+                f"peer endpoint has KV protocol version {doc['baton_kv']}, this process speaks {PROTOCOL_VERSION}")
+        try:
+            return cls(str(doc["transport"]), CacheGeometry(**doc["geometry"]), dict(doc["params"]))
+        except (KeyError, TypeError) as e:
+            raise KVTransferError(f"peer endpoint descriptor is malformed ({e})") from None
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """Outcome of one transfer on one side. `seconds`: sender, the send call; receiver, expect() to completion."""
+
+    transfer_id: str
+    ok: bool
+    nbytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def block_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Coalesce the pairing src[i] -> dst[i] into (src_start, dst_start, count) runs consecutive on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_block_ids, dst_block_ids):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+@dataclass
+class _Expected:
+    dst_block_ids: tuple[int, ...]
+    started: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    claimed: bool = False  # a sender has started writing this transfer
+
+
+class KVTransport(ABC):
+    """One process's end of KV transfers; the same object can send (prefill) and receive (decode).
+
+    Receiver: register_cache → endpoint() to the sender → expect(id, dst ids) → wait(id) or cancel(id).
+    Every expect() must be collected by wait()/wait_async() or cancel(). Sender: send(...) blocks until the
+    receiver holds the bytes. Caller errors raise KVTransferError; anything that goes wrong on the wire
+    comes back as TransferResult(ok=False, error=...). Nothing blocks longer than its timeout.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._cache: torch.Tensor | None = None
+        self._geometry: CacheGeometry | None = None
+        self._expected: dict[str, _Expected] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def geometry(self) -> CacheGeometry:
+        if self._geometry is None:
+            raise KVTransferError(f"{self.name} transport has no KV cache; call register_cache() first")
+        return self._geometry
+
+    def register_cache(self, kv_cache: torch.Tensor) -> None:
+        if self._cache is not None:
+            raise KVTransferError(f"{self.name} transport already has a KV cache registered")
+        geometry = CacheGeometry.from_tensor(kv_cache)
+        self._register(kv_cache)
+        self._cache, self._geometry = kv_cache, geometry
+
+    @abstractmethod
+    def _register(self, kv_cache: torch.Tensor) -> None: ...
+
+    def endpoint(self) -> bytes:
+        """Opaque, versioned descriptor of this receiver (see Endpoint)."""
+        if self._closed:
+            raise KVTransferError(f"{self.name} transport is closed")
+        return Endpoint(self.name, self.geometry, self._endpoint_params()).to_bytes()
+
+    @abstractmethod
+    def _endpoint_params(self) -> dict[str, Any]:
+        """What a sender needs to reach this receiver, JSON-serialisable."""
+
+    # ---- receiver side ----
+
+    def expect(self, transfer_id: str, dst_block_ids: Sequence[int]) -> None:
+        """Announce that blocks `dst_block_ids` (already allocated by the caller) will receive transfer_id."""
+        if self._closed:
+            raise KVTransferError(f"{self.name} transport is closed")
+        self.geometry.check_block_ids(dst_block_ids, "destination")
+        if len(set(dst_block_ids)) != len(dst_block_ids):
+            raise KVTransferError("destination block ids must be distinct")
+        with self._lock:
+            if transfer_id in self._expected:
+                raise KVTransferError(f"transfer {transfer_id!r} is already expected")
+            self._expected[transfer_id] = _Expected(tuple(dst_block_ids), time.monotonic())
+        self._on_expect(transfer_id)
+
+    def _on_expect(self, transfer_id: str) -> None:
+        """Hook for backends that may have heard of a transfer before it was expected."""
+
+    def wait(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        """Block until transfer_id has arrived, failed, or timeout_s passed; then forget it."""
+        future = self._expectation(transfer_id).future
+        try:
+            future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._finish(transfer_id, False, 0, f"timed out after {timeout_s:g}s waiting for the sender")
+        return self._collect(transfer_id)
+
+    async def wait_async(self, transfer_id: str, timeout_s: float) -> TransferResult:
+        future = asyncio.wrap_future(self._expectation(transfer_id).future)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            self._finish(transfer_id, False, 0, f"timed out after {timeout_s:g}s waiting for the sender")
+        return self._collect(transfer_id)
+
+    def cancel(self, transfer_id: str) -> bool:
+        """Fail and forget transfer_id; an in-flight sender is cut off. True if it had not finished yet."""
+        cancelled = self._finish(transfer_id, False, 0, "cancelled by the receiver")
+        with self._lock:
+            self._expected.pop(transfer_id, None)
+        return cancelled
+
+    def _expectation(self, transfer_id: str) -> _Expected:
+        with self._lock:
+            expected = self._expected.get(transfer_id)
+        if expected is None:
+            raise KVTransferError(f"transfer {transfer_id!r} is not expected (never announced, or already collected)")
+        return expected
+
+    def _finish(self, transfer_id: str, ok: bool, nbytes: int, error: str | None = None) -> bool:
+        """Settle transfer_id once; later calls lose. Returns whether this call settled it."""
+        with self._lock:
+            expected = self._expected.get(transfer_id)
+            if expected is None or expected.future.done():
+                return False
+            result = TransferResult(transfer_id, ok, nbytes, time.monotonic() - expected.started, error)
+            expected.future.set_result(result)
+        if ok:
+            self._record(result)
+        return True
+
+    def _collect(self, transfer_id: str) -> TransferResult:
+        with self._lock:
+            expected = self._expected.pop(transfer_id)
+        return expected.future.result()
+
+    def _is_live(self, transfer_id: str) -> bool:
+        with self._lock:
+            expected = self._expected.get(transfer_id)
+            return expected is not None and not expected.future.done()
+
+    def _record(self, result: TransferResult) -> None:
+        KV_TRANSFER_BYTES.labels(self.name).inc(result.nbytes)
+        KV_TRANSFER_SECONDS.labels(self.name).observe(result.seconds)
+
+    # ---- sender side ----
+
+    def send(self, peer_endpoint: bytes, transfer_id: str, src_block_ids: Sequence[int],
+             dst_block_ids: Sequence[int], timeout_s: float) -> TransferResult:
+        """Copy our blocks src_block_ids into the peer's dst_block_ids (pairwise, in order); blocks until done."""
+        if self._closed:
+            raise KVTransferError(f"{self.name} transport is closed")
+        peer = Endpoint.from_bytes(peer_endpoint)
+        if peer.transport != self.name:
+            raise KVTransferError(f"peer endpoint is for transport {peer.transport!r}, this is {self.name!r}")
+        if len(src_block_ids) != len(dst_block_ids):
+            raise KVTransferError(
+                f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks")
+        if not src_block_ids:
+            raise KVTransferError("a transfer needs at least one block")
+        if not transfer_id or len(transfer_id.encode()) > 255:
+            raise KVTransferError("transfer_id must be a non-empty string of at most 255 bytes")
+        self.geometry.check_compatible(peer.geometry)
+        self.geometry.check_block_ids(src_block_ids, "source")
+        peer.geometry.check_block_ids(dst_block_ids, "destination")
+        if len(set(dst_block_ids)) != len(dst_block_ids):
+            raise KVTransferError("destination block ids must be distinct")
+        started = time.monotonic()
+        error = self._send(peer, transfer_id, block_runs(src_block_ids, dst_block_ids), started + timeout_s)
+        nbytes = 0 if error else len(src_block_ids) * self.geometry.block_nbytes
+        result = TransferResult(transfer_id, error is None, nbytes, time.monotonic() - started, error)
+        if result.ok:
+            self._record(result)
+        return result
+
+    @abstractmethod
+    def _send(self, peer: Endpoint, transfer_id: str, runs: list[tuple[int, int, int]],
+              deadline: float) -> str | None:
+        """Move the runs before `deadline` (time.monotonic); return None on success or an error message."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pending = list(self._expected)
+        for transfer_id in pending:
+            self._finish(transfer_id, False, 0, f"{self.name} transport closed")
+        self._close()
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    def __enter__(self) -> KVTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
