@@ -90,3 +90,18 @@ lifecycle:
     exec:
       command: ["sleep", {{ . | quote }}]
 {{- end -}}
+
+{{/* The policy as the control plane reads it: a kubernetes cluster without kube_context is this
+     cluster, whose namespace and Deployment names only the chart knows. */}}
+{{- define "baton.policy" -}}
+{{- $policy := deepCopy .Values.controlPlane.policy }}
+{{- $clusters := list }}
+{{- range $cl := ($policy.clusters | default list) }}
+{{- if and (kindIs "map" $cl) (eq (toString $cl.backend) "kubernetes") (not $cl.kube_context) }}
+{{- $cl = merge (dict) $cl (dict "namespace" $.Release.Namespace "deployment_name" (printf "%s-{pool}" (include "baton.fullname" $))) }}
+{{- end }}
+{{- $clusters = append $clusters $cl }}
+{{- end }}
+{{- $_ := set $policy "clusters" $clusters }}
+{{- toYaml $policy }}
+{{- end -}}
