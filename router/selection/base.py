@@ -1,0 +1,28 @@
+"""The selection seam: filters narrow the candidates, scorers rate them in [0, 1], one picker chooses."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from router.selection.types import SelectionContext, WorkerState
+
+
+class Filter(Protocol):
+    name: str
+
+    def filter(self, ctx: SelectionContext, workers: Sequence[WorkerState]) -> list[WorkerState]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, ctx: SelectionContext, workers: Sequence[WorkerState]) -> list[float]:
+        """One score in [0, 1] per worker, in order; higher is better."""
+        ...
+
+
+class Picker(Protocol):
+    name: str
+
+    def pick(self, ctx: SelectionContext, workers: Sequence[WorkerState], totals: Sequence[float]) -> int:
+        """Index of the chosen worker."""
+        ...
