@@ -1,0 +1,80 @@
+"""gRPC front of the router: the public `baton.v1.Inference` service over the same core as HTTP."""
+from __future__ import annotations
+
+import grpc
+
+from proto.baton.v1 import inference_pb2, inference_pb2_grpc
+from router.dispatch import new_request_id
+from router.openai_protocol import APIError
+from router.service import RouterService
+
+_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
+           "abort": inference_pb2.FINISH_REASON_ABORT, "error": inference_pb2.FINISH_REASON_ERROR}
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+          503: grpc.StatusCode.UNAVAILABLE}
+ROUTE = "grpc"
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, service: RouterService) -> None:
+        self._service = service
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: APIError) -> None:
+        self._service.metrics.requests.labels(ROUTE, str(exc.status)).inc()
+        await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+
+    def _prepare(self, request: inference_pb2.GenerateRequest):
+        service = self._service
+        service.check_model(request.model)
+        which = request.WhichOneof("input")
+        if which == "text":
+            prompt_ids = service.tokenize(request.text)
+        elif which == "token_ids":
+            prompt_ids = service.tokenize(list(request.token_ids.ids))
+        elif which == "chat":
+            if not request.chat.messages:
+                raise APIError(400, "chat.messages must not be empty", param="chat")
+            prompt_ids = service.tokenize_chat([{"role": m.role, "content": m.content}
+                                                for m in request.chat.messages])
+        else:
+            raise APIError(400, "one of text, token_ids or chat is required", param="input")
+        s = request.sampling
+        if s.temperature < 0 or not 0 <= s.top_p <= 1:
+            raise APIError(400, "temperature must be >= 0 and top_p in [0, 1]", param="sampling")
+        return service.prepare(
+            request.request_id or new_request_id("grpc"), ROUTE, prompt_ids,
+            max_tokens=s.max_tokens or None, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None, stop=list(s.stop), ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs)
+
+    async def Generate(self, request, context):
+        try:
+            prepared = self._prepare(request)
+        except APIError as exc:
+            await self._abort(context, exc)
+            return
+        try:
+            async for delta in self._service.stream(prepared):
+                yield inference_pb2.GenerateResponse(
+                    request_id=prepared.request_id, text=delta.text, token_ids=delta.token_ids,
+                    logprobs=delta.logprobs, finish_reason=_FINISH.get(delta.finish_reason or "", 0),
+                    usage=delta.usage)
+        except APIError as exc:
+            # The stream's own metrics already counted this request.
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+
+    async def Models(self, request, context):
+        return inference_pb2.ModelsResponse(models=[inference_pb2.ModelInfo(
+            id=self._service.model_name, max_model_len=self._service.max_model_len, owned_by="baton")])
+
+    async def Health(self, request, context):
+        decodes = len(self._service.registry.workers("decode"))
+        if not self._service.registry.connected:
+            return inference_pb2.HealthResponse(ready=False, detail="Redis (worker registry) unreachable")
+        if decodes == 0:
+            return inference_pb2.HealthResponse(ready=False, detail="no decode worker registered")
+        return inference_pb2.HealthResponse(ready=True)
+
+
+def add_to_server(service: RouterService, server: grpc.aio.Server) -> None:
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)

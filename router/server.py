@@ -1,0 +1,89 @@
+"""Assembles one router process: worker registry, core service, HTTP (uvicorn) and gRPC servers on one loop."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+import uvicorn
+
+from router import grpc_server
+from router.config import RouterConfig
+from router.http_server import create_app
+from router.metrics import RouterMetrics
+from router.registry import WorkerRegistry
+from router.service import RouterService
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    # The owner of the loop handles signals (Router.serve_forever); uvicorn must not take them over.
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer=None) -> None:
+        if tokenizer is None:
+            from engine.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(config.model)
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.registry = WorkerRegistry(config.redis_url, model=config.model_name,
+                                       poll_interval_s=config.registry_poll_interval_s)
+        self.service = RouterService(config, tokenizer, self.registry, self.metrics)
+        self.app = create_app(self.service)
+        self._http = _EmbeddedUvicorn(uvicorn.Config(self.app, host=config.host, port=config.http_port,
+                                                     log_level="warning", lifespan="off", access_log=False))
+        self._http_task: asyncio.Task | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.http_port = config.http_port
+        self.grpc_port = config.grpc_port
+
+    async def start(self) -> None:
+        await self.registry.start()
+        if self.config.grpc_port:
+            self._grpc = grpc.aio.server()
+            grpc_server.add_to_server(self.service, self._grpc)
+            self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+            if self.grpc_port == 0:
+                raise OSError(f"cannot bind the gRPC port {self.config.host}:{self.config.grpc_port}")
+            await self._grpc.start()
+        self._http_task = asyncio.create_task(self._http.serve(), name="router-http")
+        while not self._http.started:
+            if self._http_task.done():
+                # uvicorn reports a bind failure by exiting (SystemExit); surface it as an OSError.
+                exc = self._http_task.exception()
+                raise OSError(f"router HTTP server failed to start on {self.config.host}:{self.config.http_port}"
+                              f" ({exc!r})")
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        log.info("router serving %s: HTTP :%d, gRPC :%s", self.service.model_name, self.http_port,
+                 self.grpc_port or "off")
+
+    async def stop(self) -> None:
+        self._http.should_exit = True
+        if self._http_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._http_task, timeout=5)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        await self.service.dispatcher.close()
+        await self.registry.stop()
+
+    async def serve_forever(self) -> None:
+        """Runs until SIGINT/SIGTERM, then shuts down cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

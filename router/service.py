@@ -1,0 +1,168 @@
+"""The router's core, shared by the HTTP and gRPC fronts: tokenize once, validate against the
+context, stream a request through the workers and turn its tokens back into text."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from proto.baton.v1 import inference_pb2
+from router.config import RouterConfig
+from router.dispatch import Dispatcher, NoWorkerAvailable, WorkerFailed
+from router.metrics import RouterMetrics
+from router.openai_protocol import APIError
+from router.registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+FINISH_NAMES = {
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_ABORT: "abort",
+    inference_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass
+class Prepared:
+    """A validated, tokenized request ready for the workers."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: inference_pb2.SamplingParams
+    route: str  # metrics label: "/v1/completions", "grpc", ...
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: inference_pb2.Usage | None = None  # set on the last delta
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig, tokenizer, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.metrics = metrics
+        self.dispatcher = Dispatcher(config, registry, metrics)
+        self.model_name = config.model_name
+        self.max_model_len = config.context_length()
+        self.vocab_size = tokenizer.vocab_size
+
+    # -- validation -------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this router serves '{self.model_name}'.",
+                           param="model", code="model_not_found", type="not_found_error")
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                           param="prompt")
+        return list(prompt)
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except ValueError as exc:  # roles out of order, no template: the client can't chat with this model
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+
+    def prepare(self, request_id: str, route: str, prompt_ids: list[int], *, max_tokens: int | None,
+                temperature: float, top_p: float, top_k: int, seed: int | None, stop: list[str],
+                ignore_eos: bool, logprobs: bool) -> Prepared:
+        n = len(prompt_ids)
+        if n == 0:
+            raise APIError(400, "the prompt is empty after tokenization", param="prompt")
+        if n >= self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"your prompt has {n} tokens; it must leave room for at least one new token.",
+                           param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} "
+                                "for the completion).", param="max_tokens", code="context_length_exceeded")
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must be non-empty", param="stop")
+        sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                top_k=top_k, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs)
+        if seed is not None:
+            sampling.seed = seed
+        return Prepared(request_id, prompt_ids, sampling, route)
+
+    # -- streaming --------------------------------------------------------------------------
+    async def stream(self, prepared: Prepared) -> AsyncIterator[TextDelta]:
+        """Text deltas of one request; raises APIError (503/500/400) if it cannot complete."""
+        start = time.perf_counter()
+        last_token_at: float | None = None
+        detok = IncrementalDetokenizer(self.tokenizer, prepared.prompt_ids)
+        stop = StopChecker(list(prepared.sampling.stop))
+        completion_tokens = 0
+        cached = 0
+        status = "499"  # overwritten unless the client leaves first
+        chunks = self.dispatcher.generate(prepared.request_id, prepared.prompt_ids, prepared.sampling)
+        try:
+            async for chunk in chunks:
+                now = time.perf_counter()
+                if chunk.HasField("prefill"):
+                    cached = chunk.prefill.cached_tokens
+                if chunk.token_ids:
+                    if last_token_at is None:
+                        self.metrics.ttft.observe(now - start)
+                        extra = len(chunk.token_ids) - 1
+                    else:
+                        extra = len(chunk.token_ids)
+                    for _ in range(extra):
+                        self.metrics.itl.observe((now - (last_token_at or start)) / max(1, len(chunk.token_ids)))
+                    last_token_at = now
+                delta = TextDelta(text="")
+                finish = FINISH_NAMES.get(chunk.finish_reason)
+                for i, token_id in enumerate(chunk.token_ids):
+                    completion_tokens += 1
+                    delta.token_ids.append(token_id)
+                    if prepared.sampling.logprobs and i < len(chunk.logprobs):
+                        delta.logprobs.append(chunk.logprobs[i])
+                    delta.text += stop.push(detok.push(token_id))
+                    if stop.stopped:
+                        finish = "stop"
+                        break
+                if finish is None and chunk.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
+                    yield delta
+                    continue
+                if not stop.stopped:
+                    delta.text += stop.push(detok.flush())
+                    delta.text += "" if stop.stopped else stop.flush()
+                if stop.stopped:
+                    finish = "stop"
+                if chunk.HasField("usage") and chunk.usage.cached_prompt_tokens:
+                    cached = chunk.usage.cached_prompt_tokens
+                delta.finish_reason = finish or "stop"
+                delta.usage = inference_pb2.Usage(prompt_tokens=len(prepared.prompt_ids),
+                                                  completion_tokens=completion_tokens, cached_prompt_tokens=cached)
+                status = "200"
+                yield delta
+                return
+        except NoWorkerAvailable as exc:
+            status = "503"
+            raise APIError(503, str(exc), type="service_unavailable", code="no_worker_available") from None
+        except WorkerFailed as exc:
+            status = "400" if exc.invalid_request else "500"
+            raise APIError(int(status), str(exc), type="invalid_request_error" if exc.invalid_request
+                           else "server_error", code="worker_failed") from None
+        finally:
+            # Closing the worker stream here (not at garbage collection) makes a stop string or a
+            # client disconnect abort the request on the workers right away.
+            await chunks.aclose()
+            self.metrics.requests.labels(prepared.route, status).inc()
+            if status == "200":
+                self.metrics.e2e.observe(time.perf_counter() - start)
