@@ -1,0 +1,1 @@
+"""Capacity backends: kubernetes, ray, local."""

@@ -1,0 +1,42 @@
+"""The `CapacityBackend` seam: read and set the replica count of one pool of one model in one cluster."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from controlplane.policy import ClusterSpec
+
+
+@dataclass(frozen=True)
+class ReplicaCount:
+    desired: int  # what the cluster has been asked for
+    ready: int  # what is serving now
+
+
+class BackendError(Exception):
+    """A cluster could not be read or changed; the message names the cluster and what failed."""
+
+
+@runtime_checkable
+class CapacityBackend(Protocol):
+    """Implementations are idempotent: `set_replicas(n)` twice is the same as once, so callers may retry."""
+
+    def get_replicas(self, model: str, pool: str) -> ReplicaCount: ...
+
+    def set_replicas(self, model: str, pool: str, replicas: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_BACKENDS = {
+    "kubernetes": "controlplane.backends.kubernetes:KubernetesBackend",
+    "ray": "controlplane.backends.ray:RayBackend",
+    "local": "controlplane.backends.local:LocalBackend",
+}
+
+
+def backend_for(cluster: ClusterSpec, **options) -> CapacityBackend:
+    """Builds the backend a cluster names, importing its client library only when used."""
+    module, _, name = _BACKENDS[cluster.backend].partition(":")
+    return getattr(importlib.import_module(module), name).from_cluster(cluster, **options)

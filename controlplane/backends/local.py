@@ -1,0 +1,136 @@
+"""Local backend: replicas are worker processes on this machine, started from an argv template."""
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from controlplane.backends.base import BackendError, ReplicaCount
+from controlplane.policy import ClusterSpec
+
+# `baton up` hands this to the backend; tests hand any other real command.
+WORKER_ARGV = (
+    str(pathlib.Path(sys.executable).parent / "baton"), "{pool}-worker", "--model", "{model_dir}",
+    "--redis-url", "{redis_url}", "--region", "{region}", "--worker-id", "{worker_id}",
+    "--grpc-port", "{grpc_port}", "--http-port", "{http_port}",
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalWorker:
+    worker_id: str
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int
+
+
+class LocalBackend:
+    """Starts and stops processes so that each (model, pool) has the asked-for number alive.
+
+    Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. With
+    `ready_path` set, a worker counts as ready once GET http://127.0.0.1:<http_port><ready_path> answers 200.
+    """
+
+    def __init__(self, argv: tuple[str, ...] | list[str] = WORKER_ARGV, *, region: str = "local",
+                 redis_url: str = "", model_dirs: dict[str, str] | None = None, ready_path: str | None = None,
+                 log_dir: str | None = None, stop_timeout_s: float = 10.0, env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.region = region
+        self.redis_url = redis_url
+        self.model_dirs = model_dirs or {}
+        self.ready_path = ready_path
+        self.log_dir = pathlib.Path(log_dir) if log_dir else None
+        self.stop_timeout_s = stop_timeout_s
+        self.env = env
+        self._workers: dict[tuple[str, str], list[LocalWorker]] = {}
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_cluster(cls, cluster: ClusterSpec, **options) -> LocalBackend:
+        if cluster.worker_command:
+            options.setdefault("argv", cluster.worker_command)
+        return cls(region=cluster.region, **options)
+
+    def workers(self, model: str, pool: str) -> list[LocalWorker]:
+        with self._lock:
+            return list(self._reap(model, pool))
+
+    def _reap(self, model: str, pool: str) -> list[LocalWorker]:
+        alive = [w for w in self._workers.get((model, pool), []) if w.proc.poll() is None]
+        self._workers[(model, pool)] = alive
+        return alive
+
+    def _is_ready(self, w: LocalWorker) -> bool:
+        if self.ready_path is None:
+            return True
+        import httpx
+
+        try:
+            return httpx.get(f"http://127.0.0.1:{w.http_port}{self.ready_path}", timeout=0.5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def get_replicas(self, model: str, pool: str) -> ReplicaCount:
+        alive = self.workers(model, pool)
+        return ReplicaCount(desired=len(alive), ready=sum(self._is_ready(w) for w in alive))
+
+    def _start(self, model: str, pool: str) -> LocalWorker:
+        worker_id = f"{self.region}-{model}-{pool}-{next(self._seq)}"
+        grpc_port, http_port = _free_port(), _free_port()
+        values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
+                  "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
+                  "grpc_port": grpc_port, "http_port": http_port}
+        try:
+            argv = [part.format(**values) for part in self.argv]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise BackendError(f"local worker command template {self.argv!r} is invalid: {exc!r}") from None
+        out = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{worker_id}.log", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, **self.env} if self.env else None)
+        except OSError as exc:
+            raise BackendError(f"cannot start local worker {argv[0]!r}: {exc.strerror}") from None
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        return LocalWorker(worker_id, proc, grpc_port, http_port)
+
+    def set_replicas(self, model: str, pool: str, replicas: int) -> None:
+        with self._lock:
+            alive = self._reap(model, pool)
+            while len(alive) < replicas:
+                alive.append(self._start(model, pool))
+            extra = alive[replicas:]
+            del alive[replicas:]
+        self._stop(extra)
+
+    def _stop(self, workers: list[LocalWorker]) -> None:
+        for w in workers:
+            w.proc.terminate()
+        for w in workers:
+            try:
+                w.proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            everyone = [w for ws in self._workers.values() for w in ws]
+            self._workers.clear()
+        self._stop(everyone)

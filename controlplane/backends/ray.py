@@ -1,0 +1,104 @@
+"""Ray backend: each replica is a named detached actor that owns one worker process on its node."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import ray
+
+from controlplane.backends.base import BackendError, ReplicaCount
+from controlplane.backends.local import WORKER_ARGV, _free_port
+from controlplane.policy import ClusterSpec
+
+
+@ray.remote
+class WorkerActor:
+    """Runs the worker command where Ray placed it; Ray's resources (num_gpus) pin it to a device."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class RayBackend:
+    """Names actors `baton-<cluster>-<model>-<pool>-<i>`, so the count survives a control-plane restart."""
+
+    def __init__(self, *, cluster: str, address: str | None = None, argv: list[str] | tuple[str, ...] = WORKER_ARGV,
+                 region: str = "local", redis_url: str = "", model_dirs: dict[str, str] | None = None,
+                 namespace: str = "baton", actor_options: dict | None = None, call_timeout_s: float = 30.0) -> None:
+        self.cluster = cluster
+        self.argv = list(argv)
+        self.region = region
+        self.redis_url = redis_url
+        self.model_dirs = model_dirs or {}
+        self.namespace = namespace
+        self.actor_options = actor_options or {"num_cpus": 0}
+        self.call_timeout_s = call_timeout_s
+        if not ray.is_initialized():
+            try:
+                ray.init(address=None if address in (None, "local") else address, namespace=namespace,
+                         include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as exc:
+                raise BackendError(f"cluster {cluster}: cannot reach Ray at {address!r}: {exc}") from None
+
+    @classmethod
+    def from_cluster(cls, cluster: ClusterSpec, **options) -> RayBackend:
+        if cluster.worker_command:
+            options.setdefault("argv", cluster.worker_command)
+        return cls(cluster=cluster.name, address=cluster.ray_address, region=cluster.region, **options)
+
+    def _prefix(self, model: str, pool: str) -> str:
+        return f"baton-{self.cluster}-{model}-{pool}-"
+
+    def _indices(self, model: str, pool: str) -> list[int]:
+        pattern = re.compile(re.escape(self._prefix(model, pool)) + r"(\d+)$")
+        names = ray.util.list_named_actors(all_namespaces=False)
+        return sorted(int(m.group(1)) for n in names if (m := pattern.match(n)))
+
+    def actor(self, model: str, pool: str, index: int):
+        return ray.get_actor(f"{self._prefix(model, pool)}{index}", namespace=self.namespace)
+
+    def get_replicas(self, model: str, pool: str) -> ReplicaCount:
+        indices = self._indices(model, pool)
+        refs = [self.actor(model, pool, i).alive.remote() for i in indices]
+        try:
+            ready = sum(ray.get(refs, timeout=self.call_timeout_s))
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            raise BackendError(f"cluster {self.cluster}: cannot query {model}/{pool} actors: {exc}") from None
+        return ReplicaCount(desired=len(indices), ready=ready)
+
+    def set_replicas(self, model: str, pool: str, replicas: int) -> None:
+        have = set(self._indices(model, pool))
+        for i in range(replicas):
+            if i in have:
+                continue
+            worker_id = f"{self.region}-{model}-{pool}-{i}"
+            values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
+                      "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
+                      "grpc_port": _free_port(), "http_port": _free_port()}
+            WorkerActor.options(name=f"{self._prefix(model, pool)}{i}", lifetime="detached",
+                                get_if_exists=True, **self.actor_options).remote(
+                [part.format(**values) for part in self.argv])
+        for i in sorted(have - set(range(replicas)), reverse=True):
+            handle = self.actor(model, pool, i)
+            try:
+                ray.get(handle.stop.remote(), timeout=self.call_timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # the actor is going away either way; kill below makes it certain
+            ray.kill(handle)
+
+    def close(self) -> None:
+        """Leaves detached actors running: they are the cluster's replicas, not this process's."""

@@ -1,0 +1,102 @@
+"""Multi-cluster placement: regional demand onto clusters by free GPUs, overflow spilled to the nearest region.
+
+Pure: the spill of the previous tick comes in, the new one goes out. Spilled replicas are kept while the
+origin's own replacements are not ready yet, so traffic drains back only onto ready capacity.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from controlplane.policy import Policy
+
+PoolKey = tuple[str, str, str]  # model, region, pool
+SpillKey = tuple[str, str, str, str]  # model, pool, origin region, host region
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What a backend reported for one cluster this tick; `healthy=False` when it could not be read."""
+
+    healthy: bool = True
+    ready: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (model, pool) -> ready replicas
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    targets: dict[tuple[str, str, str], int]  # (cluster, model, pool) -> replicas
+    spill: dict[SpillKey, int]
+    shares: dict[str, dict[str, dict[str, float]]]  # model -> origin -> host -> share of traffic
+    unplaced: dict[PoolKey, int]
+
+
+def _fill(n: int, gpus: int, candidates: list[str], free: dict[str, float]) -> dict[str, int]:
+    """Places up to n replicas one at a time on the candidate with most free GPUs."""
+    placed: dict[str, int] = defaultdict(int)
+    for _ in range(n):
+        fits = [c for c in candidates if free[c] >= gpus]
+        if not fits:
+            break
+        best = max(fits, key=lambda c: (free[c], -candidates.index(c)))
+        free[best] -= gpus
+        placed[best] += 1
+    return dict(placed)
+
+
+def _spilled(spill: Mapping[SpillKey, int], model: str, pool: str, origin: str) -> int:
+    return sum(n for (m, p, o, _h), n in spill.items() if (m, p, o) == (model, pool, origin))
+
+
+def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str, ClusterState],
+          prev_spill: Mapping[SpillKey, int]) -> Placement:
+    # A cluster we cannot read gets no new replicas: its region spills until it answers again.
+    free: dict[str, float] = {
+        c.name: (c.gpus if clusters.get(c.name, ClusterState()).healthy else 0) for c in policy.clusters}
+    by_region: dict[str, list[str]] = defaultdict(list)
+    for c in policy.clusters:
+        by_region[c.region].append(c.name)
+    targets: dict[tuple[str, str, str], int] = {
+        (c.name, m, p): 0 for c in policy.clusters for m, _r, p in policy.pool_keys()}
+
+    own: dict[PoolKey, int] = {}
+    for key in sorted(desired):
+        model, region, pool = key
+        placed = _fill(desired[key], policy.pool(model, region, pool).gpus_per_replica, by_region[region], free)
+        for cname, n in placed.items():
+            targets[(cname, model, pool)] += n
+        own[key] = sum(placed.values())
+
+    spill: dict[SpillKey, int] = {}
+    unplaced: dict[PoolKey, int] = {}
+    for key in sorted(desired):
+        model, region, pool = key
+        overflow = desired[key] - own[key]
+        ready = sum(clusters.get(c, ClusterState()).ready.get((model, pool), 0) for c in by_region[region])
+        still_starting = max(0, own[key] - ready)
+        need = overflow + min(_spilled(prev_spill, model, pool, region), still_starting)
+        rule = policy.spill_rule(region)
+        if need and rule is not None:
+            budget = int(rule.max_share * desired[key] + 1e-9)
+            gpus = policy.pool(model, region, pool).gpus_per_replica
+            for host in rule.to:
+                placed = _fill(min(need, budget), gpus, by_region[host], free)
+                n = sum(placed.values())
+                for cname, k in placed.items():
+                    targets[(cname, model, pool)] += k
+                if n:
+                    spill[(model, pool, region, host)] = n
+                need -= n
+                budget -= n
+        # Replicas kept for drain-back are extra; only overflow nobody could take is unplaced.
+        if overflow > _spilled(spill, model, pool, region):
+            unplaced[key] = overflow - _spilled(spill, model, pool, region)
+
+    shares: dict[str, dict[str, dict[str, float]]] = {}
+    for (model, pool, origin, host), n in spill.items():
+        share = n / max(1, desired[(model, origin, pool)])
+        # Routers spill whole requests, so a region spills the larger of its pools' shares.
+        per_origin = shares.setdefault(model, {}).setdefault(origin, {})
+        per_origin[host] = round(max(per_origin.get(host, 0.0), share), 4)
+    return Placement(targets=targets, spill=spill, shares=shares, unplaced=unplaced)
