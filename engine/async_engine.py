@@ -70,15 +70,15 @@ class AsyncEngine:
         """After a KV transfer into reserved blocks: commit the request and stream from its first token."""
         stream = self._open(request_id)
 
-        def commit(e: LLMEngine) -> RequestOutput:
-            return e.commit_remote(request_id, first_token, first_logprob)
+        def commit(e: LLMEngine) -> None:
+            # Dispatched from the engine thread so the first token is queued before any later step's.
+            self._dispatch([e.commit_remote(request_id, first_token, first_logprob)])
 
         try:
-            first = await self.call(commit)
+            await self.call(commit)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        stream.put_nowait(first)
         async for out in self._drain(request_id, stream):
             yield out
 

@@ -51,3 +51,7 @@ for _name in _COMMAND_MODULES:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""DecodeWorker gRPC service: reserve blocks, have a prefill worker fill them (or prefill locally), stream tokens."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from engine.errors import InvalidRequestError, NoCapacityError
+from engine.llm_engine import RequestOutput
+from engine.proto_convert import FINISH_REASONS, sampling_from_proto
+from engine.sampling_params import SamplingParams
+from engine.worker_server import WorkerRuntime
+from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+DecodeError = worker_pb2.DecodeError
+_ABORT_TIMEOUT_S = 2.0
+
+
+def _error(kind, message: str, *, retryable: bool, prefill_worker_id: str = "") -> worker_pb2.DecodeChunk:
+    return worker_pb2.DecodeChunk(error=DecodeError(kind=kind, message=message, retryable=retryable,
+                                                    prefill_worker_id=prefill_worker_id),
+                                  finish_reason=inference_pb2.FINISH_REASON_ERROR)
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.PrefillWorkerStub(channel)
+
+    async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        rid, prompt = request.request_id, list(request.token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as exc:
+            yield _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
+            return
+        prefill_stats = None
+        if request.prefill.grpc_address:
+            remote = await self._remote_prefill(request, prompt, params)
+            if isinstance(remote, worker_pb2.DecodeChunk):
+                yield remote
+                return
+            first, prefill_stats = remote
+            stream = self.rt.aengine.resume_remote(rid, first.first_token_id, first.first_logprob)
+        else:
+            stream = self.rt.aengine.generate(rid, prompt, params)
+        try:
+            async for out in stream:
+                chunk = self._chunk(out, params)
+                if prefill_stats is not None:
+                    chunk.prefill.CopyFrom(prefill_stats)
+                    prefill_stats = None
+                yield chunk
+        except InvalidRequestError as exc:
+            yield _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
+
+    async def _remote_prefill(self, request, prompt: list[int], params: SamplingParams):
+        """Reserves blocks and has the prefill worker fill them; returns (response, stats) or an error chunk."""
+        rt, rid, target = self.rt, request.request_id, request.prefill
+        try:
+            res = await rt.aengine.call(lambda e: e.reserve_remote(rid, prompt, params))
+        except InvalidRequestError as exc:
+            return _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
+        except NoCapacityError as exc:
+            return _error(DecodeError.KIND_OUT_OF_CAPACITY, str(exc), retryable=True)
+        skip = res.num_cached_tokens // rt.block_size
+        dst = res.block_ids[skip:]
+        transfer_id = f"{rid}-{uuid.uuid4().hex[:12]}"
+        rt.transport.expect(transfer_id, dst)
+        committed = False
+        try:
+            call = self._prefill_stub(target.grpc_address).Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=rid, token_ids=prompt, sampling=request.sampling,
+                    kv=worker_pb2.KVDestination(
+                        version=worker_pb2.KV_HANDOFF_VERSION_1, transport=rt.transport.name,
+                        endpoint=rt.transport.endpoint(), dst_block_ids=dst, num_cached_tokens=res.num_cached_tokens,
+                        transfer_id=transfer_id, block_size=rt.block_size, decode_worker_id=rt.settings.worker_id)),
+                timeout=rt.settings.transfer_timeout_s + 60)
+            try:
+                response = await call
+            except asyncio.CancelledError:
+                call.cancel()
+                asyncio.ensure_future(self._abort_prefill(target.grpc_address, rid))
+                raise
+            result = await asyncio.to_thread(rt.transport.wait, transfer_id, rt.settings.transfer_timeout_s)
+            if not result.ok:
+                return _error(DecodeError.KIND_KV_TRANSFER_FAILED, f"KV transfer failed: {result.error}",
+                              retryable=True, prefill_worker_id=target.worker_id)
+            committed = True
+            return response, response.stats
+        except grpc.aio.AioRpcError as exc:
+            kind = DecodeError.KIND_PREFILL_FAILED
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                return _error(DecodeError.KIND_INVALID_REQUEST, exc.details() or "invalid request", retryable=False)
+            return _error(kind, f"prefill worker {target.worker_id or target.grpc_address} failed: "
+                                f"{exc.code().name}: {exc.details()}", retryable=True,
+                          prefill_worker_id=target.worker_id)
+        finally:
+            if not committed:
+                rt.transport.cancel(transfer_id)
+                await asyncio.shield(rt.aengine.call(lambda e: e.abort(rid)))
+
+    async def _abort_prefill(self, address: str, rid: str) -> None:
+        try:
+            await self._prefill_stub(address).Abort(worker_pb2.AbortRequest(request_id=rid),
+                                                    timeout=_ABORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("abort of %s on prefill worker %s failed: %s", rid, address, exc.code().name)
+
+    @staticmethod
+    def _chunk(out: RequestOutput, params: SamplingParams) -> worker_pb2.DecodeChunk:
+        chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids,
+                                       logprobs=out.new_logprobs if params.logprobs else [])
+        if out.finished:
+            chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, inference_pb2.FINISH_REASON_STOP)
+            chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
+                                                      completion_tokens=out.num_output_tokens,
+                                                      cached_prompt_tokens=out.num_cached_tokens))
+        return chunk
+
+    async def Abort(self, request, context):
+        found = await self.rt.aengine.call(lambda e: e.abort(request.request_id))
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return self.rt.worker_stats()
+
+    async def Health(self, request, context):
+        return self.rt.health()
+
+
+def add_service(server: grpc.aio.Server, runtime: WorkerRuntime) -> None:
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeService(runtime), server)

@@ -1,0 +1,27 @@
+"""Conversions between baton.v1 protobuf messages and engine types, in one place for both workers."""
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+from proto.baton.v1 import inference_pb2
+
+FINISH_REASONS = {
+    None: inference_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "abort": inference_pb2.FINISH_REASON_ABORT,
+}
+
+
+def sampling_from_proto(p: inference_pb2.SamplingParams) -> SamplingParams:
+    """Raises InvalidRequestError (a ValueError) for values the engine cannot serve."""
+    return SamplingParams(
+        max_tokens=int(p.max_tokens),
+        temperature=float(p.temperature),
+        top_p=float(p.top_p) if p.top_p > 0 else 1.0,
+        top_k=max(0, int(p.top_k)),
+        seed=int(p.seed) if p.HasField("seed") else None,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=bool(p.ignore_eos),
+        logprobs=bool(p.logprobs),
+    )

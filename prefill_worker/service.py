@@ -1,0 +1,80 @@
+"""PrefillWorker gRPC service: run the prompt, write its KV blocks into the decode worker, return token one."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.proto_convert import sampling_from_proto
+from engine.worker_server import WorkerRuntime
+from proto.baton.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        kv, rt, rid = request.kv, self.rt, request.request_id
+        if kv.version != worker_pb2.KV_HANDOFF_VERSION_1:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unsupported KV hand-off version {kv.version}")
+        if kv.block_size != rt.block_size:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"block_size {kv.block_size} != this worker's {rt.block_size}")
+        if kv.transport != rt.transport.name:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"transport {kv.transport!r} != this worker's {rt.transport.name!r}")
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        started = time.perf_counter()
+        first = None
+        try:
+            async for out in rt.aengine.generate(rid, list(request.token_ids), params, prefill_only=True):
+                first = out
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        prefill_s = time.perf_counter() - started
+        try:
+            skip = kv.num_cached_tokens // rt.block_size
+            src, dst = first.block_ids[skip:], list(kv.dst_block_ids)
+            if len(src) != len(dst):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{len(dst)} destination blocks for {len(src)} uncached prompt blocks")
+            send = asyncio.get_running_loop().run_in_executor(
+                None, rt.transport.send, kv.endpoint, kv.transfer_id, src, dst, rt.settings.transfer_timeout_s)
+            try:
+                result = await asyncio.shield(send)
+            except asyncio.CancelledError:
+                await asyncio.wait([send])  # never free blocks that are still being read
+                raise
+        finally:
+            await asyncio.shield(rt.aengine.call(lambda e: e.release(rid)))
+        if not result.ok:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
+        return worker_pb2.PrefillResponse(
+            first_token_id=first.new_token_ids[0], first_logprob=first.new_logprobs[0],
+            stats=worker_pb2.PrefillStats(
+                computed_tokens=len(request.token_ids) - first.num_cached_tokens,
+                cached_tokens=max(first.num_cached_tokens, kv.num_cached_tokens), kv_bytes=result.nbytes,
+                prefill_seconds=prefill_s, transfer_seconds=result.seconds))
+
+    async def Abort(self, request, context):
+        found = await self.rt.aengine.call(lambda e: e.abort(request.request_id))
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return self.rt.worker_stats()
+
+    async def Health(self, request, context):
+        return self.rt.health()
+
+
+def add_service(server: grpc.aio.Server, runtime: WorkerRuntime) -> None:
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(runtime), server)

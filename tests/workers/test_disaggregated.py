@@ -1,0 +1,90 @@
+"""Real prefill and decode worker processes: KV blocks move over each transport and decode equals one engine."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.make_model import make_model
+from engine.sampling_params import SamplingParams
+from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from tests.cluster import start_worker
+
+PROMPTS = [[5, 9, 13, 200, 7] * 9, list(range(20, 90)), [300, 301]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_model(tmp_path_factory.mktemp("pd") / "model", arch="llama", vocab=512, seed=11))
+
+
+def reference(model_dir, prompt, max_tokens=12):
+    engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=128, show_progress=False))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return engine.generate([prompt], params)[0].output_ids
+
+
+async def decode(address, rid, prompt, prefill=None, transport="tcp", max_tokens=12):
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+        req = worker_pb2.DecodeRequest(
+            request_id=rid, token_ids=prompt, kv_transport=transport,
+            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        if prefill is not None:
+            req.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
+                                                          grpc_address=prefill.grpc_address))
+        chunks = [c async for c in stub.Generate(req)]
+        stats = await stub.Stats(worker_pb2.StatsRequest())
+    return chunks, stats
+
+
+async def prefill_stats(address):
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await worker_pb2_grpc.PrefillWorkerStub(channel).Stats(worker_pb2.StatsRequest())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["tcp", "nixl"])
+def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
+    if transport == "nixl":
+        pytest.importorskip("nixl")
+    p = start_worker("prefill", model_dir, redis_url, f"p-{transport}", "--kv-transport", transport)
+    d = start_worker("decode", model_dir, redis_url, f"d-{transport}", "--kv-transport", transport)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            chunks, stats = asyncio.run(decode(d.grpc_address, f"r{i}", prompt, prefill=p, transport=transport))
+            assert not any(c.HasField("error") for c in chunks), chunks[-1]
+            tokens = [t for c in chunks for t in c.token_ids]
+            assert tokens == reference(model_dir, prompt), f"prompt {i}"
+            assert chunks[0].prefill.kv_bytes > 0
+            assert chunks[-1].usage.completion_tokens == 12
+            assert chunks[-1].usage.prompt_tokens == len(prompt)
+        assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
+        pstats = asyncio.run(prefill_stats(p.grpc_address))
+        assert pstats.kv_blocks_used == 0
+        assert pstats.prompt_tokens_computed_total >= sum(map(len, PROMPTS)) - 16
+    finally:
+        p.stop()
+        d.stop()
+
+
+@pytest.mark.slow
+def test_local_prefill_and_dead_prefill_worker(model_dir, redis_url):
+    d = start_worker("decode", model_dir, redis_url, "d-local")
+    try:
+        chunks, _ = asyncio.run(decode(d.grpc_address, "loc", PROMPTS[1]))
+        assert [t for c in chunks for t in c.token_ids] == reference(model_dir, PROMPTS[1])
+
+        class Gone:
+            worker_id, grpc_address = "p-gone", "127.0.0.1:1"
+
+        chunks, stats = asyncio.run(decode(d.grpc_address, "dead", PROMPTS[0], prefill=Gone))
+        err = chunks[-1].error
+        assert err.kind == worker_pb2.DecodeError.KIND_PREFILL_FAILED and err.retryable
+        assert err.prefill_worker_id == "p-gone"
+        assert stats.kv_blocks_used == 0  # the reserved destination blocks were freed
+    finally:
+        d.stop()
