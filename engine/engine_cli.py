@@ -97,6 +97,60 @@ def generate_cmd(
         typer.echo(f"\n[{len(tokens)} tokens, finish_reason={reason}]", err=True)
 
 
+def up_cmd(
+    model: Optional[pathlib.Path] = typer.Option(None, "--model", help="Model directory (default: a small "
+                                                 "random-weight Llama made on first use)."),
+    prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
+    decode: int = typer.Option(1, "--decode", min=1, help="Decode workers."),
+    max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="Let the control plane scale prefill "
+                                              "up to this many workers (default: --prefill)."),
+    max_decode: Optional[int] = typer.Option(None, "--max-decode", help="Likewise for decode workers."),
+    port: int = typer.Option(8000, "--port", help="Router HTTP port (OpenAI API)."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="Router gRPC port."),
+    controlplane_port: int = typer.Option(8090, "--controlplane-port", help="Control plane admin HTTP port."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Use this Redis instead of starting one."),
+    routing: str = typer.Option("kv_aware", "--routing", help="kv_aware | least_load | round_robin"),
+    kv_transport: str = typer.Option("tcp", "--kv-transport", help="tcp | nixl"),
+    local_prefill_threshold: int = typer.Option(64, "--local-prefill-threshold",
+                                                help="Prompts with fewer uncached tokens prefill on the decode "
+                                                     "worker."),
+    ray: bool = typer.Option(False, "--ray", help="Run the workers as Ray actors on a local Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead."),
+    run_dir: Optional[pathlib.Path] = typer.Option(None, "--run-dir", help="Where logs and the policy go."),
+) -> None:
+    """Start a whole local cluster (Redis, router, control plane, prefill + decode workers) and serve."""
+    import signal
+    import threading
+
+    from controlplane.local_cluster import LocalCluster, UpOptions
+
+    cluster = LocalCluster(UpOptions(
+        model=model, prefill=prefill, decode=decode, max_prefill=max_prefill, max_decode=max_decode, port=port,
+        grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
+        kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
+        ray_address=ray_address, run_dir=run_dir))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode workers, model {cluster.model_dir}, "
+                   f"logs in {cluster.run_dir}")
+        cluster.start()
+        typer.echo(f"""[baton] ready at {cluster.url}  (OpenAI API; gRPC on :{grpc_port}; control plane on \
+:{controlplane_port}, token in BATON_CONTROLPLANE_TOKEN={cluster.admin_token})
+  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{cluster.model_name}", "prompt": "Hello, my name is", "max_tokens": 16}}'
+Press Ctrl-C to stop.""")
+        stop.wait()
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    finally:
+        typer.echo("[baton] stopping...")
+        cluster.stop()
+
+
 def register(app: typer.Typer) -> None:
     app.command("make-model")(make_model_cmd)
     app.command("generate")(generate_cmd)
+    app.command("up")(up_cmd)
