@@ -129,24 +129,25 @@ class KVEventPublisher:
         self._thread = threading.Thread(target=self._run, name=f"kv-events-{worker_id}", daemon=True)
         self._thread.start()
 
-    # Hot path: called from the engine's step loop. deque.append is atomic under the GIL.
+    # Hot path: called from the engine's step loop; deque.append is atomic under the GIL, so no lock.
     def stored(self, hashes: Iterable[int]) -> None:
-        self._append("stored", hashes)
+        self._append("stored", tuple(hashes))
 
     def removed(self, hashes: Iterable[int]) -> None:
-        self._append("removed", hashes)
+        self._append("removed", tuple(hashes))
 
     def cleared(self) -> None:
         self._append("cleared", ())
 
     def snapshot(self, hashes: Iterable[int]) -> None:
-        self._append("snapshot", hashes)
+        self._append("snapshot", tuple(hashes))
 
-    def _append(self, kind: str, hashes: Iterable[int]) -> None:
+    def _append(self, kind: str, hashes: tuple[int, ...]) -> None:
         if self._stop:
             raise RuntimeError(f"KV event publisher for {self.worker_id} is closed")
-        self._pending.append((kind, tuple(hashes), time.time()))
-        if len(self._pending) >= self._max_batch:
+        pending = self._pending
+        pending.append((kind, hashes, time.time()))
+        if len(pending) >= self._max_batch:
             self._wake.set()
 
     def flush(self, timeout_s: float = 5.0) -> None:

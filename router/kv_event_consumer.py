@@ -81,11 +81,15 @@ class KVEventConsumer:
             try:
                 await self.poll()
                 backoff = 0.05
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.warning("KV event stream unreachable (%s); retrying in %.2fs", exc, backoff)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("KV event stream unreadable (%s); retrying in %.2fs", exc, backoff)
                 self._next_check = 0.0  # whatever comes back may be a fresh Redis
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+            except Exception:  # keep consuming: a dead task would silently freeze the index
+                log.exception("KV event consumer failed; retrying in %.2fs", backoff)
+            else:
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
 
     # --- the registry's hooks --------------------------------------------------------------
 

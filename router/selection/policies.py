@@ -1,7 +1,6 @@
 """Policies: filters -> weighted scorers -> picker, per pool, with every step timed; a registry by name."""
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from typing import Callable, Sequence
@@ -49,7 +48,7 @@ class Policy:
             raise NoWorkerAvailable(f"no healthy {pool} worker among {len(workers)} known")
         if self.index is not None:
             t = clock()
-            ctx = dataclasses.replace(ctx, matches=self.index.find_matches(request.block_hashes))
+            ctx = SelectionContext(request, pool, self.index.find_matches(request.block_hashes))
             timing("index.find_matches", clock() - t)
         totals = [0.0] * len(candidates)
         by_scorer: dict[str, list[float]] = {}
@@ -63,10 +62,12 @@ class Policy:
         t = clock()
         chosen = self._picker.pick(ctx, candidates, totals)
         timing(f"picker.{self._picker.name}", clock() - t)
+        matches = ctx.matches
+        names = list(by_scorer)
+        per_worker = zip(*by_scorer.values()) if names else ((),) * len(candidates)
         breakdown = tuple(
-            CandidateScore(w.worker_id, {name: scores[i] for name, scores in by_scorer.items()}, totals[i],
-                           ctx.matches.get(w.worker_id, 0))
-            for i, w in enumerate(candidates))
+            CandidateScore(w.worker_id, dict(zip(names, scores)), total, matches.get(w.worker_id, 0))
+            for w, scores, total in zip(candidates, per_worker, totals))
         worker = candidates[chosen]
         matched = ctx.matches.get(worker.worker_id, 0)
         selection = Selection(worker=worker, pool=pool, policy=self.name, scores=breakdown[chosen].scores,

@@ -10,6 +10,8 @@ class PrefixOverlapScorer:
     name = "prefix_overlap"
 
     def score(self, ctx: SelectionContext, workers: Sequence[WorkerState]) -> list[float]:
-        request = ctx.request
-        prompt = max(1, request.prompt_tokens)
-        return [request.cached_tokens(ctx.matches.get(w.worker_id, 0)) / prompt for w in workers]
+        prompt = len(ctx.request.token_ids)
+        if not prompt:
+            return [0.0] * len(workers)
+        block_size, get = ctx.request.block_size, ctx.matches.get
+        return [min(get(w.worker_id, 0) * block_size, prompt) / prompt for w in workers]
