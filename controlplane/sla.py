@@ -32,15 +32,17 @@ class HoltForecaster:
 
 @dataclass
 class CapacityEstimate:
-    """Per-replica tokens/s at the SLO: starts at the policy hint, corrected by what replicas actually did.
+    """Per-replica tokens/s at the SLO: starts at the policy hint, lowered by what replicas actually did.
 
-    A breach of the latency SLO at a per-replica load below the estimate lowers it; meeting the SLO above
-    the estimate raises it. Bounded to [hint/4, hint*4] so one odd window cannot run away with it.
+    A breach of the latency SLO at a per-replica load below the estimate lowers it towards that load; windows
+    that meet the SLO let it recover towards the hint. It never rises above the hint: arrival rates measured
+    before latency catches up would otherwise read as capacity. Floor hint/4 so one odd window cannot run away.
     """
 
     hint: float
     value: float = 0.0
     smoothing: float = 0.5
+    recovery: float = 0.1
 
     def __post_init__(self) -> None:
         if self.value <= 0:
@@ -51,9 +53,9 @@ class CapacityEstimate:
             return
         if latency_p90_s > slo_s and load_per_replica < self.value:
             self.value += self.smoothing * (load_per_replica - self.value)
-        elif latency_p90_s <= slo_s and load_per_replica > self.value:
-            self.value += self.smoothing * (load_per_replica - self.value)
-        self.value = min(self.hint * 4, max(self.hint / 4, self.value))
+        elif latency_p90_s <= slo_s:
+            self.value += self.recovery * (self.hint - self.value)
+        self.value = min(self.hint, max(self.hint / 4, self.value))
 
 
 def replicas_for_load(load: float, capacity_per_replica: float, target_utilization: float) -> float:

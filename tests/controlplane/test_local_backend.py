@@ -1,0 +1,57 @@
+"""LocalBackend starts and stops real processes from an argv template (the real `baton` workers later)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from controlplane.backends.base import BackendError
+from controlplane.backends.local import LocalBackend
+from tests.controlplane.conftest import sleeper
+
+
+def _wait_files(path, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(path.glob("*.argv"))
+        if len(files) >= n:
+            return files
+        time.sleep(0.05)
+    raise AssertionError(f"only {len(list(path.glob('*.argv')))} of {n} workers wrote their argv")
+
+
+def test_scale_real_processes_up_and_down(tmp_path):
+    backend = LocalBackend(sleeper(tmp_path), region="r1", redis_url="redis://x:1/0",
+                           model_dirs={"m": "/models/m"}, stop_timeout_s=5)
+    try:
+        backend.set_replicas("m", "decode", 3)
+        backend.set_replicas("m", "decode", 3)  # idempotent: no extra process
+        workers = backend.workers("m", "decode")
+        assert len(workers) == 3 and len({w.proc.pid for w in workers}) == 3
+        assert backend.get_replicas("m", "decode").ready == 3
+        args = _wait_files(tmp_path, 3)[0].read_text().split()
+        assert args[args.index("--model") + 1] == "/models/m"
+        assert args[args.index("--region") + 1] == "r1"
+        assert args[args.index("--pool") + 1] == "decode"
+        assert int(args[args.index("--grpc-port") + 1]) > 0
+
+        oldest = workers[0].proc
+        backend.set_replicas("m", "decode", 1)
+        assert [w.proc for w in backend.workers("m", "decode")] == [oldest]
+        assert all(w.proc.poll() is not None for w in workers[1:])  # stopped, not just forgotten
+
+        oldest.kill()  # a crashed worker is replaced on the next (retried) call
+        oldest.wait()
+        assert backend.get_replicas("m", "decode").desired == 0
+        backend.set_replicas("m", "decode", 1)
+        assert backend.get_replicas("m", "decode").ready == 1
+    finally:
+        backend.close()
+    assert backend.get_replicas("m", "decode").desired == 0
+
+
+def test_bad_template_and_missing_binary_are_clear_errors(tmp_path):
+    with pytest.raises(BackendError, match="template"):
+        LocalBackend(["echo", "{nope}"]).set_replicas("m", "prefill", 1)
+    with pytest.raises(BackendError, match="cannot start local worker"):
+        LocalBackend([str(tmp_path / "no-such-binary")]).set_replicas("m", "prefill", 1)
