@@ -227,3 +227,34 @@ def test_publisher_survives_redis_outage_and_bad_entries(redis_server, redis_url
             await consumer.stop()
 
     asyncio.run(scenario())
+
+
+def test_restarted_worker_and_failing_snapshot_source(redis_url):
+    async def scenario():
+        consumer = KVEventConsumer(redis_url, PrefixIndex())
+        old = Worker(redis_url, "a")
+        old.store(chain(1, 5))
+        await poll_until(consumer, lambda: consumer.index.worker_blocks("a") == 5)
+        old.publisher.close()
+        # Same worker id, new process: its first snapshot source call fails, the next succeeds.
+        calls = []
+
+        def flaky_source():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("block manager not ready")
+            return [7, 8]
+
+        new = KVEventPublisher(redis_url, "a", snapshot_source=flaky_source, **FAST)
+        try:
+            await poll_until(consumer, lambda: consumer.index.hashes_of("a") == {7, 8})
+            assert len(calls) >= 2 and consumer.index.find_matches(chain(1, 5)) == {}
+            consumer.sync_workers([])  # the registry lists no live worker
+            assert consumer.index.workers() == []
+            consumer.sync_workers(["a"])  # it reappears: its state comes back by snapshot
+            await poll_until(consumer, lambda: consumer.index.hashes_of("a") == {7, 8})
+        finally:
+            new.close()
+            await consumer.stop()
+
+    asyncio.run(scenario())
