@@ -193,6 +193,9 @@ def simulate(policy: Policy, trace: list[Request], capacity: dict[str, float] | 
     spill_acc: dict[tuple[str, str], float] = defaultdict(float)
     shares: dict[str, dict[str, dict[str, float]]] = {}
     start, end = trace[0].t, trace[-1].t
+    # Queue depth is reported in requests, as workers do: backlog tokens over the trace's mean request size.
+    mean_tokens = {"prefill": max(1.0, sum(q.prompt_tokens for q in trace) / len(trace)),
+                   "decode": max(1.0, sum(q.output_tokens for q in trace) / len(trace))}
     # Start warm: the first tick's right-sized fleet, so the comparison is about reacting, not cold start.
     for m, r, p in keys:
         pol = policy.pool(m, r, p)
@@ -260,7 +263,7 @@ def simulate(policy: Policy, trace: list[Request], capacity: dict[str, float] | 
                 request_rate=len(mine) / span,
                 prompt_tokens_per_s=sum(x[0].prompt_tokens for x in mine) / span,
                 output_tokens_per_s=sum(x[0].output_tokens for x in mine) / span,
-                queue_depth=live.queues[(m, r, p)].backlog / max(1.0, _mean_tokens(mine, p)),
+                queue_depth=live.queues[(m, r, p)].backlog / mean_tokens[p],
                 ttft_p90_s=p90([min(x[1], 3600.0) for x in mine]),
                 itl_p90_s=p90([min(x[2], 3600.0) for x in mine]),
                 kv_utilization=min(1.0, rho_live[(m, r)]) if ready_d else None,
@@ -282,12 +285,6 @@ def simulate(policy: Policy, trace: list[Request], capacity: dict[str, float] | 
         for r in policy.regions():
             series[f"{r}/rps"].append(sum(1 for q in batch if q.region == r) / dt)
     return SimResult(pools=results, series=dict(series))
-
-
-def _mean_tokens(items: list, pool: str) -> float:
-    if not items:
-        return 1.0
-    return sum(x[0].prompt_tokens if pool == "prefill" else x[0].output_tokens for x in items) / len(items)
 
 
 def plot(result: SimResult, policy: Policy, path: str | pathlib.Path) -> None:
