@@ -1,9 +1,16 @@
-"""The selection seam: filters narrow the candidates, scorers rate them in [0, 1], one picker chooses."""
+"""The selection seam: filters narrow the candidates, scorers rate them in [0, 1], one picker chooses;
+policies read cached-prefix lengths through a PrefixMatcher."""
 from __future__ import annotations
 
 from typing import Protocol, Sequence
 
 from router.selection.types import SelectionContext, WorkerState
+
+
+class PrefixMatcher(Protocol):
+    """What policies need from a prefix index (router.prefix_index.PrefixIndex; bench adapts Dynamo's)."""
+
+    def find_matches(self, hashes: Sequence[int]) -> dict[str, int]: ...
 
 
 class Filter(Protocol):

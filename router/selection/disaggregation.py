@@ -43,8 +43,9 @@ class Route:
 def select_route(policy: Policy, decider: ConditionalDisaggregation, request: RoutingRequest,
                  workers: Sequence[WorkerState]) -> Route:
     """Decode first (it holds the request longest), then the decider, then a prefill worker if needed."""
-    decode = policy.select(request, workers, "decode")
+    matches = policy.match(request)
+    decode = policy.select(request, workers, "decode", matches)
     has_prefill = any(w.pool == "prefill" and w.healthy for w in workers)
     decision = decider.decide(request, decode, prefill_available=has_prefill)
-    prefill = policy.select(request, workers, "prefill") if decision.remote else None
+    prefill = policy.select(request, workers, "prefill", matches) if decision.remote else None
     return Route(decode, prefill, decision)

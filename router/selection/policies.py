@@ -5,8 +5,7 @@ import random
 import time
 from typing import Callable, Sequence
 
-from router.prefix_index import PrefixIndex
-from router.selection.base import Filter, Picker, Scorer
+from router.selection.base import Filter, Picker, PrefixMatcher, Scorer
 from router.selection.config import RoutingConfig
 from router.selection.filters import HealthyFilter, PoolFilter
 from router.selection.pickers import RoundRobinPicker, WeightedPicker
@@ -21,7 +20,7 @@ class Policy:
     cache hits can be reported (and compared) for round_robin and least_load too."""
 
     def __init__(self, name: str, filters: Sequence[Filter], scorers: dict[str, list[tuple[Scorer, float]]],
-                 picker: Picker, *, block_size: int, index: PrefixIndex | None = None,
+                 picker: Picker, *, block_size: int, index: PrefixMatcher | None = None,
                  timing: TimingHook | None = None) -> None:
         self.name = name
         self._filters = list(filters)
@@ -31,7 +30,17 @@ class Policy:
         self.index = index
         self._timing = timing or (lambda name, seconds: None)
 
-    def select(self, request: RoutingRequest, workers: Sequence[WorkerState], pool: str) -> Selection:
+    def match(self, request: RoutingRequest) -> dict[str, int]:
+        """Leading cached blocks per worker; compute once per request and pass to select() for both pools."""
+        if self.index is None:
+            return {}
+        t = time.perf_counter()
+        matches = self.index.find_matches(request.block_hashes)
+        self._timing("index.find_matches", time.perf_counter() - t)
+        return matches
+
+    def select(self, request: RoutingRequest, workers: Sequence[WorkerState], pool: str,
+               matches: dict[str, int] | None = None) -> Selection:
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if request.block_size != self._block_size:
@@ -46,10 +55,7 @@ class Policy:
             timing(f"filter.{f.name}", clock() - t)
         if not candidates:
             raise NoWorkerAvailable(f"no healthy {pool} worker among {len(workers)} known")
-        if self.index is not None:
-            t = clock()
-            ctx = SelectionContext(request, pool, self.index.find_matches(request.block_hashes))
-            timing("index.find_matches", clock() - t)
+        ctx = SelectionContext(request, pool, self.match(request) if matches is None else matches)
         totals = [0.0] * len(candidates)
         by_scorer: dict[str, list[float]] = {}
         for scorer, weight in self._scorers.get(pool, ()):
@@ -77,7 +83,7 @@ class Policy:
         return selection
 
 
-PolicyFactory = Callable[[RoutingConfig, "PrefixIndex | None", random.Random, "TimingHook | None"], Policy]
+PolicyFactory = Callable[[RoutingConfig, "PrefixMatcher | None", random.Random, "TimingHook | None"], Policy]
 
 
 def _round_robin(config: RoutingConfig, index, rng, timing) -> Policy:
@@ -101,7 +107,7 @@ def _kv_aware(config: RoutingConfig, index, rng, timing) -> Policy:
 POLICIES: dict[str, PolicyFactory] = {"round_robin": _round_robin, "least_load": _least_load, "kv_aware": _kv_aware}
 
 
-def make_policy(config: RoutingConfig, index: PrefixIndex | None = None, *, rng: random.Random | None = None,
+def make_policy(config: RoutingConfig, index: PrefixMatcher | None = None, *, rng: random.Random | None = None,
                 timing: TimingHook | None = None) -> Policy:
     """Builds the configured policy; `rng` (default: seeded from config.seed) breaks ties."""
     factory = POLICIES.get(config.policy)

@@ -125,7 +125,10 @@ def test_conditional_disaggregation_uses_uncached_length():
     assert route.prefill is None and not route.decision.remote and route.decision.uncached_tokens == 40
 
     fresh = request(2040, seed=5)
-    route = select_route(policy, decider, fresh, workers)
+    recorder = LatencyRecorder()
+    route = select_route(make_policy(config, index, timing=recorder), decider, fresh, workers)
+    assert len(recorder.samples["index.find_matches"]) == 1  # one lookup serves both pools
+    assert len(recorder.samples["decision"]) == 2
     assert route.decision.remote and route.decision.uncached_tokens == 2040
     assert route.prefill is not None and route.prefill.worker.worker_id == "p0"
 
