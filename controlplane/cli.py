@@ -17,6 +17,8 @@ def controlplane(
     token: str = typer.Option("", "--token", envvar="BATON_CONTROLPLANE_TOKEN",
                               help="bearer token of the admin API (prefer the environment variable)"),
     insecure: bool = typer.Option(False, "--insecure", help="serve the admin API without a token"),
+    worker_log_dir: pathlib.Path = typer.Option(None, "--worker-log-dir", envvar="BATON_CONTROLPLANE_WORKER_LOG_DIR",
+                                                help="where local-backend workers write their logs"),
 ) -> None:
     """Run the global control plane: signals -> policy -> replicas, with its admin API."""
     import asyncio
@@ -43,7 +45,8 @@ def controlplane(
     async def main() -> None:
         client = aioredis.Redis.from_url(redis_url)
         cp = ControlPlane(pfile, client, backend_options={
-            "local": {"redis_url": redis_url, "model_dirs": {m.name: m.model_dir for m in pfile.policy.models
+            "local": {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None,
+                      "model_dirs": {m.name: m.model_dir for m in pfile.policy.models
                                                              if m.model_dir}},
             "ray": {"redis_url": redis_url}})
         stop = asyncio.Event()

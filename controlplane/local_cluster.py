@@ -107,7 +107,7 @@ class LocalCluster:
         policy = self.write_policy()
         self._spawn("controlplane", [*self._baton(), "controlplane", "--policy", str(policy), "--redis-url",
                                      self.redis_url, "--http-port", str(self.opts.controlplane_port),
-                                     "--grpc-port", "0"],
+                                     "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
                     env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
         self._spawn("router", [*self._baton(), "router", "--model", str(self.model_dir), "--redis-url",
                                self.redis_url, "--host", "127.0.0.1", "--http-port", str(self.opts.port),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Callable
 
@@ -85,8 +86,9 @@ class WorkerRuntime:
         def stats():
             from google.protobuf.json_format import MessageToDict
 
-            return MessageToDict(self.worker_stats(), preserving_proto_field_name=True,
-                                 always_print_fields_with_no_presence=True)
+            doc = MessageToDict(self.worker_stats(), preserving_proto_field_name=True,
+                                always_print_fields_with_no_presence=True)
+            return {**doc, "pid": os.getpid()}
 
         return app
 
