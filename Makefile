@@ -25,5 +25,8 @@ up: setup
 bench: setup
 	$(BIN)/python bench/engine_cpu.py
 
+lint-chart: setup
+	$(BIN)/python scripts/chart_check.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info
