@@ -73,6 +73,7 @@ class LocalCluster:
         self.run_dir = opts.run_dir or pathlib.Path(tempfile.mkdtemp(prefix="baton-up-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._commands: dict[str, tuple[list[str], dict | None]] = {}
         self.model_dir = (opts.model or ensure_default_model()).resolve()
         self.model_name = self.model_dir.name
         self.redis_url = opts.redis_url
@@ -83,12 +84,16 @@ class LocalCluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None, at: int | None = None) -> subprocess.Popen:
+        self._commands[name] = (argv, env)
         log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
         log.close()
-        self.procs.append((name, proc))
+        if at is None:
+            self.procs.append((name, proc))
+        else:
+            self.procs[at] = (name, proc)  # a restart keeps the component's place in the stop order
         return proc
 
     def _baton(self) -> list[str]:
@@ -125,8 +130,8 @@ class LocalCluster:
                   *o.extra_worker_args]
         cluster = {"name": "local", "region": "local", "backend": "ray" if o.ray else "local",
                    "gpus": 1024, "worker_command": worker}
-        if o.ray_address:
-            cluster["ray_address"] = o.ray_address
+        if o.ray:
+            cluster["ray_address"] = o.ray_address or "local"  # "local": start a Ray cluster on this machine
         pool = dict(capacity_tokens_per_s=2000, startup_s=15)
         doc = {
             "version": 1, "tick_s": 5, "signals": {"window_s": 20, "stale_after_s": 30},
@@ -182,14 +187,30 @@ class LocalCluster:
             time.sleep(0.3)
         raise RuntimeError(f"cluster not ready after {self.opts.ready_timeout_s:.0f}s; logs in {self.run_dir}")
 
+    def restart(self, name: str) -> None:
+        """Stops one component ("router", "controlplane", "redis") and starts it again with the same
+        command line, then waits until the cluster is ready: for recovery tests and drills."""
+        if name not in self._commands:
+            raise ValueError(f"no component {name!r}; known: {sorted(self._commands)}")
+        at = [n for n, _ in self.procs].index(name)
+        self._terminate(self.procs[at][1])
+        self._spawn(name, *self._commands[name], at=at)
+        if name == "redis":
+            self._wait_redis()
+        self.wait_ready()
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def stop(self) -> None:
         # Router first (no new requests), then the control plane, which stops its workers, then Redis.
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for _name, proc in reversed(self.procs):
+            self._terminate(proc)
         self.procs.clear()
