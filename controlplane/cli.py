@@ -48,7 +48,7 @@ def controlplane(
             "local": {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None,
                       "model_dirs": {m.name: m.model_dir for m in pfile.policy.models
                                                              if m.model_dir}},
-            "ray": {"redis_url": redis_url}})
+            "ray": {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None}})
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -56,6 +56,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         try:
             async for out in stream:
                 chunk = self._chunk(out, params)
+                if out.finished:
+                    log.info("request %s finished: %s", rid, out.finish_reason, extra={
+                        "request_id": rid, "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                        "completion_tokens": out.num_output_tokens, "cached_tokens": out.num_cached_tokens,
+                        "prefill_worker": request.prefill.worker_id or "local"})
                 if prefill_stats is not None:
                     chunk.prefill.CopyFrom(prefill_stats)
                     prefill_stats = None

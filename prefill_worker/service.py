@@ -57,7 +57,13 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         finally:
             await asyncio.shield(rt.aengine.call(lambda e: e.release(rid)))
         if not result.ok:
+            log.warning("request %s: KV transfer to %s failed: %s", rid, kv.decode_worker_id, result.error,
+                        extra={"request_id": rid, "decode_worker": kv.decode_worker_id})
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
+        log.info("request %s prefilled and shipped to %s", rid, kv.decode_worker_id, extra={
+            "request_id": rid, "decode_worker": kv.decode_worker_id, "prompt_tokens": len(request.token_ids),
+            "cached_tokens": first.num_cached_tokens, "kv_bytes": result.nbytes, "prefill_s": round(prefill_s, 4),
+            "transfer_s": round(result.seconds, 4), "transport": kv.transport})
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0], first_logprob=first.new_logprobs[0],
             stats=worker_pb2.PrefillStats(

@@ -15,8 +15,11 @@ from controlplane.policy import ClusterSpec
 class WorkerActor:
     """Runs the worker command where Ray placed it; Ray's resources (num_gpus) pin it to a device."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, argv: list[str], log_path: str | None = None) -> None:
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        if log_path:
+            out.close()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -38,7 +41,8 @@ class RayBackend:
 
     def __init__(self, *, cluster: str, address: str | None = None, argv: list[str] | tuple[str, ...] = WORKER_ARGV,
                  region: str = "local", redis_url: str = "", model_dirs: dict[str, str] | None = None,
-                 namespace: str = "baton", actor_options: dict | None = None, call_timeout_s: float = 30.0) -> None:
+                 namespace: str = "baton", actor_options: dict | None = None, call_timeout_s: float = 30.0,
+                 log_dir: str | None = None) -> None:
         self.cluster = cluster
         self.argv = list(argv)
         self.region = region
@@ -47,6 +51,9 @@ class RayBackend:
         self.namespace = namespace
         self.actor_options = actor_options or {"num_cpus": 0}
         self.call_timeout_s = call_timeout_s
+        self.log_dir = log_dir
+        # A Ray instance this process starts dies with it; its actors' worker processes must not outlive it.
+        self._owns_cluster = address in (None, "local") and not ray.is_initialized()
         if not ray.is_initialized():
             try:
                 ray.init(address=None if address in (None, "local") else address, namespace=namespace,
@@ -91,7 +98,8 @@ class RayBackend:
                       "grpc_port": _free_port(), "http_port": _free_port()}
             WorkerActor.options(name=f"{self._prefix(model, pool)}{i}", lifetime="detached",
                                 get_if_exists=True, **self.actor_options).remote(
-                [part.format(**values) for part in self.argv])
+                [part.format(**values) for part in self.argv],
+                f"{self.log_dir}/{worker_id}.log" if self.log_dir else None)
         for i in sorted(have - set(range(replicas)), reverse=True):
             handle = self.actor(model, pool, i)
             try:
@@ -101,4 +109,12 @@ class RayBackend:
             ray.kill(handle)
 
     def close(self) -> None:
-        """Leaves detached actors running: they are the cluster's replicas, not this process's."""
+        """Leaves detached actors running on a shared Ray cluster: they are its replicas, not this process's.
+        On a Ray instance this process started, which ends with it, stops them so no worker is orphaned."""
+        if not self._owns_cluster or not ray.is_initialized():
+            return
+        prefix = re.compile(re.escape(f"baton-{self.cluster}-") + r"(.+)-(prefill|decode)-\d+$")
+        for name in ray.util.list_named_actors(all_namespaces=False):
+            m = prefix.match(name)
+            if m:
+                self.set_replicas(m.group(1), m.group(2), 0)
