@@ -17,10 +17,10 @@ def register(app: typer.Typer) -> None:
         grpc_port: Optional[int] = typer.Option(None, help="gRPC Inference port, 0 disables (default 50051)"),
         redis_url: Optional[str] = typer.Option(None, help="Redis for worker discovery"),
         region: Optional[str] = typer.Option(None, help="this router's region (default local)"),
-        policy: Optional[str] = typer.Option(None, help="round_robin / least_load / kv_aware"),
+        policy: Optional[str] = typer.Option(None, help="round_robin / least_load / kv_aware (default kv_aware)"),
         kv_transport: Optional[str] = typer.Option(None, help="KV transport: tcp / nixl"),
         local_prefill_threshold: Optional[int] = typer.Option(
-            None, help="prompts with fewer uncached tokens prefill on the decode worker (default 64)"),
+            None, help="prompts with at most this many uncached tokens prefill on the decode worker (default 64)"),
         max_model_len: Optional[int] = typer.Option(None, help="context length (default: config.json)"),
         block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default 16)"),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file with router settings"),

@@ -9,6 +9,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from router.selection import POLICIES, RoutingConfig, ScorerWeights
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and where it came from."""
@@ -24,10 +26,12 @@ class RouterConfig(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="0 disables the gRPC Inference service")
     redis_url: str = "redis://127.0.0.1:6379/0"
     region: str = "local"
-    policy: str = Field("round_robin", description="worker-selection policy: round_robin / least_load / kv_aware")
+    policy: str = Field("kv_aware", description="worker-selection policy: round_robin / least_load / kv_aware")
+    weights: ScorerWeights = Field(default_factory=ScorerWeights, description="kv_aware scorer weights per pool")
+    routing_seed: int | None = Field(None, description="seed of the selection tie-breaker (tests, replay)")
     kv_transport: str = Field("tcp", description="KV transport the decode worker asks the prefill worker to use")
     local_prefill_threshold: int = Field(
-        64, ge=0, description="prompts with fewer uncached tokens are prefilled on the decode worker itself"
+        64, ge=0, description="prompts with at most this many uncached tokens prefill on the decode worker itself"
     )
     max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's config.json")
     block_size: int = Field(16, ge=1, description="KV block size in tokens, as the workers use")
@@ -36,12 +40,23 @@ class RouterConfig(BaseSettings):
     worker_suspect_s: float = Field(10.0, ge=0, description="how long a worker that refused a connection is skipped")
     request_timeout_s: float = Field(600.0, gt=0)
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {sorted(POLICIES)}")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_dir_exists(cls, value: str) -> str:
         if not pathlib.Path(value).is_dir():
             raise ValueError(f"model directory {value!r} does not exist")
         return value
+
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(policy=self.policy, weights=self.weights, block_size=self.block_size,
+                             local_prefill_threshold_tokens=self.local_prefill_threshold, seed=self.routing_seed)
 
     @property
     def model_name(self) -> str:

@@ -3,19 +3,21 @@ DecodeWorker.Generate, retry on another worker while no token has been emitted, 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 
+from engine.block_hash import hash_blocks
 from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerRecord, WorkerRegistry
+from router.selection import (ConditionalDisaggregation, NoWorkerAvailable, Route, RoutingRequest, WorkerState,
+                              make_policy, select_route)
 
 log = logging.getLogger(__name__)
 DecodeError = worker_pb2.DecodeError
@@ -23,10 +25,6 @@ _PREFILL_KINDS = (DecodeError.KIND_PREFILL_FAILED, DecodeError.KIND_KV_TRANSFER_
 # Connection-level failures: the worker never took the request, so another one may.
 _RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE,)
 _ABORT_TIMEOUT_S = 2.0
-
-
-class NoWorkerAvailable(Exception):
-    """No healthy decode worker is registered for the model."""
 
 
 class WorkerFailed(Exception):
@@ -37,80 +35,82 @@ class WorkerFailed(Exception):
         self.invalid_request = invalid_request
 
 
-@dataclass
-class Route:
-    decode: WorkerRecord
-    prefill: WorkerRecord | None  # None: the decode worker prefills locally
+def worker_state(record: WorkerRecord, healthy: bool = True) -> WorkerState:
+    load = record.load
+    return WorkerState(worker_id=record.worker_id, pool=record.pool, address=record.grpc_address,
+                       region=record.region, capacity=record.capacity,
+                       queued_prefill_tokens=load.queued_prefill_tokens, running_requests=load.num_requests_running,
+                       active_kv_blocks=load.kv_blocks_used, total_kv_blocks=load.kv_blocks_total, healthy=healthy)
 
 
 class Dispatcher:
-    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics,
+                 index: PrefixIndex | None = None) -> None:
         self._config = config
         self._registry = registry
         self._metrics = metrics
+        routing = config.routing()
+        self._policy = make_policy(routing, index, timing=self._time_step)
+        self._decider = ConditionalDisaggregation(routing.local_prefill_threshold_tokens)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect_until: dict[str, float] = {}
-        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}
         self._background: set[asyncio.Task] = set()
         self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}
         registry.add_listener(self)
 
+    def _time_step(self, step: str, seconds: float) -> None:
+        self._metrics.decision_latency.labels(step).observe(seconds)
+
     # -- worker choice ----------------------------------------------------------------------
-    def _candidates(self, pool: str, excluded: set[str]) -> list[WorkerRecord]:
+    def route(self, request: RoutingRequest, excluded_decode: set[str], excluded_prefill: set[str]) -> Route:
+        """Decode worker first, then whether (and where) to prefill remotely. Raises NoWorkerAvailable."""
         now = time.monotonic()
-        return [w for w in self._registry.workers(pool)
-                if w.worker_id not in excluded and self._suspect_until.get(w.worker_id, 0.0) <= now]
-
-    def _pick(self, pool: str, candidates: list[WorkerRecord]) -> WorkerRecord:
-        ordered = sorted(candidates, key=lambda w: w.worker_id)
-        return ordered[next(self._rr[pool]) % len(ordered)]
-
-    def route(self, token_ids: list[int], excluded_decode: set[str], excluded_prefill: set[str]) -> Route:
-        start = time.perf_counter()
-        decodes = self._candidates("decode", excluded_decode)
-        if not decodes:
-            raise NoWorkerAvailable("no decode worker is available for this model")
-        decode = self._pick("decode", decodes)
-        self._metrics.decisions.labels(self._config.policy, "decode").inc()
-        prefill = None
-        if len(token_ids) >= self._config.local_prefill_threshold:
-            prefills = self._candidates("prefill", excluded_prefill)
-            if prefills:
-                prefill = self._pick("prefill", prefills)
-                self._metrics.decisions.labels(self._config.policy, "prefill").inc()
-        self._metrics.decision_latency.observe(time.perf_counter() - start)
-        return Route(decode, prefill)
+        excluded = {"decode": excluded_decode, "prefill": excluded_prefill}
+        # A worker that refused a connection stays in Redis until its TTL runs out; skip it until then.
+        workers = [worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now)
+                   for w in self._registry.workers() if w.worker_id not in excluded[w.pool]]
+        route = select_route(self._policy, self._decider, request, workers)
+        for selection in (route.decode, route.prefill):
+            if selection is not None:
+                self._metrics.decisions.labels(selection.policy, selection.pool).inc()
+        if request.prompt_tokens:
+            self._metrics.predicted_hit_ratio.observe(route.decode.predicted_cached_tokens / request.prompt_tokens)
+        return route
 
     # -- streaming --------------------------------------------------------------------------
     async def generate(self, request_id: str, token_ids: list[int],
                        sampling: inference_pb2.SamplingParams) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """Yields D's chunks; the last has finish_reason set. Raises NoWorkerAvailable / WorkerFailed."""
+        block_size = self._config.block_size
+        routing_request = RoutingRequest(token_ids, hash_blocks(token_ids, block_size), block_size)
         excluded_decode: set[str] = set()
         excluded_prefill: set[str] = set()
         emitted = False
         last_error = "no attempt made"
         for _attempt in range(self._config.max_attempts):
-            route = self.route(token_ids, excluded_decode, excluded_prefill)
+            route = self.route(routing_request, excluded_decode, excluded_prefill)
+            decode = route.decode.worker
             request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
                                                kv_transport=self._config.kv_transport)
-            if route.prefill is not None:
-                request.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=route.prefill.worker_id,
-                                                                  grpc_address=route.prefill.grpc_address))
-            stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(route.decode.grpc_address))
+            prefill = route.prefill.worker if route.prefill is not None else None
+            if prefill is not None:
+                request.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
+                                                                  grpc_address=prefill.address))
+            stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(decode.address))
             call = stub.Generate(request, timeout=self._config.request_timeout_s)
             finished = False
             try:
                 async for chunk in call:
                     if chunk.HasField("error"):
                         err = chunk.error
-                        last_error = f"{DecodeError.Kind.Name(err.kind)} on {route.decode.worker_id}: {err.message}"
+                        last_error = f"{DecodeError.Kind.Name(err.kind)} on {decode.worker_id}: {err.message}"
                         if emitted or not err.retryable:
                             raise WorkerFailed(last_error, invalid_request=err.kind == DecodeError.KIND_INVALID_REQUEST)
                         if err.kind in _PREFILL_KINDS:
-                            failed_p = err.prefill_worker_id or (route.prefill.worker_id if route.prefill else "")
+                            failed_p = err.prefill_worker_id or (prefill.worker_id if prefill else "")
                             excluded_prefill.add(failed_p)
                         else:
-                            excluded_decode.add(route.decode.worker_id)
+                            excluded_decode.add(decode.worker_id)
                         log.warning("request %s: %s; retrying", request_id, last_error)
                         finished = True  # D ended this attempt itself; nothing to abort
                         break
@@ -122,32 +122,32 @@ class Dispatcher:
                         return
                 else:
                     finished = True
-                    raise WorkerFailed(f"decode worker {route.decode.worker_id} ended the stream without finishing")
+                    raise WorkerFailed(f"decode worker {decode.worker_id} ended the stream without finishing")
             except grpc.aio.AioRpcError as exc:
                 finished = True
-                last_error = f"decode worker {route.decode.worker_id}: {exc.code().name}: {exc.details()}"
+                last_error = f"decode worker {decode.worker_id}: {exc.code().name}: {exc.details()}"
                 if emitted or exc.code() not in _RETRYABLE_CODES:
                     raise WorkerFailed(last_error) from None
-                self._suspect(route.decode.worker_id)
-                excluded_decode.add(route.decode.worker_id)
+                self._suspect(decode.worker_id)
+                excluded_decode.add(decode.worker_id)
                 log.warning("request %s: %s; retrying", request_id, last_error)
             finally:
                 if not finished:
                     # Client went away (generator closed or task cancelled): stop D and tell it to abort.
                     call.cancel()
-                    self._abort_later(route.decode, request_id)
+                    self._abort_later(decode, request_id)
         raise WorkerFailed(f"request failed after {self._config.max_attempts} attempts; last error: {last_error}")
 
     def _suspect(self, worker_id: str) -> None:
         self._suspect_until[worker_id] = time.monotonic() + self._config.worker_suspect_s
 
-    def _abort_later(self, worker: WorkerRecord, request_id: str) -> None:
+    def _abort_later(self, worker: WorkerState, request_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._abort(worker, request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _abort(self, worker: WorkerRecord, request_id: str) -> None:
-        stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.grpc_address))
+    async def _abort(self, worker: WorkerState, request_id: str) -> None:
+        stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.address))
         try:
             await stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
@@ -160,6 +160,9 @@ class Dispatcher:
             channel = grpc.aio.insecure_channel(address)
             self._channels[address] = channel
         return channel
+
+    def on_worker_added(self, worker_id: str) -> None:
+        self._suspect_until.pop(worker_id, None)
 
     def on_worker_removed(self, worker_id: str) -> None:
         self._suspect_until.pop(worker_id, None)

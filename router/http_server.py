@@ -79,7 +79,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Drop "body" and the union-member tags pydantic puts in loc ("str", "list[int]", "function-after[...]").
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     param = ".".join(loc) or None
@@ -87,6 +88,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if param is None:
         return f"Invalid request body: {msg}", None
     return f"Invalid value for '{param}': {msg}", param
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def create_app(service: RouterService) -> FastAPI:

@@ -1,14 +1,14 @@
 """Router Prometheus metrics (names from docs/architecture.md), on a registry owned by one router."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Latency buckets from 1 ms to 2 min: CPU decode steps are slow, GPU ones fast.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class RouterMetrics:
-    """One instance per router; other router parts (prefix index, kv events) register on `.registry`."""
+    """One instance per router; gauges read the prefix index / event consumer at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -23,8 +23,17 @@ class RouterMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("baton_router_decisions", "Worker-selection decisions",
                                  ["policy", "pool"], registry=r)
-        self.decision_latency = Histogram("baton_router_decision_latency_seconds", "Time to pick workers",
-                                          buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2), registry=r)
+        self.decision_latency = Histogram("baton_router_decision_latency_seconds",
+                                          "Time per selection step (filter/scorer/index/picker, and the whole decision)",
+                                          ["step"], buckets=(1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2),
+                                          registry=r)
+        self.predicted_hit_ratio = Histogram("baton_router_predicted_prefix_hit_ratio",
+                                             "Share of the prompt the chosen decode worker is expected to hold",
+                                             buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+        self.prefix_index_blocks = Gauge("baton_router_prefix_index_blocks", "(block, worker) pairs in the index",
+                                         registry=r)
+        self.kv_events_lag = Gauge("baton_router_kv_events_lag_seconds", "Age of the last KV event applied",
+                                   registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ class WorkerLoad:
 
     num_requests_running: int = 0
     num_requests_waiting: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens waiting to be computed
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
 
@@ -151,11 +152,14 @@ class WorkerRegistration:
 
 
 class RegistryListener(Protocol):
+    def on_worker_added(self, worker_id: str) -> None: ...
+
     def on_worker_removed(self, worker_id: str) -> None: ...
 
 
 class WorkerRegistry:
-    """Router side: a view of live workers, refreshed by scanning Redis every poll interval."""
+    """Router side: a view of live workers, refreshed by scanning Redis every poll interval; listeners
+    hear of every worker that joins or leaves."""
 
     def __init__(self, redis_url: str, *, model: str | None = None, poll_interval_s: float = 0.5) -> None:
         self._redis = aioredis.Redis.from_url(redis_url)
@@ -197,8 +201,13 @@ class WorkerRegistry:
             if self._model is None or record.model == self._model:
                 seen[record.worker_id] = record
         removed = self._workers.keys() - seen.keys()
+        added = seen.keys() - self._workers.keys()
         self._workers = seen
         self.connected = True
+        for worker_id in sorted(added):
+            log.info("worker %s joined the registry", worker_id)
+            for listener in self._listeners:
+                listener.on_worker_added(worker_id)
         for worker_id in sorted(removed):
             log.info("worker %s left the registry", worker_id)
             for listener in self._listeners:

@@ -11,8 +11,12 @@ import uvicorn
 
 from router import grpc_server
 from router.config import RouterConfig
+from redis.exceptions import RedisError
+
 from router.http_server import create_app
+from router.kv_event_consumer import KVEventConsumer
 from router.metrics import RouterMetrics
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerRegistry
 from router.service import RouterService
 
@@ -36,7 +40,13 @@ class Router:
         self.metrics = RouterMetrics()
         self.registry = WorkerRegistry(config.redis_url, model=config.model_name,
                                        poll_interval_s=config.registry_poll_interval_s)
-        self.service = RouterService(config, tokenizer, self.registry, self.metrics)
+        self.index = PrefixIndex()
+        self.kv_events = KVEventConsumer(config.redis_url, self.index)
+        self.registry.add_listener(self.kv_events)
+        self.metrics.prefix_index_blocks.set_function(lambda: self.index.num_entries)
+        self.metrics.kv_events_lag.set_function(lambda: self.kv_events.lag_seconds)
+        self.service = RouterService(config, tokenizer, self.registry, self.metrics, self.index)
+        self._kv_events_task: asyncio.Task | None = None
         self.app = create_app(self.service)
         self._http = _EmbeddedUvicorn(uvicorn.Config(self.app, host=config.host, port=config.http_port,
                                                      log_level="warning", lifespan="off", access_log=False))
@@ -45,8 +55,23 @@ class Router:
         self.http_port = config.http_port
         self.grpc_port = config.grpc_port
 
+    async def _start_kv_events(self) -> None:
+        # Replay the retained stream before following it live, then drop what belongs to workers
+        # that died while no router watched. Retried, so a router started before Redis still gets an index.
+        while True:
+            try:
+                while await self.kv_events.poll(block_ms=None):
+                    pass
+                self.kv_events.sync_workers(w.worker_id for w in self.registry.workers())
+                await self.kv_events.start()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("KV event stream not readable yet (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
     async def start(self) -> None:
         await self.registry.start()
+        self._kv_events_task = asyncio.create_task(self._start_kv_events(), name="kv-events-start")
         if self.config.grpc_port:
             self._grpc = grpc.aio.server()
             grpc_server.add_to_server(self.service, self._grpc)
@@ -74,6 +99,10 @@ class Router:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.service.dispatcher.close()
+        if self._kv_events_task is not None:
+            self._kv_events_task.cancel()
+            await asyncio.gather(self._kv_events_task, return_exceptions=True)
+        await self.kv_events.stop()
         await self.registry.stop()
 
     async def serve_forever(self) -> None:

@@ -10,10 +10,12 @@ from typing import AsyncIterator, Sequence
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from proto.baton.v1 import inference_pb2
 from router.config import RouterConfig
-from router.dispatch import Dispatcher, NoWorkerAvailable, WorkerFailed
+from router.dispatch import Dispatcher, WorkerFailed
 from router.metrics import RouterMetrics
 from router.openai_protocol import APIError
+from router.prefix_index import PrefixIndex
 from router.registry import WorkerRegistry
+from router.selection import NoWorkerAvailable
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,13 @@ class TextDelta:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, tokenizer, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, tokenizer, registry: WorkerRegistry, metrics: RouterMetrics,
+                 index: PrefixIndex | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.registry = registry
         self.metrics = metrics
-        self.dispatcher = Dispatcher(config, registry, metrics)
+        self.dispatcher = Dispatcher(config, registry, metrics, index)
         self.model_name = config.model_name
         self.max_model_len = config.context_length()
         self.vocab_size = tokenizer.vocab_size

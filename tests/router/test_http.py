@@ -49,7 +49,7 @@ async def test_completion_tokenizes_once_and_returns_text_and_usage(redis_url, m
 
 async def test_openai_client_completions_and_chat(redis_url, model_dir, tok, script) -> None:
     async with Cluster(redis_url, model_dir, script) as c:
-        client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=10)
         done = await client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4)
         assert done.choices[0].text == tok.decode(script[:4]) and done.usage.prompt_tokens == 3
         messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -121,11 +121,12 @@ async def test_meta_endpoints(redis_url, model_dir, script) -> None:
         text = (await http.get("/metrics")).text
         assert 'baton_router_requests_total{route="/v1/completions",status="200"} 1.0' in text
         assert 'baton_router_requests_total{route="/v1/completions",status="404"} 1.0' in text
-        assert 'baton_router_decisions_total{policy="round_robin",pool="decode"} 1.0' in text
-        for name in ("time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
-                     "e2e_request_latency_seconds_count"):
-            assert f"baton_router_{name} 1.0" in text or f"baton_router_{name} " in text
+        assert 'baton_router_decisions_total{policy="kv_aware",pool="decode"} 1.0' in text
+        assert 'baton_router_decision_latency_seconds_count{step="decision"} 2.0' in text  # decode + prefill
         assert "baton_router_time_to_first_token_seconds_count 1.0" in text
+        assert "baton_router_inter_token_latency_seconds_count 1.0" in text  # 2 tokens: one gap
+        assert "baton_router_e2e_request_latency_seconds_count 1.0" in text
+        assert "baton_router_prefix_index_blocks 0.0" in text
 
 
 async def test_ready_is_503_without_decode_workers(redis_url, model_dir, script) -> None:

@@ -16,9 +16,13 @@ def _record(worker_id: str, pool: str = "decode", model: str = "m") -> WorkerRec
                         model=model, region="r1", capacity=8, block_size=16)
 
 
-class Removed:
+class Listener:
     def __init__(self) -> None:
-        self.ids: list[str] = []
+        self.added: list[str] = []
+        self.ids: list[str] = []  # removed
+
+    def on_worker_added(self, worker_id: str) -> None:
+        self.added.append(worker_id)
 
     def on_worker_removed(self, worker_id: str) -> None:
         self.ids.append(worker_id)
@@ -43,7 +47,7 @@ async def test_registration_heartbeat_and_stop(redis_url: str) -> None:
     loads = iter([WorkerLoad(num_requests_running=i) for i in range(100)])
     reg = WorkerRegistration(redis_url, _record("d0"), lambda: next(loads), interval_s=0.05, ttl_s=1.0)
     registry = WorkerRegistry(redis_url, model="m", poll_interval_s=0.05)
-    removed = Removed()
+    removed = Listener()
     registry.add_listener(removed)
     await reg.start()
     await registry.start()
@@ -57,7 +61,7 @@ async def test_registration_heartbeat_and_stop(redis_url: str) -> None:
         assert 0 < ttl <= 1000
         await reg.stop()
         await asyncio.sleep(0.2)
-        assert registry.workers() == [] and removed.ids == ["d0"]
+        assert registry.workers() == [] and removed.ids == ["d0"] and removed.added == ["d0"]
     finally:
         await registry.stop()
 
@@ -65,7 +69,7 @@ async def test_registration_heartbeat_and_stop(redis_url: str) -> None:
 async def test_worker_that_stops_heartbeating_expires(redis_url: str) -> None:
     reg = WorkerRegistration(redis_url, _record("p0", pool="prefill"), interval_s=0.1, ttl_s=0.4)
     registry = WorkerRegistry(redis_url, poll_interval_s=0.05)
-    removed = Removed()
+    removed = Listener()
     registry.add_listener(removed)
     await reg.start()
     await registry.start()

@@ -1,0 +1,89 @@
+"""Bad input to the router's OpenAI API: every case returns an OpenAI-style JSON error with the
+right status and never a traceback. Workers are gRPC test doubles (test_grpc_decode_double.py)."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.anyio
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+LONG = "word " * 300  # > 256-token context of the test model
+
+CASES = [
+    # (path, raw body or JSON, status, param, message fragment)
+    (CMPL, b"{not json", 400, None, "not valid JSON"),
+    (CMPL, b"[1, 2]", 400, None, "Invalid request body"),
+    (CMPL, {"model": MODEL}, 400, "prompt", "Field required"),
+    (CHAT, {"model": MODEL}, 400, "messages", "Field required"),
+    (CHAT, {"model": MODEL, "messages": []}, 400, "messages", "at least 1"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "'user'"),
+    (CMPL, {"prompt": "x"}, 400, "model", "Field required"),
+    (CMPL, {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "integer"),
+    (CMPL, {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    (CMPL, {"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
+    (CMPL, {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    (CMPL, {"model": MODEL, "prompt": 12}, 400, "prompt", None),
+    (CMPL, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
+    (CMPL, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    (CMPL, {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", "outside the vocabulary"),
+    (CMPL, {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "only n=1"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "only n=1"),
+    (CMPL, {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream"),
+    (CMPL, {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
+    (CHAT, {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "does not exist"),
+    (CMPL, {"model": MODEL, "prompt": LONG}, 400, "prompt", "maximum context length is 256"),
+    (CMPL, {"model": MODEL, "prompt": "hi", "max_tokens": 300}, 400, "max_tokens", "maximum context length"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "prompt", "maximum context"),
+    ("/v1/nothing", {}, 404, None, "Not Found"),
+]
+
+
+async def test_bad_input_gets_openai_errors(redis_url, model_dir) -> None:
+    async with Cluster(redis_url, model_dir, [5, 6, 7]) as c, httpx.AsyncClient(base_url=c.url) as http:
+        for path, body, status, param, fragment in CASES:
+            if isinstance(body, bytes):
+                r = await http.post(path, content=body, headers={"content-type": "application/json"})
+            else:
+                r = await http.post(path, json=body)
+            case = f"{path} {body!r:.60}"
+            assert r.status_code == status, f"{case}: {r.status_code} {r.text}"
+            assert r.headers["content-type"] == "application/json", case
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, case
+            assert error["param"] == param, f"{case}: {error}"
+            assert fragment is None or fragment in error["message"], f"{case}: {error['message']}"
+            assert "Traceback" not in r.text and "File \"" not in r.text, case
+        assert c.decodes[0].requests == [], "no bad request may reach a worker"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_decode_worker_is_503(redis_url, model_dir, stream) -> None:
+    async with Cluster(redis_url, model_dir, [5], decodes=0, prefills=1) as c, \
+            httpx.AsyncClient(base_url=c.url) as http:
+        r = await http.post(CMPL, json={"model": MODEL, "prompt": "x", "stream": stream})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "no_worker_available"
+
+
+async def test_openai_client_raises_typed_errors(redis_url, model_dir) -> None:
+    async with Cluster(redis_url, model_dir, [5]) as c:
+        client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="gpt-9", prompt="x")
+        with pytest.raises(openai.BadRequestError, match="only n=1"):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        await client.close()
+
+
+async def test_ignore_eos_and_sampling_reach_the_worker(redis_url, model_dir) -> None:
+    # aiperf sends ignore_eos; unknown OpenAI fields (frequency_penalty) are accepted and ignored.
+    async with Cluster(redis_url, model_dir, [5, 6]) as c, httpx.AsyncClient(base_url=c.url) as http:
+        r = await http.post(CMPL, json={"model": MODEL, "prompt": "x", "ignore_eos": True, "top_k": 5, "seed": 7,
+                                        "top_p": 0.5, "temperature": 0.7, "frequency_penalty": 0.0})
+        assert r.status_code == 200, r.text
+        s = c.decodes[0].requests[0].sampling
+        assert s.ignore_eos and s.top_k == 5 and s.seed == 7 and s.top_p == pytest.approx(0.5)
+        assert s.temperature == pytest.approx(0.7) and s.max_tokens == 256 - len(c.decodes[0].requests[0].token_ids)
