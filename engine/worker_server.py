@@ -93,6 +93,31 @@ class WorkerRuntime:
         return app
 
 
+async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> None:
+    """Queue depth and KV utilisation for the control plane; routers publish rates and latencies."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from controlplane.signals import SignalPublisher
+
+    s = runtime.settings
+    client = aioredis.Redis.from_url(s.redis_url)
+    publisher = SignalPublisher(client, region=s.region, pool=s.pool, model=s.served_model_name,
+                                source=s.worker_id)
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            stats = runtime.engine.stats()
+            publisher.set_queue_depth(stats.waiting)
+            publisher.set_kv_utilization(stats.blocks.usage)
+            try:
+                await publisher.flush()
+            except (RedisError, OSError) as exc:
+                log.warning("could not publish signals: %s", exc)
+    finally:
+        await client.aclose()
+
+
 async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Server, WorkerRuntime], None]) -> None:
     """Runs a worker until SIGINT/SIGTERM, then stops taking requests, drains in-flight ones and exits."""
     import torch
@@ -129,6 +154,7 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
     print(f"[baton] {settings.pool} worker {settings.worker_id} ready: grpc={record.grpc_address} "
           f"http={record.http_address}", flush=True)
 
+    signals = asyncio.create_task(publish_signals(runtime))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -136,6 +162,7 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
     await stop.wait()
     # Drain: leave the registry first so routers stop sending, then let in-flight requests finish.
     runtime.draining = True
+    signals.cancel()
     await registration.stop()
     await server.stop(grace=settings.drain_timeout_s)
     http.should_exit = True
