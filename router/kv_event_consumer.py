@@ -52,6 +52,8 @@ class KVEventConsumer:
         self._run_id: str | None = None
         self._next_check = 0.0
         self._task: asyncio.Task | None = None
+        # For baton_router_kv_events_lag_seconds: how old the last applied entry's oldest event was
+        # when applied (publisher batching included); 0 once a read finds the stream drained.
         self.lag_seconds = 0.0
         self.entries_applied = 0
         self.blocks_applied = 0
