@@ -2,7 +2,7 @@
 `dynamo._core.RadixTree` fed the same events and queries (skipped, and said so, where it is not installed).
 
 Usage: python bench/routing_index.py [--blocks 133000] [--queries 4000] [--seed 0] [--no-redis]
-Dynamo (bench only): `pip install --no-deps ai-dynamo-runtime uvloop` - its pin pydantic<=2.13.5 clashes with
+Dynamo (bench only): `pip install --no-deps ai-dynamo-runtime` - its pin pydantic<=2.13.5 clashes with
 the kubernetes client's pydantic>=2.14.2, and the RadixTree does not need pydantic.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=133_000, help="(block, worker) entries to index")
     ap.add_argument("--queries", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3, help="absorb runs per index, alternating; the best counts")
+    ap.add_argument("--rounds", type=int, default=5, help="absorb runs per index, alternating; the best counts")
     ap.add_argument("--no-redis", action="store_true", help="skip the end-to-end run through redis-server")
     args = ap.parse_args()
 
