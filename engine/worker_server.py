@@ -31,9 +31,11 @@ class WorkerRuntime:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self.engine = LLMEngine(settings.engine_config())
+        # The publisher's thread may ask for a snapshot at once, so it starts after the engine exists.
         self.events = KVEventPublisher(settings.redis_url, settings.worker_id,
-                                       snapshot_source=lambda: self.engine.block_manager.cached_hashes())
-        self.engine = LLMEngine(settings.engine_config(), events=self.events)
+                                       snapshot_source=self.engine.block_manager.cached_hashes)
+        self.engine.block_manager.events = self.events
         self.aengine = AsyncEngine(self.engine)
         self.transport = create_transport(settings.kv_transport)
         self.transport.register_cache(self.engine.kv_cache)
