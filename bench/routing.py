@@ -1,12 +1,13 @@
 """round_robin vs least_load vs kv_aware on a real local cluster (4 decode workers that prefill locally, one router
 per policy on the same workers and Redis), on two seeded workloads: multi-turn chat and shared system prompts.
 
-Usage: python bench/routing.py [--quick] [--seed 0] [--workers 4] [--concurrency 6]
+Usage: python bench/routing.py [--quick] [--seed 0] [--workers 4] [--concurrency 4] [--repeats 2] [--kv-blocks 384]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -155,9 +156,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: li
 
 
 async def drive(url: str, model: str, streams: list[list[list[int]]], concurrency: int, max_tokens: int,
-                label: str) -> Run:
-    """Closed loop: `concurrency` clients, each taking the next stream and sending its prompts in order."""
-    run, queue = Run(), list(reversed(streams))
+                label: str, run: Run | None = None) -> Run:
+    """Closed loop: `concurrency` clients, each taking the next stream and sending its prompts in order;
+    results are added to `run`."""
+    run, queue = run or Run(), list(reversed(streams))
     bar = tqdm(total=sum(map(len, streams)), desc=label, unit="req", leave=False, file=sys.stderr)
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -169,7 +171,7 @@ async def drive(url: str, model: str, streams: list[list[list[int]]], concurrenc
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    run.wall_s = time.perf_counter() - start
+    run.wall_s += time.perf_counter() - start
     bar.close()
     return run
 
@@ -219,29 +221,46 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def measure_workload(name: str, streams, routers, cluster: LocalCluster, args, shape: Shape) -> dict:
+    """Each repeat runs every policy once on its own relabelled copy of the workload; repeats alternate the
+    policy order, so a change in the load of this shared machine does not favour whoever runs first."""
     oracle = oracle_hit_rate(streams)
+    runs = {policy: Run() for policy in POLICIES}
+    per_worker: dict[str, dict[str, int]] = {policy: {} for policy in POLICIES}
+    computed, cached, drift = dict.fromkeys(POLICIES, 0), dict.fromkeys(POLICIES, 0), dict.fromkeys(POLICIES, 0)
+    for rep in range(args.repeats):
+        for policy in (POLICIES if rep % 2 == 0 else POLICIES[::-1]):
+            salt = (args.seed * 100 + rep) * 10 + POLICIES.index(policy) + (0 if name == "chat" else 5)
+            mine, run = relabel(streams, salt), runs[policy]
+            sent = run.prompt_tokens
+            before = worker_counters(cluster.redis_url)
+            asyncio.run(drive(routers[policy][0], cluster.model_name, mine, args.concurrency, shape.max_tokens,
+                              f"{name}/{policy} #{rep + 1}", run))
+            after = worker_counters(cluster.redis_url)
+            counted = 0
+            for w in after:
+                c, h = after[w][0] - before[w][0], after[w][1] - before[w][1]
+                computed[policy] += c
+                cached[policy] += h
+                counted += c + h
+                per_worker[policy][w] = per_worker[policy].get(w, 0) + c + h
+            # A request preempted mid-prefill (KV pool full) recomputes its partial block and is not
+            # counted as cached again, so the sums may differ by a little; more means broken accounting.
+            drift[policy] += counted - (run.prompt_tokens - sent)
+            if abs(counted - (run.prompt_tokens - sent)) > 0.05 * (run.prompt_tokens - sent):
+                raise BenchError(f"{name}/{policy}: workers counted {counted} prompt tokens, "
+                                 f"the client sent {run.prompt_tokens - sent}")
     rows = {}
-    for i, policy in enumerate(POLICIES):
-        mine = relabel(streams, args.seed * 1000 + i + (0 if name == "chat" else 100))
-        before = worker_counters(cluster.redis_url)
-        run = asyncio.run(drive(routers[policy][0], cluster.model_name, mine, args.concurrency, shape.max_tokens,
-                                f"{name}/{policy}"))
-        after = worker_counters(cluster.redis_url)
-        computed = sum(after[w][0] - before[w][0] for w in after)
-        cached = sum(after[w][1] - before[w][1] for w in after)
-        if computed + cached != run.prompt_tokens:
-            raise BenchError(f"{name}/{policy}: workers counted {computed + cached} prompt tokens, "
-                             f"the client sent {run.prompt_tokens}")
-        per_worker = {w: after[w][0] - before[w][0] + after[w][1] - before[w][1] for w in after}
+    for policy, run in runs.items():
+        hit = cached[policy] / run.prompt_tokens
         rows[policy] = {
-            "requests": len(run.ttft_s), "prompt_tokens": run.prompt_tokens, "prefill_tokens_computed": computed,
-            "cached_tokens": cached, "hit_rate": cached / run.prompt_tokens, "oracle_hit_rate": oracle,
-            "hit_vs_oracle": cached / run.prompt_tokens / oracle if oracle else None,
-            "router_reported_cached": run.reported_cached,
+            "requests": len(run.ttft_s), "prompt_tokens": run.prompt_tokens,
+            "prefill_tokens_computed": computed[policy], "cached_tokens": cached[policy], "hit_rate": hit,
+            "oracle_hit_rate": oracle, "hit_vs_oracle": hit / oracle if oracle else None,
+            "router_reported_cached": run.reported_cached, "counted_minus_sent_tokens": drift[policy],
             "ttft_p50_ms": 1000 * pct(run.ttft_s, 0.5), "ttft_p90_ms": 1000 * pct(run.ttft_s, 0.9),
             "e2e_p50_ms": 1000 * pct(run.e2e_s, 0.5), "wall_s": run.wall_s,
             "requests_per_s": len(run.ttft_s) / run.wall_s, "output_tokens_per_s": run.output_tokens / run.wall_s,
-            "prompt_tokens_per_worker": per_worker, "ttft_ms": [1000 * t for t in run.ttft_s],
+            "prompt_tokens_per_worker": per_worker[policy], "ttft_ms": [1000 * t for t in run.ttft_s],
         }
     return rows
 
@@ -336,12 +355,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default 4; 2 with --quick)")
     ap.add_argument("--concurrency", type=int, default=4, help="clients in the closed loop")
+    ap.add_argument("--kv-blocks", type=int, default=None, help="KV pool per worker in blocks (default 384)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per policy and workload (default 2; 1 quick)")
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS / "routing.json")
     args = ap.parse_args()
     shape = QUICK if args.quick else Shape()
+    if args.kv_blocks is not None:
+        if args.kv_blocks < 64:
+            ap.error("--kv-blocks must be >= 64 (a prompt of the workloads needs up to ~190 blocks)")
+        shape = dataclasses.replace(shape, kv_blocks=args.kv_blocks)
     workers = args.workers or (2 if args.quick else 4)
-    if workers < 1 or args.concurrency < 1:
-        ap.error("--workers and --concurrency must be >= 1")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 2
+    if min(workers, args.concurrency, args.repeats) < 1:
+        ap.error("--workers, --concurrency and --repeats must be >= 1")
 
     from engine.make_model import make_model
 
@@ -391,6 +418,7 @@ def main() -> None:
         "decision_p99_le_1ms": ratios["decision_p99_us"] <= 1000,
     }
     doc = {"quick": args.quick, "seed": args.seed, "workers": workers, "concurrency": args.concurrency,
+           "repeats": args.repeats,
            "model": MODEL, "block_size": BLOCK, "shape": shape.__dict__, "workloads": results,
            "decision_latency": decisions, "ratios": ratios, "targets_met": targets}
     args.out.parent.mkdir(parents=True, exist_ok=True)
