@@ -155,6 +155,7 @@ def start_cluster(setup: Setup, model_dir: Path, run_dir: Path, started: list[Lo
 def measure(setup: Setup, cluster: LocalCluster, aiperf: Path, args, concurrency: int, seed: int, work: Path,
             bar: tqdm) -> dict:
     name = f"{setup.name}-c{concurrency}"
+    load_before = os.getloadavg()[0]
     before = prefill_decisions(cluster.url)
     bar.set_postfix_str(f"{name}: aiperf")
     requests, warmup = counts(args, concurrency)
@@ -162,7 +163,9 @@ def measure(setup: Setup, cluster: LocalCluster, aiperf: Path, args, concurrency
     after = prefill_decisions(cluster.url)
     decodes = after["decode"] - before["decode"]
     result["remote_prefill_share"] = (after["prefill"] - before["prefill"]) / decodes if decodes else 0.0
-    result.update(setup=setup.name, concurrency=concurrency, requests=requests)
+    # Load average over 1 min (ours included): how busy the shared machine was around this measurement.
+    result.update(setup=setup.name, concurrency=concurrency, requests=requests,
+                  loadavg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     # The comparison means nothing if 1p1d prefilled locally or colocated found a prefill worker.
     want = 1.0 if setup.prefill else 0.0
     if abs(result["remote_prefill_share"] - want) > 1e-9:
