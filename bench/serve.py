@@ -105,8 +105,10 @@ def run_aiperf(aiperf: Path, cluster: LocalCluster, args, concurrency: int, requ
            "--num-dataset-entries", str(requests + warmup),
            "--synthetic-input-tokens-mean", str(args.isl), "--synthetic-input-tokens-stddev", "0",
            "--output-tokens-mean", str(args.osl), "--extra-inputs", "ignore_eos:true",
-           "--random-seed", str(seed), "--no-server-metrics", "--no-gpu-telemetry", "--record-processors", "1", "--ui-type", "none", "--artifact-dir", str(artifacts)]
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # set, aiperf reads the path as a hub id
+           "--random-seed", str(seed), "--no-server-metrics", "--no-gpu-telemetry", "--record-processors", "1",
+           "--ui-type", "none", "--artifact-dir", str(artifacts)]
+    # With HF_HUB_OFFLINE=1 aiperf takes the local tokenizer path for a hub id and fails.
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     artifacts.mkdir(parents=True, exist_ok=True)
     with (artifacts / "aiperf.stdout").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=artifacts)
