@@ -182,7 +182,10 @@ def run_plan(plan: list[tuple[int, Setup]], aiperf: Path, model_dir: Path, args,
     once (its numbers only show that the path works)."""
     started: list[LocalCluster] = []
     pool = ThreadPoolExecutor(max_workers=len(plan) + 1)
-    start = lambda c, s: pool.submit(start_cluster, s, model_dir, work / f"{s.name}-c{c}" / "cluster", started)  # noqa: E731
+
+    def start(c: int, s: Setup) -> Future:
+        return pool.submit(start_cluster, s, model_dir, work / f"{s.name}-c{c}" / "cluster", started)
+
     pending = [start(c, s) if args.quick else None for c, s in plan]
     stopping: list[Future] = []
     results = []
