@@ -83,6 +83,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device)
         self.sampler = Sampler(config.seed)
+        # Published checkpoints often pad the embedding past the tokenizer; such ids can never be decoded.
+        self._sample_vocab = min(mc.vocab_size, tokenizer.vocab_size) if tokenizer is not None else mc.vocab_size
         self.eos_token_ids = set(mc.eos_token_ids)
         if tokenizer is not None:
             self.eos_token_ids |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -146,6 +148,8 @@ class LLMEngine:
         if not scheduled:
             return []
         logits = self.runner.run(scheduled)
+        if self._sample_vocab < logits.shape[-1]:
+            logits[:, self._sample_vocab:] = float("-inf")
         sampling = [s for s in scheduled if s.samples]
         tokens, logprobs = self.sampler.sample(logits, [(s.seq.request_id, s.seq.params) for s in sampling])
         for item in scheduled:

@@ -203,3 +203,27 @@ def test_stop_strings_and_text_with_real_tokenizer(tmp_path):
     assert reason == "stop"
     assert "".join(pieces) == text[: text.index(stop)]
     assert_all_free(engine)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(tmp_path):
+    """Checkpoints whose embedding is padded past the tokenizer (common for Qwen) must not emit those ids."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.make_model import make_model
+
+    model_dir = make_model(tmp_path / "padded", arch="qwen2", vocab=512, seed=2)
+    weights = load_file(model_dir / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[name]
+        weights[name] = torch.cat([w, torch.zeros(88, w.shape[1])])
+    weights["lm_head.weight"][590] = 50.0  # the padded id would win every argmax
+    save_file(weights, model_dir / "model.safetensors")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vocab_size"] = 600
+    (model_dir / "config.json").write_text(json.dumps(config))
+    engine = new_engine(str(model_dir))
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.output_ids) == 8 and max(out.output_ids) < 512
