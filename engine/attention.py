@@ -22,10 +22,59 @@ class SeqSlice:
 
 
 @dataclass
+class DecodeBatch:
+    """Requests with exactly one query token this step, packed so that one attention call serves them all.
+
+    Each request's context is gathered into a row padded to the longest one; key_mask hides the padding
+    (and what a sliding window excludes), so a row computes exactly its own request's attention.
+    """
+
+    token_index: torch.Tensor  # [n] int64: where each request's query token sits in the flat batch
+    block_tables: torch.Tensor  # [n, max_blocks] int64, padded with block 0 (masked out)
+    key_mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool: True where the key is attended
+
+
+@dataclass
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset for each new token
-    seqs: list[SeqSlice]
+    seqs: list[SeqSlice]  # requests with several query tokens (prefill chunks), attended one by one
     block_size: int
+    decode: DecodeBatch | None = None
+
+
+def build_batch(
+    queries: list[tuple[int, int, list[int]]], block_size: int, sliding_window: int | None, device
+) -> AttentionBatch:
+    """queries: (first position, query tokens, block table) per request, in flat-batch order."""
+    slots: list[int] = []
+    seqs: list[SeqSlice] = []
+    decode_index: list[int] = []
+    decode_lens: list[int] = []
+    decode_tables: list[list[int]] = []
+    for start, n, table in queries:
+        context_len = start + n
+        used = table[: -(-context_len // block_size)]
+        if n == 1:
+            decode_index.append(len(slots))
+            decode_lens.append(context_len)
+            decode_tables.append(used)
+            slots.append(used[-1] * block_size + start % block_size)
+            continue
+        seqs.append(SeqSlice(len(slots), n, context_len, torch.tensor(used, dtype=torch.long, device=device)))
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, context_len))
+    decode = None
+    if decode_index:
+        width = max(len(t) for t in decode_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device)
+        lens = torch.tensor(decode_lens, dtype=torch.long, device=device)[:, None]
+        k_pos = torch.arange(width * block_size, device=device)[None, :]
+        mask = k_pos < lens
+        if sliding_window is not None:
+            mask &= k_pos >= lens - sliding_window
+        decode = DecodeBatch(torch.tensor(decode_index, dtype=torch.long, device=device), tables,
+                             mask[:, None, None, :])
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+    return AttentionBatch(slot_mapping=slot_mapping, seqs=seqs, block_size=block_size, decode=decode)
 
 
 def allocate_kv_cache(
@@ -40,8 +89,7 @@ def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tenso
     block_size = kv_cache.shape[3]
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
     offsets = slot_mapping % block_size
-    kv_cache[blocks, layer, 0, offsets] = k.to(kv_cache.dtype)
-    kv_cache[blocks, layer, 1, offsets] = v.to(kv_cache.dtype)
+    kv_cache[blocks, layer, :, offsets] = torch.stack((k, v), dim=1).to(kv_cache.dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, context_len: int):
@@ -57,6 +105,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each request's query tokens over its cached context. q: [tokens, heads, head_dim]."""
     out = torch.empty_like(q)
+    if batch.decode is not None:
+        d = batch.decode
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_cache, layer, d)
     for s in batch.seqs:
         k, v = gather_kv(kv_cache, layer, s.block_table, s.context_len)
         qs = q[s.query_start : s.query_start + s.query_len]
@@ -65,11 +116,10 @@ def paged_attention(
         first_pos = s.context_len - s.query_len
         if sliding_window is not None and s.context_len > sliding_window:
             mask = _causal_mask(first_pos, s.query_len, s.context_len, sliding_window, q.device)
-        elif s.query_len > 1:
-            if first_pos == 0:
-                is_causal = True
-            else:
-                mask = _causal_mask(first_pos, s.query_len, s.context_len, None, q.device)
+        elif first_pos == 0:
+            is_causal = True
+        else:
+            mask = _causal_mask(first_pos, s.query_len, s.context_len, None, q.device)
         o = F.scaled_dot_product_attention(
             qs.transpose(0, 1).unsqueeze(0),
             k.to(q.dtype).transpose(0, 1).unsqueeze(0),
@@ -80,6 +130,17 @@ def paged_attention(
         )
         out[s.query_start : s.query_start + s.query_len] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, d: DecodeBatch) -> torch.Tensor:
+    """q: [n, heads, head_dim], one query token per request; returns the same shape."""
+    n, width = d.block_tables.shape
+    keys = kv_cache[d.block_tables, layer, 0]  # [n, width, block_size, H, D]
+    values = kv_cache[d.block_tables, layer, 1]
+    keys = keys.view(n, -1, *keys.shape[-2:]).transpose(1, 2).to(q.dtype)  # [n, H, width * block_size, D]
+    values = values.view(n, -1, *values.shape[-2:]).transpose(1, 2).to(q.dtype)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=d.key_mask, enable_gqa=True)
+    return o.squeeze(2)
 
 
 def _causal_mask(first_pos: int, query_len: int, context_len: int, window: int | None, device) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionBatch, SeqSlice
+from engine.attention import build_batch
 from engine.model import CausalLM
 from engine.scheduler import ScheduledSeq
 
@@ -17,28 +17,18 @@ class ModelRunner:
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Computes every scheduled token; returns logits [n_sampling, vocab] for requests that sample."""
-        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        slices: list[SeqSlice] = []
+        queries: list[tuple[int, int, list[int]]] = []
         logits_indices: list[int] = []
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
-            table = seq.block_table
-            pos = range(start, start + n)
-            slices.append(SeqSlice(
-                query_start=len(ids),
-                query_len=n,
-                context_len=start + n,
-                block_table=torch.tensor(table[: -(-(start + n) // bs)], dtype=torch.long, device=self.device),
-            ))
+            queries.append((start, n, seq.block_table))
             ids.extend(seq.token_ids[start : start + n])
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            positions.extend(range(start, start + n))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
+        batch = build_batch(queries, self.block_size, self.model.config.sliding_window, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        batch = AttentionBatch(slot_mapping=as_tensor(slots), seqs=slices, block_size=bs)
         return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch, as_tensor(logits_indices))
