@@ -148,8 +148,7 @@ class LLMEngine:
         if not scheduled:
             return []
         logits = self.runner.run(scheduled)
-        if self._sample_vocab < logits.shape[-1]:
-            logits[:, self._sample_vocab:] = float("-inf")
+        logits = logits[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
         tokens, logprobs = self.sampler.sample(logits, [(s.seq.request_id, s.seq.params) for s in sampling])
         for item in scheduled:
