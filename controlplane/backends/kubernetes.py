@@ -1,6 +1,7 @@
 """Kubernetes backend: each pool is a Deployment; replicas are read and patched through apps/v1 `scale`."""
 from __future__ import annotations
 
+import os
 import time
 
 from controlplane.backends.base import BackendError, ReplicaCount
@@ -25,8 +26,14 @@ class KubernetesBackend:
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         try:
-            self._api_client = config.new_client_from_config(config_file=kubeconfig, context=kube_context,
-                                                             persist_config=False)
+            if kubeconfig is None and kube_context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+                # Inside a pod with no kubeconfig: the control plane manages its own cluster.
+                in_cluster = client.Configuration()
+                config.load_incluster_config(client_configuration=in_cluster)
+                self._api_client = client.ApiClient(in_cluster)
+            else:
+                self._api_client = config.new_client_from_config(config_file=kubeconfig, context=kube_context,
+                                                                 persist_config=False)
         except (config.ConfigException, OSError) as exc:
             raise BackendError(f"cluster {cluster}: cannot load kubeconfig (context {kube_context!r}): {exc}") from None
         self._api = client.AppsV1Api(self._api_client)
@@ -64,7 +71,7 @@ class KubernetesBackend:
         name = self._name(model, pool)
         scale = self._call(f"read scale of deployment {name}", self._api.read_namespaced_deployment_scale,
                            name, self.namespace)
-        dep = self._call(f"read status of deployment {name}", self._api.read_namespaced_deployment_status,
+        dep = self._call(f"read deployment {name}", self._api.read_namespaced_deployment,
                          name, self.namespace)
         return ReplicaCount(desired=scale.spec.replicas or 0, ready=dep.status.ready_replicas or 0)
 

@@ -1,4 +1,4 @@
-"""KubernetesBackend against a loopback HTTP fake of the apps/v1 Deployment scale/status endpoints.
+"""KubernetesBackend against a loopback HTTP fake of the apps/v1 Deployment and Deployment scale endpoints.
 
 No kube-apiserver can run on this machine, so the fake is the edge: the real `kubernetes` client loads a real
 kubeconfig (two contexts) and makes its real HTTP calls; the fake answers them like the API server would.
@@ -21,7 +21,7 @@ from controlplane.policy import parse_policy
 from controlplane.service import ControlPlane
 from controlplane.signals import SignalPublisher
 
-PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/(scale|status)$")
+PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(?:/(scale))?$")
 
 
 class FakeApiServer:
