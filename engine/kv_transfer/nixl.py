@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -25,7 +26,11 @@ if not os.environ.get("NIXL_LOG_LEVEL"):
 
 _NIXL_ERRORS = tuple(getattr(nixl_api.nixlBind, n) for n in dir(nixl_api.nixlBind)
                      if n.startswith("nixl") and n.endswith("Error"))
-_TAG = "baton-kv1"
+_TAG = b"baton-kv1:"
+
+
+def _note(status: str, transfer_id: str, detail: str) -> bytes:
+    return _TAG + json.dumps({"status": status, "id": transfer_id, "detail": detail}).encode()
 
 
 def _dst_digest(dst_block_ids) -> str:
@@ -104,14 +109,17 @@ class NixlTransport(KVTransport):
                     notifs = {}
             for messages in notifs.values():
                 for message in messages:
-                    self._on_notif(bytes(message).decode(errors="replace"))
+                    self._on_notif(bytes(message))
             time.sleep(self._poll_interval_s)
 
-    def _on_notif(self, message: str) -> None:
-        parts = message.split("|", 3)
-        if len(parts) != 4 or parts[0] != _TAG:
+    def _on_notif(self, message: bytes) -> None:
+        if not message.startswith(_TAG):
             return
-        _, status, transfer_id, detail = parts
+        try:
+            note = json.loads(message[len(_TAG):])
+            status, transfer_id, detail = note["status"], note["id"], note["detail"]
+        except (ValueError, KeyError, TypeError):
+            return
         with self._lock:
             expected = self._expected.get(transfer_id)
         if expected is None:
@@ -147,7 +155,7 @@ class NixlTransport(KVTransport):
         local = [(self._base_addr + s * bn, n * bn, self._dev_id) for s, _, n in runs]
         remote = [(peer_base + d * bn, n * bn, peer_dev) for _, d, n in runs]
         dst_ids = [b for _, d, n in runs for b in range(d, d + n)]
-        notif = f"{_TAG}|ok|{transfer_id}|{_dst_digest(dst_ids)}".encode()
+        notif = _note("ok", transfer_id, _dst_digest(dst_ids))
         with self._agent_lock:
             try:
                 peer_name = self._peer_name(peer)
@@ -180,7 +188,7 @@ class NixlTransport(KVTransport):
                 pass
             if error is not None:
                 try:
-                    self._agent.send_notif(peer_name, f"{_TAG}|failed|{transfer_id}|{error}".encode())
+                    self._agent.send_notif(peer_name, _note("failed", transfer_id, error))
                 except _NIXL_ERRORS:
                     pass  # the receiver still fails by its own timeout
                 self._forget_peer(peer)

@@ -70,12 +70,26 @@ def test_block_runs_coalesce_only_when_both_sides_are_consecutive():
 def test_moves_scattered_blocks_bit_exactly(pair, backend, dtype):
     src, dst = cache(32, dtype, seed=1), cache(48, dtype)
     sender, receiver = pair(backend, src, dst)
-    receiver.expect("req-1", DST)
-    sent = sender.send(receiver.endpoint(), "req-1", SRC, DST, timeout_s=10)
-    got = receiver.wait("req-1", timeout_s=10)
+    tid = "req|1 \"é\""  # ids travel inside wire headers and notifications
+    receiver.expect(tid, DST)
+    sent = sender.send(receiver.endpoint(), tid, SRC, DST, timeout_s=10)
+    got = receiver.wait(tid, timeout_s=10)
     assert sent.ok and got.ok, (sent, got)
     assert sent.nbytes == got.nbytes == len(SRC) * src[0].numel() * src.element_size()
     assert_moved(src, dst, SRC, DST)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moves_blocks_between_cuda_caches(pair, backend):
+    src, dst = cache(32, torch.bfloat16, seed=12).cuda(), cache(48, torch.bfloat16).cuda()
+    sender, receiver = pair(backend, src, dst)
+    receiver.expect("gpu", DST)
+    sent = sender.send(receiver.endpoint(), "gpu", SRC, DST, timeout_s=10)
+    got = receiver.wait("gpu", timeout_s=10)
+    assert sent.ok and got.ok, (sent, got)
+    assert_moved(src.cpu(), dst.cpu(), SRC, DST)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,9 +276,10 @@ else:
 
 
 def _spawn_sender(backend: str, endpoint: bytes, mode: str, shape: tuple[int, ...]) -> subprocess.Popen:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-c", CHILD, backend, endpoint.hex(), mode, ",".join(map(str, shape))],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": path})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,176 @@
+"""KV hand-off time (expect → send → receiver's wait returns) per transport, against plain in-process copies.
+
+Sender and receiver are separate processes; a 5k-token prompt's blocks go to scattered or consecutive blocks.
+Usage: python bench/kv_transfer.py [--tokens 5000] [--reps 5] [--backends tcp,nixl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.kv_transfer import create_transport  # noqa: E402
+
+# [num_layers, 2, block_size, num_kv_heads, head_dim], bfloat16
+GEOMETRIES = {
+    "small (Qwen2.5-0.5B-like)": (24, 2, 16, 2, 64),
+    "large (Llama-3-8B-like)": (32, 2, 16, 8, 128),
+}
+DTYPE = torch.bfloat16
+
+
+def make_cache(num_blocks: int, block: tuple[int, ...]) -> torch.Tensor:
+    cache = torch.empty((num_blocks, *block), dtype=DTYPE)
+    cache.view(torch.int16).random_(-(2 ** 15), 2 ** 15)  # random bits, pages touched before timing
+    return cache
+
+
+def checksum(cache: torch.Tensor, block_ids: list[int]) -> int:
+    return int(cache[block_ids].view(torch.int16).to(torch.int64).sum())
+
+
+def block_ids(layout: str, n: int, num_blocks: int, seed: int) -> tuple[list[int], list[int]]:
+    if layout == "consecutive":
+        return list(range(n)), list(range(num_blocks - n, num_blocks))
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randperm(num_blocks, generator=g)[:n].tolist(),
+            torch.randperm(num_blocks, generator=g)[:n].tolist())
+
+
+def sender_process(conn, backend: str, num_blocks: int, block: tuple[int, ...]) -> None:
+    cache = make_cache(num_blocks, block)
+    transport = create_transport(backend)
+    transport.register_cache(cache)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        endpoint, tid, src, dst = msg
+        result = transport.send(endpoint, tid, src, dst, timeout_s=60)
+        conn.send((result.ok, result.error, checksum(cache, src)))
+    transport.close()
+
+
+LAYOUTS = ("consecutive", "scattered")
+
+
+def time_transport(backend: str, block: tuple[int, ...], num_blocks: int, n: int, reps: int) -> dict[str, dict]:
+    """Per layout: one cold hand-off (connection set-up, first touch of pages), then `reps` timed ones."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=sender_process, args=(child, backend, num_blocks, block), daemon=True)
+    proc.start()
+    receiver = create_transport(backend)
+    dst_cache = torch.zeros((num_blocks, *block), dtype=DTYPE)
+    receiver.register_cache(dst_cache)
+    endpoint = receiver.endpoint()
+    assert parent.recv() == "ready"
+    out = {}
+    try:
+        for layout in LAYOUTS:
+            times = []
+            for rep in range(reps + 1):
+                src, dst = block_ids(layout, n, num_blocks, seed=rep)
+                tid = f"bench-{layout}-{rep}"
+                started = time.perf_counter()
+                receiver.expect(tid, dst)
+                parent.send((endpoint, tid, src, dst))
+                result = receiver.wait(tid, timeout_s=60)
+                times.append(time.perf_counter() - started)
+                sent_ok, sent_error, src_sum = parent.recv()
+                if not (result.ok and sent_ok):
+                    raise RuntimeError(f"{backend} transfer failed: receiver {result.error}, sender {sent_error}")
+                if checksum(dst_cache, dst) != src_sum:
+                    raise RuntimeError(f"{backend} transfer corrupted the blocks")
+            out[layout] = summarize(times)
+    finally:
+        parent.send(None)
+        proc.join(30)
+        receiver.close()
+    return out
+
+
+def time_copies(block: tuple[int, ...], num_blocks: int, n: int, reps: int) -> dict[tuple[str, str], dict]:
+    src_cache, dst_cache = make_cache(num_blocks, block), make_cache(num_blocks, block)
+    nbytes = n * src_cache[0].numel() * src_cache.element_size()
+    flat_src, flat_dst = src_cache.view(-1).view(torch.uint8), dst_cache.view(-1).view(torch.uint8)
+
+    def bulk(src, dst):
+        flat_dst[:nbytes].copy_(flat_src[:nbytes])
+
+    def per_block(src, dst):
+        for s, d in zip(src, dst):
+            dst_cache[d].copy_(src_cache[s])
+
+    # The bulk reference ignores block ids, so it is timed once.
+    methods = [("consecutive", "bulk memcpy (reference)", bulk)] + [
+        (layout, "per-block torch copies", per_block) for layout in LAYOUTS]
+    out = {}
+    for layout, name, fn in methods:
+        times = []
+        for rep in range(reps + 1):
+            src, dst = block_ids(layout, n, num_blocks, seed=rep)
+            started = time.perf_counter()
+            fn(src, dst)
+            times.append(time.perf_counter() - started)
+        out[layout, name] = summarize(times)
+    return out
+
+
+def summarize(times: list[float]) -> dict:
+    return {"cold_s": times[0], "median_s": statistics.median(times[1:]), "best_s": min(times[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--backends", default="tcp,nixl")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kv_transfer.json"))
+    args = parser.parse_args()
+
+    rows = []
+    for geometry, block in GEOMETRIES.items():
+        block_nbytes = torch.empty(block, dtype=DTYPE).nbytes
+        n = -(-args.tokens // block[2])
+        num_blocks = n + n // 2
+        results = time_copies(block, num_blocks, n, args.reps)
+        for backend in args.backends.split(","):
+            for layout, r in time_transport(backend, block, num_blocks, n, args.reps).items():
+                results[layout, f"{backend} (2 processes)"] = r
+        for (layout, method), r in sorted(results.items(), key=lambda kv: LAYOUTS.index(kv[0][0])):
+            rows.append({"geometry": geometry, "layout": layout, "method": method, "blocks": n,
+                         "block_bytes": block_nbytes, "bytes": n * block_nbytes,
+                         "median_ms": r["median_s"] * 1e3, "best_ms": r["best_s"] * 1e3,
+                         "cold_ms": r["cold_s"] * 1e3, "gb_per_s": n * block_nbytes / r["median_s"] / 1e9})
+
+    load = os.getloadavg()
+    print(f"KV hand-off of a {args.tokens}-token prompt, bfloat16, median and best of {args.reps} after one cold "
+          f"run; {os.cpu_count()} CPUs, load average {load[0]:.1f} (other work on the machine adds noise)")
+    print(f"{'geometry':<28}{'layout':<13}{'method':<26}{'MB':>7}{'median ms':>11}{'GB/s':>7}{'best ms':>9}"
+          f"{'cold ms':>9}")
+    for r in rows:
+        print(f"{r['geometry']:<28}{r['layout']:<13}{r['method']:<26}{r['bytes'] / 1e6:>7.1f}"
+              f"{r['median_ms']:>11.2f}{r['gb_per_s']:>7.2f}{r['best_ms']:>9.2f}{r['cold_ms']:>9.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"tokens": args.tokens, "dtype": "bfloat16", "reps": args.reps,
+                                          "cpus": os.cpu_count(), "load_average": load, "rows": rows}, indent=2))
+
+    def pick(geometry: str, method: str) -> dict:
+        return next(r for r in rows if r["geometry"].startswith(geometry) and r["method"].startswith(method)
+                    and r["layout"] == ("consecutive" if method == "bulk" else "scattered"))
+
+    summary = [f"{key}_{g}_ms={pick(g, m)['median_ms']:.2f}" for g in ("small", "large")
+               for key, m in [("memcpy", "bulk"), ("per_block", "per-block")]
+               + [(b, b) for b in args.backends.split(",")]]
+    print("RESULT kv_transfer " + " ".join(summary))
+
+
+if __name__ == "__main__":
+    main()
