@@ -44,11 +44,10 @@ def controlplane(
 
     async def main() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        cp = ControlPlane(pfile, client, backend_options={
-            "local": {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None,
-                      "model_dirs": {m.name: m.model_dir for m in pfile.policy.models
-                                                             if m.model_dir}},
-            "ray": {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None}})
+        # Local and Ray workers run the same command, so both backends get the same options.
+        worker_options = {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None,
+                          "model_dirs": {m.name: m.model_dir for m in pfile.policy.models if m.model_dir}}
+        cp = ControlPlane(pfile, client, backend_options={"local": worker_options, "ray": worker_options})
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
