@@ -207,7 +207,7 @@ class KVTransport(ABC):
         try:
             future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
-            self._finish(transfer_id, False, 0, f"timed out after {timeout_s:g}s waiting for the sender")
+            self._give_up(transfer_id, f"timed out after {timeout_s:g}s waiting for the sender")
         return self._collect(transfer_id)
 
     async def wait_async(self, transfer_id: str, timeout_s: float) -> TransferResult:
@@ -215,15 +215,25 @@ class KVTransport(ABC):
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:
-            self._finish(transfer_id, False, 0, f"timed out after {timeout_s:g}s waiting for the sender")
+            self._give_up(transfer_id, f"timed out after {timeout_s:g}s waiting for the sender")
         return self._collect(transfer_id)
 
     def cancel(self, transfer_id: str) -> bool:
         """Fail and forget transfer_id; an in-flight sender is cut off. True if it had not finished yet."""
-        cancelled = self._finish(transfer_id, False, 0, "cancelled by the receiver")
+        cancelled = self._give_up(transfer_id, "cancelled by the receiver")
         with self._lock:
             self._expected.pop(transfer_id, None)
         return cancelled
+
+    def _give_up(self, transfer_id: str, error: str) -> bool:
+        """Fail a transfer on the receiver's initiative and make sure no more bytes land in its blocks."""
+        settled = self._finish(transfer_id, False, 0, error)
+        if settled:
+            self._abandon(transfer_id)
+        return settled
+
+    def _abandon(self, transfer_id: str) -> None:
+        """Hook: stop writing into transfer_id's blocks before returning (where the backend can)."""
 
     def _expectation(self, transfer_id: str) -> _Expected:
         with self._lock:
@@ -300,7 +310,7 @@ class KVTransport(ABC):
         with self._lock:
             pending = list(self._expected)
         for transfer_id in pending:
-            self._finish(transfer_id, False, 0, f"{self.name} transport closed")
+            self._give_up(transfer_id, f"{self.name} transport closed")
         self._close()
 
     @abstractmethod

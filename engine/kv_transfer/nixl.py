@@ -175,6 +175,8 @@ class NixlTransport(KVTransport):
                 break
             time.sleep(0.0002)
             with self._agent_lock:
+                if self._agent is None:
+                    return "nixl transport closed during the transfer"
                 try:
                     state = self._agent.check_xfer_state(handle)
                 except _NIXL_ERRORS as e:
@@ -182,6 +184,8 @@ class NixlTransport(KVTransport):
         if error is None and state != "DONE":
             error = f"NIXL transfer to {peer_name} failed: {state}"
         with self._agent_lock:
+            if self._agent is None:
+                return error or "nixl transport closed during the transfer"
             try:
                 handle.release()  # aborts the transfer if it is still running
             except _NIXL_ERRORS:

@@ -73,6 +73,8 @@ class TcpTransport(KVTransport):
         self._server: socket.socket | None = None
         self._server_lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        # transfer id -> (its connection, lock held while bytes may still land in its blocks)
+        self._receiving: dict[str, tuple[socket.socket, threading.Lock]] = {}
 
     def _register(self, kv_cache: torch.Tensor) -> None:
         self._blocks = kv_cache.view(torch.uint8).reshape(kv_cache.shape[0], -1)
@@ -148,6 +150,29 @@ class TcpTransport(KVTransport):
         return transfer_id, runs, error
 
     def _receive_runs(self, conn: socket.socket, transfer_id: str, runs: list[tuple[int, int]]) -> None:
+        writing = threading.Lock()
+        with writing:
+            with self._server_lock:
+                self._receiving[transfer_id] = (conn, writing)
+            try:
+                self._write_runs(conn, transfer_id, runs)
+            finally:
+                with self._server_lock:
+                    self._receiving.pop(transfer_id, None)
+
+    def _abandon(self, transfer_id: str) -> None:
+        with self._server_lock:
+            conn, writing = self._receiving.get(transfer_id, (None, None))
+        if conn is None:
+            return
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv_into
+        except OSError:
+            pass
+        if writing.acquire(timeout=self._io_timeout_s):
+            writing.release()
+
+    def _write_runs(self, conn: socket.socket, transfer_id: str, runs: list[tuple[int, int]]) -> None:
         blocks, block_nbytes = self._blocks, self.geometry.block_nbytes
         total = sum(n for _, n in runs) * block_nbytes
         got = 0

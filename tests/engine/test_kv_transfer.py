@@ -231,19 +231,29 @@ def test_tcp_sender_dying_mid_transfer_fails_the_receiver_fast(pair):
 
 
 def test_tcp_cancel_cuts_off_a_sender_mid_stream(pair):
-    _, receiver = pair("tcp", cache(8, seed=9), cache(8))
+    _, receiver = pair("tcp", cache(8, seed=9), dst := cache(8))
     receiver.expect("req", [1, 2])
     block_nbytes = receiver.geometry.block_nbytes
     sock = _raw_tcp_sender(receiver.endpoint(), "req", [1, 2], block_nbytes)
-    sock.sendall(b"\0" * 100)
+    sock.sendall(b"\x11" * 100)
+    deadline = time.monotonic() + 5
+    while dst[1].reshape(-1).view(torch.uint8)[99] != 0x11 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
     assert receiver.cancel("req") is True
+    assert time.monotonic() - started < 2, "cancel() waited for the stalled sender instead of cutting it off"
+    # Once cancel() has returned, nothing more may land in the (now free) destination blocks.
     try:
-        sock.sendall(b"\0" * (2 * block_nbytes - 100))
+        sock.sendall(b"\x22" * (2 * block_nbytes - 100))
         status = sock.recv(4096)
     except ConnectionError:
         status = b""
-    assert status == b"" or b"cancelled" in status
     sock.close()
+    assert status == b"" or b"cancelled" in status
+    time.sleep(0.05)
+    written = dst[1:3].reshape(-1).view(torch.uint8)
+    assert bool((written[:100] == 0x11).all())
+    assert not bool((written[100:] == 0x22).any())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
