@@ -153,6 +153,7 @@ class KVTransport(ABC):
     def __init__(self) -> None:
         self._cache: torch.Tensor | None = None
         self._geometry: CacheGeometry | None = None
+        self._endpoint: bytes | None = None
         self._expected: dict[str, _Expected] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -177,7 +178,9 @@ class KVTransport(ABC):
         """Opaque, versioned descriptor of this receiver (see Endpoint)."""
         if self._closed:
             raise KVTransferError(f"{self.name} transport is closed")
-        return Endpoint(self.name, self.geometry, self._endpoint_params()).to_bytes()
+        if self._endpoint is None:  # fixed once the cache is registered; built once, sent with every request
+            self._endpoint = Endpoint(self.name, self.geometry, self._endpoint_params()).to_bytes()
+        return self._endpoint
 
     @abstractmethod
     def _endpoint_params(self) -> dict[str, Any]:
@@ -281,8 +284,6 @@ class KVTransport(ABC):
         if len(src_block_ids) != len(dst_block_ids):
             raise KVTransferError(
                 f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks")
-        if not src_block_ids:
-            raise KVTransferError("a transfer needs at least one block")
         if not transfer_id or len(transfer_id.encode()) > 255:
             raise KVTransferError("transfer_id must be a non-empty string of at most 255 bytes")
         self.geometry.check_compatible(peer.geometry)

@@ -161,6 +161,12 @@ class NixlTransport(KVTransport):
                 peer_name = self._peer_name(peer)
             except _NIXL_ERRORS as e:
                 return f"NIXL could not reach the receiver's agent {peer.params.get('agent')!r}: {e!r}"
+            if not runs:  # nothing to write (the receiver had every block cached): just tell it so
+                try:
+                    self._agent.send_notif(peer_name, notif)
+                except _NIXL_ERRORS as e:
+                    return f"NIXL could not notify {peer_name}: {e!r}"
+                return None
             try:
                 handle = self._agent.initialize_xfer(
                     "WRITE", self._agent.get_xfer_descs(local, self._mem_type),

@@ -112,6 +112,16 @@ def test_concurrent_transfers_into_one_receiver(pair, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_transfer_completes_on_both_sides(pair, backend):
+    """A prompt whose blocks the decode side already had cached still needs a definite hand-off."""
+    sender, receiver = pair(backend, cache(4, seed=13), cache(4))
+    receiver.expect("cached", [])
+    sent = sender.send(receiver.endpoint(), "cached", [], [], timeout_s=5)
+    got = receiver.wait("cached", timeout_s=5)
+    assert sent.ok and got.ok and got.nbytes == 0, (sent, got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mismatched_geometry_is_a_clear_error(pair, backend):
     sender, receiver = pair(backend, cache(8, seed=3), cache(8, block=(4, 2, 16, 2, 64)))
     receiver.expect("req", [0])
