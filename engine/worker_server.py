@@ -37,7 +37,9 @@ class WorkerRuntime:
                                        snapshot_source=self.engine.block_manager.cached_hashes)
         self.engine.block_manager.events = self.events
         self.aengine = AsyncEngine(self.engine)
-        self.transport = create_transport(settings.kv_transport)
+        # tcp listens where the worker does and advertises the address peers reach it at.
+        options = {"host": settings.host, "advertise_host": settings.public_host} if settings.kv_transport == "tcp" else {}
+        self.transport = create_transport(settings.kv_transport, **options)
         self.transport.register_cache(self.engine.kv_cache)
         self.block_size = settings.block_size
         self.ready = False
