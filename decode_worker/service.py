@@ -113,7 +113,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         finally:
             if not committed:
                 rt.transport.cancel(transfer_id)
-                await asyncio.shield(rt.aengine.call(lambda e: e.abort(rid)))
+                if rt.transport.cancel_stops_writes:
+                    await asyncio.shield(rt.aengine.call(lambda e: e.abort(rid)))
+                else:
+                    # The prefill worker may still be writing; hold the blocks until its send times out.
+                    seq = await asyncio.shield(rt.aengine.call(lambda e: e.detach_remote(rid)))
+                    if seq is not None:
+                        asyncio.get_running_loop().call_later(
+                            rt.settings.transfer_timeout_s + 5,
+                            lambda: asyncio.ensure_future(rt.aengine.call(lambda e: e.free_detached(seq))))
 
     async def _abort_prefill(self, address: str, rid: str) -> None:
         try:

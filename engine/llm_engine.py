@@ -263,6 +263,14 @@ class LLMEngine:
         self.scheduler.add_running(seq)
         return self._append_token(seq, first_token, first_logprob)
 
+    def detach_remote(self, request_id: str) -> Sequence | None:
+        """Forgets a pending remote request but keeps its blocks, for a transport that may still write
+        into them; free_detached() returns them once no write can arrive any more."""
+        return self._pending_remote.pop(request_id, None)
+
+    def free_detached(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+
     # ---- introspection -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -149,6 +149,9 @@ class KVTransport(ABC):
     """
 
     name: ClassVar[str]
+    # False where a sender writes one-sided (RDMA): after cancel() bytes may still land until the sender's
+    # own timeout, so the receiver must not reuse the destination blocks before then.
+    cancel_stops_writes: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._cache: torch.Tensor | None = None

@@ -50,6 +50,7 @@ class NixlTransport(KVTransport):
     """
 
     name = "nixl"
+    cancel_stops_writes = False
 
     def __init__(self, agent_name: str | None = None, backends: tuple[str, ...] = ("UCX",),
                  poll_interval_s: float = 0.0005) -> None:

@@ -227,3 +227,15 @@ def test_ids_past_the_tokenizer_are_never_sampled(tmp_path):
     engine = new_engine(str(model_dir))
     out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert len(out.output_ids) == 8 and max(out.output_ids) < 512
+
+
+def test_detached_remote_blocks_stay_held_until_freed(model_dir):
+    """For one-sided transports a failed hand-off keeps its blocks (a late write must not hit reused ones)."""
+    engine = new_engine(model_dir)
+    reservation = engine.reserve_remote("x", prompts_of([70])[0], GREEDY)
+    seq = engine.detach_remote("x")
+    assert engine.stats().blocks.in_use == len(reservation.block_ids)
+    engine.reserve_remote("x", prompts_of([70])[0], GREEDY)  # the id is free for a retry meanwhile
+    assert engine.abort("x")
+    engine.free_detached(seq)
+    assert_all_free(engine)
