@@ -29,6 +29,6 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-        batch = build_batch(queries, self.block_size, self.model.config.sliding_window, self.device)
+        batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch, as_tensor(logits_indices))
