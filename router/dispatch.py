@@ -87,8 +87,13 @@ class Dispatcher:
         excluded_prefill: set[str] = set()
         emitted = False
         last_error = "no attempt made"
-        for _attempt in range(self._config.max_attempts):
-            route = self.route(routing_request, excluded_decode, excluded_prefill)
+        for attempt in range(self._config.max_attempts):
+            try:
+                route = self.route(routing_request, excluded_decode, excluded_prefill)
+            except NoWorkerAvailable as exc:
+                if attempt == 0:
+                    raise
+                raise NoWorkerAvailable(f"{exc} to retry on; last error: {last_error}") from None
             decode = route.decode.worker
             request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
                                                kv_transport=self._config.kv_transport)

@@ -89,6 +89,18 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def stop_task(task: asyncio.Task | None, timeout_s: float = 2.0) -> None:
+    """Cancels a background loop and waits a bounded time. The loops also check a stop flag,
+    because a cancellation that lands inside a Redis call can be absorbed there (seen in tests
+    as a heartbeat that never stopped), and shutdown must never hang on that."""
+    if task is None:
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("background task %s did not stop within %.1fs", task.get_name(), timeout_s)
+
+
 class WorkerRegistration:
     """Worker side: keeps this worker's hash alive in Redis until stop() deletes it."""
 
@@ -109,6 +121,7 @@ class WorkerRegistration:
         self._ttl_ms = int(ttl_s * 1000)
         self._redis = aioredis.Redis.from_url(redis_url)
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def heartbeat(self) -> None:
         load = self._load() if self._load else self.record.load
@@ -124,7 +137,7 @@ class WorkerRegistration:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.record.worker_id}")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.heartbeat()
@@ -133,10 +146,9 @@ class WorkerRegistration:
                 log.warning("heartbeat of %s failed: %s", self.record.worker_id, exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._stopping = True
+        await stop_task(self._task)
+        self._task = None
         try:
             await self._redis.delete(self.record.key)
         except (RedisError, OSError) as exc:
@@ -170,6 +182,7 @@ class WorkerRegistry:
         self._task: asyncio.Task | None = None
         self.connected = False  # the last scan reached Redis
         self._bad_keys: set[str] = set()
+        self._stopping = False
 
     def add_listener(self, listener: RegistryListener) -> None:
         self._listeners.append(listener)
@@ -221,7 +234,7 @@ class WorkerRegistry:
         self._task = asyncio.create_task(self._run(), name="worker-registry")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._poll_interval_s)
             try:
                 await self.refresh()
@@ -232,8 +245,7 @@ class WorkerRegistry:
                 self.connected = False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._stopping = True
+        await stop_task(self._task)
+        self._task = None
         await self._redis.aclose()

@@ -17,7 +17,7 @@ from router.http_server import create_app
 from router.kv_event_consumer import KVEventConsumer
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
-from router.registry import WorkerRegistry
+from router.registry import WorkerRegistry, stop_task
 from router.service import RouterService
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,8 @@ class Router:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.service.dispatcher.close()
-        if self._kv_events_task is not None:
-            self._kv_events_task.cancel()
-            await asyncio.gather(self._kv_events_task, return_exceptions=True)
-        await self.kv_events.stop()
+        await stop_task(self._kv_events_task)
+        await asyncio.wait({asyncio.create_task(self.kv_events.stop())}, timeout=5.0)
         await self.registry.stop()
 
     async def serve_forever(self) -> None:

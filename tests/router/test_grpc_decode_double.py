@@ -47,6 +47,7 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
         self.script = script
         self.token_delay_s = token_delay_s
         self.die_after = die_after
+        self.out_of_capacity = False
         self.requests: list[worker_pb2.DecodeRequest] = []
         self.prefill_calls: list[str] = []  # prefill worker ids called, in order
         self.cancelled: list[str] = []
@@ -74,6 +75,10 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def Generate(self, request, context):
         self.requests.append(request)
+        if self.out_of_capacity:
+            yield worker_pb2.DecodeChunk(error=Err(kind=Err.KIND_OUT_OF_CAPACITY, message="no free blocks",
+                                                   retryable=True))
+            return
         n = len(request.token_ids)
         stats = worker_pb2.PrefillStats(computed_tokens=n)
         if request.HasField("prefill"):

@@ -13,6 +13,7 @@ from proto.baton.v1 import inference_pb2, inference_pb2_grpc
 from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.anyio
+
 pb = inference_pb2
 
 

@@ -9,6 +9,7 @@ import pytest
 from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.anyio
+
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 LONG = "word " * 300  # > 256-token context of the test model
 

@@ -120,3 +120,11 @@ async def test_all_prefill_workers_dead_falls_back_to_local_prefill(redis_url, m
         attempts = c.decodes[0].requests
         assert {a.prefill.worker_id for a in attempts[:2]} == {"p-dead0", "p-dead1"}
         assert not attempts[-1].HasField("prefill"), "with no prefill worker left, D prefills locally"
+
+
+async def test_out_of_capacity_with_no_other_decode_worker_is_503(redis_url, model_dir, script) -> None:
+    async with Cluster(redis_url, model_dir, script) as c, httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+        c.decodes[0].out_of_capacity = True
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 503, r.text
+        assert "KIND_OUT_OF_CAPACITY" in r.json()["error"]["message"]

@@ -67,15 +67,15 @@ async def test_registration_heartbeat_and_stop(redis_url: str) -> None:
 
 
 async def test_worker_that_stops_heartbeating_expires(redis_url: str) -> None:
+    # One heartbeat and no loop: a worker that registered and then hung or was SIGKILLed.
     reg = WorkerRegistration(redis_url, _record("p0", pool="prefill"), interval_s=0.1, ttl_s=0.4)
     registry = WorkerRegistry(redis_url, poll_interval_s=0.05)
     removed = Listener()
     registry.add_listener(removed)
-    await reg.start()
+    await reg.heartbeat()
     await registry.start()
     try:
         assert registry.get("p0") is not None
-        reg._task.cancel()  # simulate a hung worker: no more heartbeats, key left to its TTL
         await asyncio.sleep(0.8)
         assert registry.get("p0") is None and removed.ids == ["p0"]
     finally:
