@@ -107,6 +107,8 @@ def _describe(exc: ValidationError, file_values: dict, env_values: dict, flags: 
             source = f"env BATON_ROUTER_{key.upper()}"
         elif key in file_values:
             source = str(yaml_file)
+        elif err["type"] == "missing":
+            source = f"not given: pass --{key.replace('_', '-')}, env BATON_ROUTER_{key.upper()} or YAML"
         else:
             source = "default"
         lines.append(f"router config field '{field}' ({source}): {err['msg']}")

@@ -122,11 +122,11 @@ class RouterService:
                 if chunk.token_ids:
                     if last_token_at is None:
                         self.metrics.ttft.observe(now - start)
-                        extra = len(chunk.token_ids) - 1
                     else:
-                        extra = len(chunk.token_ids)
-                    for _ in range(extra):
-                        self.metrics.itl.observe((now - (last_token_at or start)) / max(1, len(chunk.token_ids)))
+                        # Tokens batched into one chunk share the gap, as they came from one step each.
+                        gap = (now - last_token_at) / len(chunk.token_ids)
+                        for _ in chunk.token_ids:
+                            self.metrics.itl.observe(gap)
                     last_token_at = now
                 delta = TextDelta(text="")
                 finish = FINISH_NAMES.get(chunk.finish_reason)

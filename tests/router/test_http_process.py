@@ -79,3 +79,5 @@ def test_config_precedence_flags_env_yaml(model_dir, tmp_path, monkeypatch) -> N
     monkeypatch.delenv("BATON_ROUTER_POLICY")
     with pytest.raises(ConfigError, match="unknown_field"):
         RouterConfig.load(None, model=str(model_dir), unknown_field=1)
+    with pytest.raises(ConfigError, match="'model' .not given: pass --model, env BATON_ROUTER_MODEL"):
+        RouterConfig.load(None)
