@@ -58,6 +58,7 @@ class EngineStats:
     prefill_tokens_cached: int
     generated_tokens: int
     preemptions: int
+    queued_prefill_tokens: int  # prompt tokens admitted but not yet computed
 
 
 class LLMEngine:
@@ -273,6 +274,8 @@ class LLMEngine:
 
     # ---- introspection -------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        # Copies first: stats() is also read from other threads while the engine thread steps.
+        queued = list(self.scheduler.waiting) + list(self.scheduler.running)
         return EngineStats(
             blocks=self.block_manager.stats(),
             running=len(self.scheduler.running),
@@ -283,6 +286,7 @@ class LLMEngine:
             prefill_tokens_cached=self._prefill_cached,
             generated_tokens=self._generated,
             preemptions=self.scheduler.num_preemptions,
+            queued_prefill_tokens=sum(max(0, q.num_prompt_tokens - q.num_computed_tokens) for q in queued),
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:

@@ -50,7 +50,7 @@ class WorkerRuntime:
         s = self.engine.stats()
         return WorkerLoad(num_requests_running=s.running + s.prefilled + s.pending_remote,
                           num_requests_waiting=s.waiting, kv_blocks_used=s.blocks.in_use,
-                          kv_blocks_total=s.blocks.total)
+                          kv_blocks_total=s.blocks.total, queued_prefill_tokens=s.queued_prefill_tokens)
 
     def worker_stats(self) -> worker_pb2.WorkerStats:
         s = self.engine.stats()

@@ -13,6 +13,7 @@ import grpc
 from engine.block_hash import hash_blocks
 from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
+from router.inflight import InFlight
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerRecord, WorkerRegistry
@@ -52,6 +53,7 @@ class Dispatcher:
         routing = config.routing()
         self._policy = make_policy(routing, index, timing=self._time_step)
         self._decider = ConditionalDisaggregation(routing.local_prefill_threshold_tokens)
+        self.inflight = InFlight()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect_until: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
@@ -67,7 +69,7 @@ class Dispatcher:
         now = time.monotonic()
         excluded = {"decode": excluded_decode, "prefill": excluded_prefill}
         # A worker that refused a connection stays in Redis until its TTL runs out; skip it until then.
-        workers = [worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now)
+        workers = [self.inflight.adjust(worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now))
                    for w in self._registry.workers() if w.worker_id not in excluded[w.pool]]
         route = select_route(self._policy, self._decider, request, workers)
         for selection in (route.decode, route.prefill):
@@ -104,6 +106,7 @@ class Dispatcher:
             stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(decode.address))
             call = stub.Generate(request, timeout=self._config.request_timeout_s)
             finished = False
+            ticket = self.inflight.start(route, routing_request.prompt_tokens)
             try:
                 async for chunk in call:
                     if chunk.HasField("error"):
@@ -119,7 +122,9 @@ class Dispatcher:
                         log.warning("request %s: %s; retrying", request_id, last_error)
                         finished = True  # D ended this attempt itself; nothing to abort
                         break
-                    emitted = emitted or len(chunk.token_ids) > 0
+                    if chunk.token_ids and not emitted:
+                        emitted = True
+                        self.inflight.prefilled(ticket)
                     if chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
                         finished = True
                     yield chunk
@@ -137,6 +142,7 @@ class Dispatcher:
                 excluded_decode.add(decode.worker_id)
                 log.warning("request %s: %s; retrying", request_id, last_error)
             finally:
+                self.inflight.end(ticket)
                 if not finished:
                     # Client went away (generator closed or task cancelled): stop D and tell it to abort.
                     call.cancel()

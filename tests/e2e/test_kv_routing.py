@@ -132,8 +132,6 @@ def test_redis_restart_rebuilds_index(cluster, own_redis):
     assert_follow_ups_go_to_holders(cluster, rng, placed)
 
 
-@pytest.mark.xfail(strict=True, reason="router herds a burst onto the holder of a short shared prefix: worker load "
-                   "comes only from 2 s heartbeats and the router does not count its own in-flight assignments")
 def test_burst_sharing_a_short_prefix_spreads_over_workers(cluster):
     """Eight concurrent requests share an 8-block prefix that one worker holds, but each brings 400 new tokens:
     recomputing 128 tokens elsewhere is cheaper than queueing behind seven 400-token prefills, so the other
