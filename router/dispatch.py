@@ -14,6 +14,7 @@ from engine.block_hash import hash_blocks
 from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from router.config import RouterConfig
 from router.inflight import InFlight
+from router.traffic import Traffic
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerRecord, WorkerRegistry
@@ -46,7 +47,7 @@ def worker_state(record: WorkerRecord, healthy: bool = True) -> WorkerState:
 
 class Dispatcher:
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics,
-                 index: PrefixIndex | None = None) -> None:
+                 index: PrefixIndex | None = None, traffic: Traffic | None = None) -> None:
         self._config = config
         self._registry = registry
         self._metrics = metrics
@@ -54,6 +55,7 @@ class Dispatcher:
         self._policy = make_policy(routing, index, timing=self._time_step)
         self._decider = ConditionalDisaggregation(routing.local_prefill_threshold_tokens)
         self.inflight = InFlight()
+        self.traffic = traffic
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._suspect_until: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
@@ -70,7 +72,7 @@ class Dispatcher:
         excluded = {"decode": excluded_decode, "prefill": excluded_prefill}
         # A worker that refused a connection stays in Redis until its TTL runs out; skip it until then.
         workers = [self.inflight.adjust(worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now))
-                   for w in self._registry.workers() if w.worker_id not in excluded[w.pool]]
+                   for w in self._in_region(self._registry.workers()) if w.worker_id not in excluded[w.pool]]
         route = select_route(self._policy, self._decider, request, workers)
         for selection in (route.decode, route.prefill):
             if selection is not None:
@@ -78,6 +80,17 @@ class Dispatcher:
         if request.prompt_tokens:
             self._metrics.predicted_hit_ratio.observe(route.decode.predicted_cached_tokens / request.prompt_tokens)
         return route
+
+    def _in_region(self, workers: list[WorkerRecord]) -> list[WorkerRecord]:
+        """Workers of this router's region, or of the region the control plane spills this request to;
+        all workers when neither has a decode worker (a single-region deployment never filters)."""
+        if self.traffic is None:
+            return workers
+        for region in dict.fromkeys((self.traffic.target_region(), self.traffic.region)):
+            chosen = [w for w in workers if w.region == region]
+            if any(w.pool == "decode" for w in chosen):
+                return chosen
+        return workers
 
     # -- streaming --------------------------------------------------------------------------
     async def generate(self, request_id: str, token_ids: list[int],

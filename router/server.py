@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 
 import grpc
 import uvicorn
@@ -19,6 +21,7 @@ from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerRegistry, stop_task
 from router.service import RouterService
+from router.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,9 @@ class Router:
         self.registry.add_listener(self.kv_events)
         self.metrics.prefix_index_blocks.set_function(lambda: self.index.num_entries)
         self.metrics.kv_events_lag.set_function(lambda: self.kv_events.lag_seconds)
-        self.service = RouterService(config, tokenizer, self.registry, self.metrics, self.index)
+        self.traffic = Traffic(config.redis_url, config.region, config.model_name,
+                               source=f"router-{socket.gethostname()}-{os.getpid()}")
+        self.service = RouterService(config, tokenizer, self.registry, self.metrics, self.index, self.traffic)
         self._kv_events_task: asyncio.Task | None = None
         self.app = create_app(self.service)
         self._http = _EmbeddedUvicorn(uvicorn.Config(self.app, host=config.host, port=config.http_port,
@@ -71,6 +76,7 @@ class Router:
 
     async def start(self) -> None:
         await self.registry.start()
+        self.traffic.start()
         self._kv_events_task = asyncio.create_task(self._start_kv_events(), name="kv-events-start")
         if self.config.grpc_port:
             self._grpc = grpc.aio.server()
@@ -101,6 +107,7 @@ class Router:
         await self.service.dispatcher.close()
         await stop_task(self._kv_events_task)
         await asyncio.wait({asyncio.create_task(self.kv_events.stop())}, timeout=5.0)
+        await self.traffic.stop()
         await self.registry.stop()
 
     async def serve_forever(self) -> None:

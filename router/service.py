@@ -15,6 +15,7 @@ from router.metrics import RouterMetrics
 from router.openai_protocol import APIError
 from router.prefix_index import PrefixIndex
 from router.registry import WorkerRegistry
+from router.traffic import Traffic
 from router.selection import NoWorkerAvailable
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,13 @@ class TextDelta:
 
 class RouterService:
     def __init__(self, config: RouterConfig, tokenizer, registry: WorkerRegistry, metrics: RouterMetrics,
-                 index: PrefixIndex | None = None) -> None:
+                 index: PrefixIndex | None = None, traffic: Traffic | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.registry = registry
         self.metrics = metrics
-        self.dispatcher = Dispatcher(config, registry, metrics, index)
+        self.traffic = traffic
+        self.dispatcher = Dispatcher(config, registry, metrics, index, traffic)
         self.model_name = config.model_name
         self.max_model_len = config.context_length()
         self.vocab_size = tokenizer.vocab_size
@@ -120,13 +122,18 @@ class RouterService:
                 if chunk.HasField("prefill"):
                     cached = chunk.prefill.cached_tokens
                 if chunk.token_ids:
+                    gap = None
                     if last_token_at is None:
                         self.metrics.ttft.observe(now - start)
+                        if self.traffic is not None:
+                            self.traffic.first_token(len(prepared.prompt_ids), now - start)
                     else:
                         # Tokens batched into one chunk share the gap, as they came from one step each.
                         gap = (now - last_token_at) / len(chunk.token_ids)
                         for _ in chunk.token_ids:
                             self.metrics.itl.observe(gap)
+                    if self.traffic is not None:
+                        self.traffic.tokens(len(chunk.token_ids), gap)
                     last_token_at = now
                 delta = TextDelta(text="")
                 finish = FINISH_NAMES.get(chunk.finish_reason)
