@@ -63,6 +63,8 @@ class UpOptions:
     run_dir: pathlib.Path | None = None
     ready_timeout_s: float = 180.0
     extra_worker_args: list[str] = field(default_factory=list)
+    # Policy fields to override, e.g. {"tick_s": 1, "decode": {"capacity_tokens_per_s": 30}}.
+    policy_overrides: dict = field(default_factory=dict)
 
 
 class LocalCluster:
@@ -146,6 +148,11 @@ class LocalCluster:
                 }},
             }],
         }
+        over = dict(o.policy_overrides)
+        pools = doc["models"][0]["regions"]["local"]
+        for name in ("prefill", "decode"):
+            pools[name].update(over.pop(name, {}))
+        doc.update(over)
         path = self.run_dir / "policy.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path

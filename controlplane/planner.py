@@ -146,7 +146,7 @@ class Planner:
                 reason = f"idle for {idle_for:.0f}s >= idle_timeout_s {pol.idle_timeout_s:.0f}; scale to zero"
                 return self._commit(st, key, now, current, 0, reason, proposals, ["idle"], inputs)
             raw = max(raw, 1 if current > 0 else 0)
-        if current == 0 and raw > 0:
+        if current == 0 and raw > 0 and pol.max_replicas > 0:
             # Cold start: requests are waiting on nothing, so skip stabilisation and cooldown.
             desired = rm.clamp(rm.step_limit(current, raw, pol.scale_up, pol.scale_down), 1, pol.max_replicas)
             desired = max(desired, pol.min_replicas)
