@@ -19,6 +19,7 @@ def controlplane(
     insecure: bool = typer.Option(False, "--insecure", help="serve the admin API without a token"),
     worker_log_dir: pathlib.Path = typer.Option(None, "--worker-log-dir", envvar="BATON_CONTROLPLANE_WORKER_LOG_DIR",
                                                 help="where local-backend workers write their logs"),
+    log_json: bool = typer.Option(False, "--log-json", help="structured JSON logs"),
 ) -> None:
     """Run the global control plane: signals -> policy -> replicas, with its admin API."""
     import asyncio
@@ -40,7 +41,9 @@ def controlplane(
     except PolicyError as exc:
         typer.echo("\n".join(exc.errors), err=True)
         raise typer.Exit(1) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from engine.logs import setup_logging
+
+    setup_logging(log_json)
 
     async def main() -> None:
         client = aioredis.Redis.from_url(redis_url)

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default 16)"),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file with router settings"),
         log_level: str = typer.Option("info", help="logging level"),
+        log_json: bool = typer.Option(False, "--log-json", help="structured JSON logs"),
     ) -> None:
         """Run the router: OpenAI HTTP API + gRPC Inference, routing to workers found in Redis."""
         import asyncio
@@ -32,7 +33,9 @@ def register(app: typer.Typer) -> None:
 
         from router.config import ConfigError, RouterConfig
 
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from engine.logs import setup_logging
+
+        setup_logging(log_json, level=getattr(logging, log_level.upper(), logging.INFO))
         try:
             cfg = RouterConfig.load(
                 config, model=model, served_model_name=served_model_name, host=host, http_port=http_port,

@@ -110,6 +110,12 @@ class Dispatcher:
                     raise
                 raise NoWorkerAvailable(f"{exc} to retry on; last error: {last_error}") from None
             decode = route.decode.worker
+            log.info("request %s -> decode %s, prefill %s (%s; %d of %d prompt tokens cached on decode)",
+                     request_id, decode.worker_id, route.prefill.worker.worker_id if route.prefill else "local",
+                     route.decode.policy, route.decode.predicted_cached_tokens, routing_request.prompt_tokens,
+                     extra={"request_id": request_id, "decode_worker": decode.worker_id,
+                            "prefill_worker": route.prefill.worker.worker_id if route.prefill else None,
+                            "policy": route.decode.policy, "attempt": attempt})
             request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
                                                kv_transport=self._config.kv_transport)
             prefill = route.prefill.worker if route.prefill is not None else None

@@ -214,3 +214,19 @@ def test_metrics_of_every_component_after_traffic(client, cluster_1p1d):
     cp = _samples(httpx.get(f"http://127.0.0.1:{cluster_1p1d.opts.controlplane_port}/metrics", timeout=5).text)
     assert _total(cp, "baton_controlplane_desired_replicas") >= 2  # 1 prefill + 1 decode
     assert _total(cp, "baton_controlplane_actual_replicas") >= 2
+
+
+def test_request_id_follows_the_request_through_every_log(client, cluster_1p1d):
+    resp = client.completions.create(model=cluster_1p1d.model_name, prompt=LONG, max_tokens=4,
+                                     extra_body={"ignore_eos": True})
+    rid = resp.id
+    logs = {p.name: p for p in cluster_1p1d.run_dir.glob("*.log")}
+
+    def mentions(name_part):
+        return any(rid in p.read_text() for n, p in logs.items() if name_part in n)
+
+    deadline = time.monotonic() + 10
+    while not (mentions("router") and mentions("prefill") and mentions("decode")):
+        assert time.monotonic() < deadline, f"{rid} missing from some of {sorted(logs)}"
+        time.sleep(0.2)
+
