@@ -1,8 +1,6 @@
 """Structured logs: one JSON object per line, with the request id and other extras as fields."""
 from __future__ import annotations
 
-
-
 import json as jsonlib
 import logging
 
