@@ -7,7 +7,6 @@ Usage: python bench/engine_cpu.py [--quick] [--batch-sizes 1,16] [--new-tokens 6
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.make_model import make_model  # noqa: E402
@@ -187,13 +187,10 @@ def main() -> None:
     summary[f"ttft{p}_ratio"] = round(ttft_row["baton"]["ttft_ms"] / ttft_row["hf"]["ttft_ms"], 3)
     summary["same_tokens"] = all(r["same_tokens"] for r in rows)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    emit("engine_cpu", summary, {
         "model": {**shape, "params": params}, "dtype": "float32", "threads": threads, "cpus": os.cpu_count(),
         "load_average": load, "repeats": args.repeats, "transformers": transformers.__version__,
-        "torch": torch.__version__, "quick": args.quick, "rows": rows, "summary": summary}, indent=2) + "\n")
-    print("RESULT engine_cpu " + " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                          for k, v in summary.items()))
+        "torch": torch.__version__, "quick": args.quick, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

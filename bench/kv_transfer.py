@@ -6,7 +6,6 @@ Usage: python bench/kv_transfer.py [--tokens 5000] [--reps 5] [--backends tcp,ni
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 from engine.kv_transfer import create_transport  # noqa: E402
 
 # [num_layers, 2, block_size, num_kv_heads, head_dim], bfloat16
@@ -158,18 +158,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['geometry']:<28}{r['layout']:<13}{r['method']:<26}{r['bytes'] / 1e6:>7.1f}"
               f"{r['median_ms']:>11.2f}{r['gb_per_s']:>7.2f}{r['best_ms']:>9.2f}{r['cold_ms']:>9.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"tokens": args.tokens, "dtype": "bfloat16", "reps": args.reps,
-                                          "cpus": os.cpu_count(), "load_average": load, "rows": rows}, indent=2))
-
     def pick(geometry: str, method: str) -> dict:
         return next(r for r in rows if r["geometry"].startswith(geometry) and r["method"].startswith(method)
                     and r["layout"] == ("consecutive" if method == "bulk" else "scattered"))
 
-    summary = [f"{key}_{g}_ms={pick(g, m)['median_ms']:.2f}" for g in ("small", "large")
-               for key, m in [("memcpy", "bulk"), ("per_block", "per-block")]
-               + [(b, b) for b in args.backends.split(",")]]
-    print("RESULT kv_transfer " + " ".join(summary))
+    headline = {f"{key}_{g}_ms": round(pick(g, m)["median_ms"], 2) for g in ("small", "large")
+                for key, m in [("memcpy", "bulk"), ("per_block", "per-block")]
+                + [(b, b) for b in args.backends.split(",")]}
+    emit("kv_transfer", headline, {"tokens": args.tokens, "dtype": "bfloat16", "reps": args.reps,
+                                   "cpus": os.cpu_count(), "load_average": load, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import redis
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 from bench.routing_index import build_workload, ours_absorb, percentiles  # noqa: E402
 from controlplane.local_cluster import LocalCluster, UpOptions, free_port  # noqa: E402
 from engine.block_hash import hash_blocks  # noqa: E402
@@ -421,13 +422,11 @@ def main() -> None:
            "repeats": args.repeats,
            "model": MODEL, "block_size": BLOCK, "shape": shape.__dict__, "workloads": results,
            "decision_latency": decisions, "ratios": ratios, "targets_met": targets}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2))
     png = args.out.with_name(args.out.stem + "_ttft_cdf.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(results, png)
     print(f"wrote {args.out} and {png}; targets met: {targets}")
-    print("RESULT routing " + " ".join(f"{k}={v:.3g}" for k, v in ratios.items())
-          + " " + " ".join(f"{k}={v}" for k, v in targets.items()))
+    emit("routing", {**{k: round(v, 4) for k, v in ratios.items()}, **targets}, doc, args.out)
 
 
 if __name__ == "__main__":

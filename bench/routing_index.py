@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import emit  # noqa: E402
 from engine.kv_events import KVEvent, KVEventPublisher  # noqa: E402
 from router.kv_event_consumer import KVEventConsumer  # noqa: E402
 from router.prefix_index import PrefixIndex  # noqa: E402
@@ -282,9 +283,6 @@ def main() -> None:
               "mean_query_blocks": mean_q, "block_size": BLOCK_SIZE, "event_blocks": EVENT_BLOCKS,
               "indexes": rows, "end_to_end_blocks_per_s": e2e, "publisher_call_ns": call_ns, "python": platform.python_version(),
               "machine": platform.processor() or platform.machine()}
-    out = Path(__file__).resolve().parent / "results" / "routing_index.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     kv = {"find_p50_us": ours["find_matches"]["p50_us"], "find_p99_us": ours["find_matches"]["p99_us"],
           "decision_p50_us": ours["decision"]["p50_us"], "decision_p99_us": ours["decision"]["p99_us"],
           "route_p50_us": ours["route"]["p50_us"], "route_p99_us": ours["route"]["p99_us"],
@@ -298,7 +296,7 @@ def main() -> None:
                    "absorb_speedup_vs_dynamo": ours["absorb_blocks_per_s"] / dyn["absorb_blocks_per_s"]})
     if e2e is not None:
         kv.update({"e2e_blocks_per_s": e2e, "publisher_call_ns": call_ns})
-    print("RESULT routing_index " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in kv.items()))
+    emit("routing_index", {k: round(v, 3) if isinstance(v, float) else v for k, v in kv.items()}, result)
 
 
 if __name__ == "__main__":

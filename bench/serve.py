@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.report import emit  # noqa: E402
 from controlplane.local_cluster import LocalCluster, UpOptions, ensure_default_model, free_port  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
@@ -321,10 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.monotonic() - started,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
     if not args.quick and len(concurrencies) > 0:
         plot(results, concurrencies, out.with_suffix(".png"))
-    print(f"\nwrote {out}")
     kv = []
     for c in concurrencies:
         by = {r["setup"]: r for r in results if r["concurrency"] == c}
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                f"tok_s_1p1d_c{c}={by['1p1d']['tok_s']:.1f}", f"tok_s_coloc_c{c}={by['colocated']['tok_s']:.1f}",
                f"ttft_ratio_c{c}={ratios[c]['ttft_ms_p50']:.2f}", f"itl_ratio_c{c}={ratios[c]['itl_ms_p50']:.2f}",
                f"tok_s_ratio_c{c}={ratios[c]['tok_s']:.2f}"]
-    print("RESULT serve " + " ".join(kv))
+    emit("serve", dict(item.split("=", 1) for item in kv), doc, out)
     return 0
 
 

@@ -23,7 +23,6 @@ def controlplane(
 ) -> None:
     """Run the global control plane: signals -> policy -> replicas, with its admin API."""
     import asyncio
-    import logging
     import signal
 
     import redis.asyncio as aioredis

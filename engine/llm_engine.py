@@ -5,7 +5,6 @@ import logging
 import pathlib
 from dataclasses import dataclass, field
 
-import torch
 
 from engine.attention import allocate_kv_cache
 from engine.block_manager import BlockManager, BlockStats, KVEventSink

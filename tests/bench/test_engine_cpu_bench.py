@@ -26,7 +26,7 @@ def test_quick_run_prints_result_and_writes_json(tmp_path):
                 "baton_ttft32_ms", "hf_ttft32_ms", "ttft32_ratio"):
         value = float(fields[key])
         assert math.isfinite(value) and value > 0, key
-        assert value == data["summary"][key]
+        assert value == data["result"][key]
     b3 = data["rows"][1]
     assert math.isclose(float(fields["ratio_b3"]), b3["baton"]["decode_tok_s"] / b3["hf"]["decode_tok_s"],
                         rel_tol=1e-2)

@@ -160,7 +160,7 @@ class Cluster:
         self.registrations: list[WorkerRegistration] = []
 
     async def __aenter__(self) -> "Cluster":
-        from conftest import free_port
+        from tests.conftest import free_port
 
         for worker in [*self.decodes, *self.prefills]:
             await worker.start()

@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import free_port
+from tests.conftest import free_port
 from router.config import ConfigError, RouterConfig
 from router.registry import WorkerRecord, WorkerRegistration
 from test_grpc_decode_double import MODEL, DecodeDouble, model_dir  # noqa: F401 - fixture

@@ -95,7 +95,7 @@ async def test_registry_filters_model_and_skips_garbage(redis_url: str) -> None:
 
 
 async def test_registry_survives_unreachable_redis() -> None:
-    from conftest import free_port
+    from tests.conftest import free_port
 
     registry = WorkerRegistry(f"redis://127.0.0.1:{free_port()}/0", poll_interval_s=0.05)
     await registry.start()
