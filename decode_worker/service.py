@@ -11,7 +11,7 @@ from engine.errors import InvalidRequestError, NoCapacityError
 from engine.llm_engine import RequestOutput
 from engine.proto_convert import FINISH_REASONS, sampling_from_proto
 from engine.sampling_params import SamplingParams
-from engine.worker_server import WorkerRuntime
+from engine.worker_server import WorkerRPCs, WorkerRuntime
 from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def _error(kind, message: str, *, retryable: bool, prefill_worker_id: str = "") 
                                   finish_reason=inference_pb2.FINISH_REASON_ERROR)
 
 
-class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -140,16 +140,6 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                                                       completion_tokens=out.num_output_tokens,
                                                       cached_prompt_tokens=out.num_cached_tokens))
         return chunk
-
-    async def Abort(self, request, context):
-        found = await self.rt.aengine.call(lambda e: e.abort(request.request_id))
-        return worker_pb2.AbortResponse(found=found)
-
-    async def Stats(self, request, context):
-        return self.rt.worker_stats()
-
-    async def Health(self, request, context):
-        return self.rt.health()
 
 
 def add_service(server: grpc.aio.Server, runtime: WorkerRuntime) -> None:

@@ -97,6 +97,22 @@ class WorkerRuntime:
         return app
 
 
+class WorkerRPCs:
+    """Abort, Stats and Health: the same on the PrefillWorker and DecodeWorker services."""
+
+    rt: WorkerRuntime
+
+    async def Abort(self, request, context):
+        found = await self.rt.aengine.call(lambda e: e.abort(request.request_id))
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return self.rt.worker_stats()
+
+    async def Health(self, request, context):
+        return self.rt.health()
+
+
 async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> None:
     """Queue depth and KV utilisation for the control plane; routers publish rates and latencies."""
     import redis.asyncio as aioredis

@@ -9,13 +9,13 @@ import grpc
 
 from engine.errors import InvalidRequestError
 from engine.proto_convert import sampling_from_proto
-from engine.worker_server import WorkerRuntime
+from engine.worker_server import WorkerRPCs, WorkerRuntime
 from proto.baton.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
-class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
 
@@ -70,16 +70,6 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 computed_tokens=len(request.token_ids) - first.num_cached_tokens,
                 cached_tokens=max(first.num_cached_tokens, kv.num_cached_tokens), kv_bytes=result.nbytes,
                 prefill_seconds=prefill_s, transfer_seconds=result.seconds))
-
-    async def Abort(self, request, context):
-        found = await self.rt.aengine.call(lambda e: e.abort(request.request_id))
-        return worker_pb2.AbortResponse(found=found)
-
-    async def Stats(self, request, context):
-        return self.rt.worker_stats()
-
-    async def Health(self, request, context):
-        return self.rt.health()
 
 
 def add_service(server: grpc.aio.Server, runtime: WorkerRuntime) -> None:

@@ -217,7 +217,8 @@ def test_metrics_of_every_component_after_traffic(client, cluster_1p1d):
 
 
 def test_request_id_follows_the_request_through_every_log(client, cluster_1p1d):
-    resp = client.completions.create(model=cluster_1p1d.model_name, prompt=LONG, max_tokens=4,
+    # A prompt no worker has cached, so it is long enough uncached to be prefilled remotely.
+    resp = client.completions.create(model=cluster_1p1d.model_name, prompt="Log trail. " + LONG, max_tokens=4,
                                      extra_body={"ignore_eos": True})
     rid = resp.id
     logs = {p.name: p for p in cluster_1p1d.run_dir.glob("*.log")}
