@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 
 from controlplane.backends.base import BackendError, ReplicaCount
 from controlplane.policy import ClusterSpec
+from router.registry import KEY_PREFIX as WORKER_KEY_PREFIX
 
 # `baton up` hands this to the backend; tests hand any other real command.
 WORKER_ARGV = (
@@ -21,35 +21,27 @@ WORKER_ARGV = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LocalWorker:
     worker_id: str
     proc: subprocess.Popen
-    grpc_port: int
-    http_port: int
 
 
 class LocalBackend:
     """Starts and stops processes so that each (model, pool) has the asked-for number alive.
 
-    Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. With
-    `ready_path` set, a worker counts as ready once GET http://127.0.0.1:<http_port><ready_path> answers 200.
+    Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. Workers get
+    port 0 and bind whatever is free (a port picked here could be taken before the child binds it); they
+    publish the real addresses in Redis, and with `redis_url` set a worker counts as ready once it has.
     """
 
     def __init__(self, argv: tuple[str, ...] | list[str] = WORKER_ARGV, *, region: str = "local",
-                 redis_url: str = "", model_dirs: dict[str, str] | None = None, ready_path: str | None = None,
+                 redis_url: str = "", model_dirs: dict[str, str] | None = None,
                  log_dir: str | None = None, stop_timeout_s: float = 10.0, env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
         self.region = region
         self.redis_url = redis_url
         self.model_dirs = model_dirs or {}
-        self.ready_path = ready_path
         self.log_dir = pathlib.Path(log_dir) if log_dir else None
         self.stop_timeout_s = stop_timeout_s
         self.env = env
@@ -72,26 +64,28 @@ class LocalBackend:
         self._workers[(model, pool)] = alive
         return alive
 
-    def _is_ready(self, w: LocalWorker) -> bool:
-        if self.ready_path is None:
-            return True
-        import httpx
+    def _ready(self, workers: list[LocalWorker]) -> int:
+        if not self.redis_url or not workers:
+            return len(workers)
+        import redis
 
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
         try:
-            return httpx.get(f"http://127.0.0.1:{w.http_port}{self.ready_path}", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
+            return int(client.exists(*(f"{WORKER_KEY_PREFIX}{w.worker_id}" for w in workers)))
+        except (redis.RedisError, OSError):
+            return 0  # unknown: nothing counts as ready, so no drain-back happens on a guess
+        finally:
+            client.close()
 
     def get_replicas(self, model: str, pool: str) -> ReplicaCount:
         alive = self.workers(model, pool)
-        return ReplicaCount(desired=len(alive), ready=sum(self._is_ready(w) for w in alive))
+        return ReplicaCount(desired=len(alive), ready=self._ready(alive))
 
     def _start(self, model: str, pool: str) -> LocalWorker:
         worker_id = f"{self.region}-{model}-{pool}-{next(self._seq)}"
-        grpc_port, http_port = _free_port(), _free_port()
         values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
                   "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
-                  "grpc_port": grpc_port, "http_port": http_port}
+                  "grpc_port": 0, "http_port": 0}
         try:
             argv = [part.format(**values) for part in self.argv]
         except (KeyError, IndexError, ValueError) as exc:
@@ -108,7 +102,7 @@ class LocalBackend:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        return LocalWorker(worker_id, proc, grpc_port, http_port)
+        return LocalWorker(worker_id, proc)
 
     def set_replicas(self, model: str, pool: str, replicas: int) -> None:
         with self._lock:

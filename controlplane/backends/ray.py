@@ -7,7 +7,7 @@ import subprocess
 import ray
 
 from controlplane.backends.base import BackendError, ReplicaCount
-from controlplane.backends.local import WORKER_ARGV, _free_port
+from controlplane.backends.local import WORKER_ARGV
 from controlplane.policy import ClusterSpec
 
 
@@ -95,7 +95,7 @@ class RayBackend:
             worker_id = f"{self.region}-{model}-{pool}-{i}"
             values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
                       "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
-                      "grpc_port": _free_port(), "http_port": _free_port()}
+                      "grpc_port": 0, "http_port": 0}
             WorkerActor.options(name=f"{self._prefix(model, pool)}{i}", lifetime="detached",
                                 get_if_exists=True, **self.actor_options).remote(
                 [part.format(**values) for part in self.argv],

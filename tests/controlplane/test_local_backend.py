@@ -20,20 +20,27 @@ def _wait_files(path, n, timeout=10.0):
     raise AssertionError(f"only {len(list(path.glob('*.argv')))} of {n} workers wrote their argv")
 
 
-def test_scale_real_processes_up_and_down(tmp_path):
-    backend = LocalBackend(sleeper(tmp_path), region="r1", redis_url="redis://x:1/0",
+def test_scale_real_processes_up_and_down(tmp_path, redis_url):
+    import redis
+
+    backend = LocalBackend(sleeper(tmp_path), region="r1", redis_url=redis_url,
                            model_dirs={"m": "/models/m"}, stop_timeout_s=5)
     try:
         backend.set_replicas("m", "decode", 3)
         backend.set_replicas("m", "decode", 3)  # idempotent: no extra process
         workers = backend.workers("m", "decode")
         assert len(workers) == 3 and len({w.proc.pid for w in workers}) == 3
-        assert backend.get_replicas("m", "decode").ready == 3
+        # Ready means registered in Redis, as a real worker does once it serves.
+        assert backend.get_replicas("m", "decode").ready == 0
+        client = redis.Redis.from_url(redis_url)
+        for w in workers[:2]:
+            client.hset(f"baton:worker:{w.worker_id}", "pool", "decode")
+        assert backend.get_replicas("m", "decode").ready == 2
         args = _wait_files(tmp_path, 3)[0].read_text().split()
         assert args[args.index("--model") + 1] == "/models/m"
         assert args[args.index("--region") + 1] == "r1"
         assert args[args.index("--pool") + 1] == "decode"
-        assert int(args[args.index("--grpc-port") + 1]) > 0
+        assert args[args.index("--grpc-port") + 1] == "0"  # the worker binds a free port itself
 
         oldest = workers[0].proc
         backend.set_replicas("m", "decode", 1)
@@ -44,7 +51,7 @@ def test_scale_real_processes_up_and_down(tmp_path):
         oldest.wait()
         assert backend.get_replicas("m", "decode").desired == 0
         backend.set_replicas("m", "decode", 1)
-        assert backend.get_replicas("m", "decode").ready == 1
+        assert backend.get_replicas("m", "decode").desired == 1
     finally:
         backend.close()
     assert backend.get_replicas("m", "decode").desired == 0
