@@ -13,11 +13,18 @@ $(BIN)/baton: pyproject.toml
 proto: setup
 	$(BIN)/python -m proto.build
 
+# The in-process NIXL (UCX) tests run in their own interpreter: after the rest of the suite has loaded other
+# native runtimes into one process, UCX start-up has hit heap corruption (glibc abort). Workers are separate
+# processes, so serving is not affected.
+ISOLATED := tests/engine/test_kv_transfer.py
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=$(ISOLATED)
+	$(BIN)/python -m pytest -q $(ISOLATED)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=$(ISOLATED)
+	$(BIN)/python -m pytest -q -m "not slow" $(ISOLATED)
 
 up: setup
 	$(BIN)/baton up

@@ -17,6 +17,7 @@ from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 DecodeError = worker_pb2.DecodeError
 _ABORT_TIMEOUT_S = 2.0
+_CONNECT_TIMEOUT_S = 3.0
 
 
 def _error(kind, message: str, *, retryable: bool, prefill_worker_id: str = "") -> worker_pb2.DecodeChunk:
@@ -30,11 +31,14 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         self.rt = runtime
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        return worker_pb2_grpc.PrefillWorkerStub(channel)
+        return channel
+
+    def _prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self._channel(address))
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         rid, prompt = request.request_id, list(request.token_ids)
@@ -83,6 +87,15 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         rt.transport.expect(transfer_id, dst)
         committed = False
         try:
+            # A failed first connect leaves a channel in reconnect back-off, where calls fail at once; give
+            # a live prefill worker a moment to accept, and a dead one a short deadline to be found out.
+            try:
+                await asyncio.wait_for(self._channel(target.grpc_address).channel_ready(), _CONNECT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                name = target.worker_id or target.grpc_address
+                return _error(DecodeError.KIND_PREFILL_FAILED,
+                              f"prefill worker {name} not reachable within {_CONNECT_TIMEOUT_S:.0f}s",
+                              retryable=True, prefill_worker_id=target.worker_id)
             call = self._prefill_stub(target.grpc_address).Prefill(
                 worker_pb2.PrefillRequest(
                     request_id=rid, token_ids=prompt, sampling=request.sampling,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ from engine.config import ModelConfig, RopeConfig
 # oneDNN's linear (the one torch.compile's CPU backend calls) on the same dense weights; bench/engine_cpu.py
 # measures it well ahead of F.linear's default at decode batch sizes on CPU. Results differ from F.linear
 # only in float rounding (the parity tests hold).
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_LINEAR = (os.environ.get("BATON_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:

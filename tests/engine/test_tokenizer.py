@@ -6,13 +6,14 @@ import json
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.errors import ModelFilesError
 from engine.make_model import make_model
 from engine.tokenizer import Tokenizer
+from engine.tokenizer_training import SPECIAL_TOKENS
 
 transformers = pytest.importorskip("transformers")
 
@@ -209,6 +210,8 @@ def test_detokenizer_flush_emits_unfinished_bytes(llama):
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(max_size=40))
 def test_detokenizer_streams_any_text(model_dirs, text):
+    # Text spelling a special token encodes to that token, which decoding skips, as transformers does.
+    assume(not any(special in text for special in SPECIAL_TOKENS))
     tok = Tokenizer.from_dir(model_dirs["llama"])
     det = IncrementalDetokenizer(tok)
     out = det.push_many(tok.encode(text, add_special_tokens=False)) + det.flush()
