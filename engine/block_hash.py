@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from array import array
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import xxhash
 
@@ -28,16 +28,3 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int = RO
         out.append(parent_hash)
     return out
 
-
-def extend_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Appends the hashes of blocks completed since len(hashes)*block_size tokens; returns the new ones."""
-    start = len(hashes) * block_size
-    parent = hashes[-1] if hashes else ROOT_HASH
-    new = hash_blocks(token_ids[start:], block_size, parent)
-    hashes.extend(new)
-    return new
-
-
-def iter_prefix_blocks(hashes: Iterable[int]) -> Iterable[tuple[int, int]]:
-    """(block index, hash) pairs, for readers that walk a chain front to back."""
-    return enumerate(hashes)

@@ -163,12 +163,6 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def reset_prefix_cache(self) -> int:
-        """Forgets every unreferenced cached block; returns how many were dropped."""
-        dropped = [self._evict(b) for b in list(self.cached_lru)]
-        self.free_ids.extend(dropped)
-        return len(dropped)
-
     # ---- internals -----------------------------------------------------------------------
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -75,7 +75,6 @@ class LLMEngine:
         bs = config.block_size
         block_nbytes = mc.num_layers * 2 * bs * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_nbytes)
-        self.block_nbytes = block_nbytes
         self.kv_cache = allocate_kv_cache(num_blocks, mc.num_layers, bs, mc.num_kv_heads, mc.head_dim,
                                           self.dtype, config.device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position, num_blocks * bs)
@@ -92,7 +91,7 @@ class LLMEngine:
         self._text: dict[str, TextTracker] = {}
         self._prefilled: dict[str, Sequence] = {}
         self._pending_remote: dict[str, Sequence] = {}
-        self._arrivals = 0
+        self._generated_requests = 0  # numbers the ids that generate() makes up
         self._prefill_computed = 0
         self._prefill_cached = 0
         self._generated = 0
@@ -117,8 +116,7 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only, arrival=self._arrivals)
-        self._arrivals += 1
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only)
         self._seqs[request_id] = seq
         self._track_text(seq)
         self.scheduler.add(seq)
@@ -204,7 +202,7 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
             out.finished, out.finish_reason = True, reason
-            out.text += self._text_flush(seq)
+            out.text += self._forget(seq.request_id)
         return out
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -217,14 +215,11 @@ class LLMEngine:
         if self.tokenizer is not None and not seq.prefill_only:
             self._text[seq.request_id] = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop)
 
-    def _text_flush(self, seq: Sequence) -> str:
-        tracker = self._text.pop(seq.request_id, None)
-        self.sampler.forget(seq.request_id)
-        return tracker.flush() if tracker is not None else ""
-
-    def _forget(self, request_id: str) -> None:
-        self._text.pop(request_id, None)
+    def _forget(self, request_id: str) -> str:
+        """Drops the request's text and sampler state; returns the text its detokenizer still held back."""
         self.sampler.forget(request_id)
+        tracker = self._text.pop(request_id, None)
+        return tracker.flush() if tracker is not None else ""
 
     # ---- disaggregation: prefill side ----------------------------------------------------
     def release(self, request_id: str) -> bool:
@@ -242,8 +237,7 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, arrival=self._arrivals)
-        self._arrivals += 1
+        seq = Sequence(request_id, list(prompt_ids), params)
         if not self.block_manager.can_allocate(seq):
             raise NoCapacityError(f"not enough free KV blocks to receive request {request_id}")
         self.block_manager.allocate(seq)
@@ -291,7 +285,8 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Offline batch helper: runs prompts to completion and returns their finished sequences in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
+        ids = [f"gen-{self._generated_requests + i}" for i in range(len(prompts))]
+        self._generated_requests += len(prompts)
         seqs = []
         for rid, prompt, p in zip(ids, prompts, params_list):
             self.add_request(rid, prompt, p)

@@ -20,7 +20,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     prefill_only: bool = False
-    arrival: int = 0
     token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
@@ -51,7 +50,3 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_uncomputed > 1 or self.num_computed_tokens < self.num_prompt_tokens

@@ -63,7 +63,7 @@ class WorkerSettings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: pathlib.Path | None, **overrides) -> "WorkerSettings":
-        """YAML file values, then env vars, then explicit overrides (flags) win."""
+        """Settings from flags (overrides), else the YAML file, else BATON_WORKER_* env vars, else defaults."""
         values = {}
         if config_file is not None:
             values = yaml.safe_load(config_file.read_text()) or {}
