@@ -20,16 +20,16 @@ RUN pip install "torch>=2.4"
 
 WORKDIR /opt/baton/src
 COPY pyproject.toml ./
-COPY engine engine
+COPY baton baton
 COPY router router
 COPY prefill_worker prefill_worker
 COPY decode_worker decode_worker
 COPY kernels kernels
 COPY controlplane controlplane
 COPY proto proto
-# gRPC stubs are generated, never committed: build them into the tree before it is packaged.
+# gRPC stubs are generated: build them fresh into the tree before it is packaged.
 RUN pip install "grpcio-tools>=1.62" \
-    && python -m proto.build \
+    && python proto/build.py \
     && pip install ".[gpu,nixl]" \
     && cd / && rm -rf /opt/baton/src
 

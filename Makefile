@@ -11,7 +11,7 @@ $(BIN)/baton: pyproject.toml
 	bash scripts/setup.sh
 
 proto: setup
-	$(BIN)/python -m proto.build
+	$(BIN)/python -m baton.proto.build
 
 # The in-process NIXL (UCX) tests run in their own interpreter: after the rest of the suite has loaded other
 # native runtimes into one process, UCX start-up has hit heap corruption (glibc abort). Workers are separate

@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.devtools.make_model import make_model  # noqa: E402
+from baton.engine.config import EngineConfig  # noqa: E402
+from baton.engine.llm_engine import LLMEngine  # noqa: E402
+from baton.engine.sampling_params import SamplingParams  # noqa: E402
 from bench.report import emit  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.make_model import make_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
 
 # Llama shape, tied embeddings: 12 x 6.9M (GQA 12 query / 4 KV heads, MLP 2304) + 24.6M embedding ~ 107M.
 FULL_MODEL = dict(arch="llama", layers=12, hidden=768, heads=12, kv_heads=4, vocab=32000, tie_embeddings=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.engine.kv_transfer import create_transport  # noqa: E402
 from bench.report import emit  # noqa: E402
-from engine.kv_transfer import create_transport  # noqa: E402
 
 # [num_layers, 2, block_size, num_kv_heads, head_dim], bfloat16
 GEOMETRIES = {

@@ -24,12 +24,18 @@ import redis
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from baton.contracts.block_hash import hash_blocks  # noqa: E402
+from baton.devtools.local_cluster import LocalCluster, UpOptions, free_port  # noqa: E402
+from baton.router.selection import (  # noqa: E402
+    ConditionalDisaggregation,
+    RoutingConfig,
+    RoutingRequest,
+    WorkerState,
+    make_policy,
+    select_route,
+)
 from bench.report import emit  # noqa: E402
 from bench.routing_index import build_workload, ours_absorb, percentiles  # noqa: E402
-from controlplane.local_cluster import LocalCluster, UpOptions, free_port  # noqa: E402
-from engine.block_hash import hash_blocks  # noqa: E402
-from router.selection import (ConditionalDisaggregation, RoutingConfig, RoutingRequest, WorkerState,  # noqa: E402
-                              make_policy, select_route)
 
 POLICIES = ("round_robin", "least_load", "kv_aware")
 BLOCK = 16
@@ -195,7 +201,7 @@ def start_routers(cluster: LocalCluster, policies, run_dir: pathlib.Path) -> dic
     for policy in policies:
         port = free_port()
         log = open(run_dir / f"router-{policy}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "router", "--model", str(cluster.model_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "router", "--model", str(cluster.model_dir),
                                  "--redis-url", cluster.redis_url, "--host", "127.0.0.1", "--http-port", str(port),
                                  "--grpc-port", "0", "--policy", policy], stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -371,7 +377,7 @@ def main() -> None:
     if min(workers, args.concurrency, args.repeats) < 1:
         ap.error("--workers, --concurrency and --repeats must be >= 1")
 
-    from engine.make_model import make_model
+    from baton.devtools.make_model import make_model
 
     model_dir = pathlib.Path.home() / ".cache" / "baton" / "models" / "bench-routing-llama"
     if not (model_dir / "config.json").is_file():

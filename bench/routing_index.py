@@ -22,12 +22,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.contracts.kv_events import KVEvent, KVEventPublisher  # noqa: E402
+from baton.router.kv_event_consumer import KVEventConsumer  # noqa: E402
+from baton.router.prefix_index import PrefixIndex  # noqa: E402
+from baton.router.selection import (  # noqa: E402
+    ConditionalDisaggregation,
+    RoutingConfig,
+    RoutingRequest,
+    WorkerState,
+    make_policy,
+    select_route,
+)
 from bench.report import emit  # noqa: E402
-from engine.kv_events import KVEvent, KVEventPublisher  # noqa: E402
-from router.kv_event_consumer import KVEventConsumer  # noqa: E402
-from router.prefix_index import PrefixIndex  # noqa: E402
-from router.selection import (ConditionalDisaggregation, RoutingConfig, RoutingRequest, WorkerState,  # noqa: E402
-                              make_policy, select_route)
 
 WORKERS = 4
 BLOCK_SIZE = 16

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from baton.devtools.local_cluster import LocalCluster, UpOptions, ensure_default_model, free_port  # noqa: E402
 from bench.report import emit  # noqa: E402
-from controlplane.local_cluster import LocalCluster, UpOptions, ensure_default_model, free_port  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
 AIPERF_SPEC = "aiperf>=0.13"

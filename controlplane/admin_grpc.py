@@ -5,11 +5,11 @@ import json
 
 import grpc
 
-from controlplane.admin_http import token_ok
-from controlplane.planner import Decision
-from controlplane.service import ControlPlane
-from proto.baton.v1 import controlplane_pb2 as pb
-from proto.baton.v1 import controlplane_pb2_grpc as pb_grpc
+from baton.controlplane.admin_http import token_ok
+from baton.controlplane.planner import Decision
+from baton.controlplane.service import ControlPlane
+from baton.proto.v1 import controlplane_pb2 as pb
+from baton.proto.v1 import controlplane_pb2_grpc as pb_grpc
 
 
 def _decision(d: Decision) -> pb.Decision:

@@ -7,7 +7,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controlplane.service import ControlPlane, decision_dict
+from baton.controlplane.service import ControlPlane, decision_dict
 
 
 def token_ok(header: str | None, token: str | None) -> bool:

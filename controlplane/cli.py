@@ -27,9 +27,9 @@ def controlplane(
 
     import redis.asyncio as aioredis
 
-    from controlplane.policy import PolicyError, PolicyFile
-    from controlplane.server import serve
-    from controlplane.service import ControlPlane
+    from baton.controlplane.policy import PolicyError, PolicyFile
+    from baton.controlplane.server import serve
+    from baton.controlplane.service import ControlPlane
 
     if not token and not insecure:
         typer.echo("error: the admin API needs a token: set BATON_CONTROLPLANE_TOKEN (or --token), "
@@ -40,7 +40,7 @@ def controlplane(
     except PolicyError as exc:
         typer.echo("\n".join(exc.errors), err=True)
         raise typer.Exit(1) from None
-    from engine.logs import setup_logging
+    from baton.contracts.logs import setup_logging
 
     setup_logging(log_json)
 
@@ -64,7 +64,7 @@ def controlplane(
 @policy_app.command("check")
 def check(files: list[pathlib.Path] = typer.Argument(..., help="policy YAML files")) -> None:
     """Validate policies; print every error as file:line: field: message."""
-    from controlplane.policy import PolicyError, load_policy
+    from baton.controlplane.policy import PolicyError, load_policy
 
     bad = False
     for f in files:
@@ -90,8 +90,9 @@ def simulate(
     """Replay a trace through the live planner; print GPU-hours and SLO attainment against an oracle."""
     import json
 
-    from controlplane.policy import PolicyError, load_policy
-    from controlplane.simulator import TraceError, load_trace, plot, simulate as run, report
+    from baton.controlplane.policy import PolicyError, load_policy
+    from baton.controlplane.simulator import TraceError, load_trace, plot, report
+    from baton.controlplane.simulator import simulate as run
 
     try:
         pol = load_policy(policy)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from controlplane.policy import Policy
+from baton.controlplane.policy import Policy
 
 PoolKey = tuple[str, str, str]  # model, region, pool
 SpillKey = tuple[str, str, str, str]  # model, pool, origin region, host region

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from controlplane import replica_math as rm
-from controlplane.placement import ClusterState, Placement, PoolKey, SpillKey, place
-from controlplane.policy import DecodePool, Policy
-from controlplane.signals import SignalWindow
-from controlplane.sla import CapacityEstimate, HoltForecaster, replicas_for_load
+from baton.controlplane import replica_math as rm
+from baton.controlplane.placement import ClusterState, Placement, PoolKey, SpillKey, place
+from baton.controlplane.policy import DecodePool, Policy
+from baton.controlplane.signals import SignalWindow
+from baton.controlplane.sla import CapacityEstimate, HoltForecaster, replicas_for_load
 
 
 @dataclass(frozen=True)

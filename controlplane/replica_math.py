@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from controlplane.policy import ScaleBehavior
+from baton.controlplane.policy import ScaleBehavior
 
 
 def proportional(current: int, metric: float, target: float, tolerance: float) -> int:

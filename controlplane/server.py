@@ -5,9 +5,9 @@ import asyncio
 
 import uvicorn
 
-from controlplane.admin_grpc import start_grpc
-from controlplane.admin_http import create_app
-from controlplane.service import ControlPlane
+from baton.controlplane.admin_grpc import start_grpc
+from baton.controlplane.admin_http import create_app
+from baton.controlplane.service import ControlPlane
 
 
 async def serve(cp: ControlPlane, *, token: str | None, host: str = "127.0.0.1", http_port: int = 8090,

@@ -9,18 +9,15 @@ from collections import deque
 from dataclasses import asdict
 from typing import Callable
 
-from controlplane import metrics
-from controlplane.backends.base import BackendError, CapacityBackend, backend_for
-from controlplane.placement import ClusterState
-from controlplane.planner import Decision, Planner, TickInput, TickOutput
-from controlplane.policy import Policy, PolicyError, PolicyFile, parse_policy
-from controlplane.signals import SignalReader, SignalWindow
+from baton.contracts.keys import spillover_key
+from baton.controlplane import metrics
+from baton.controlplane.backends.base import BackendError, CapacityBackend, backend_for
+from baton.controlplane.placement import ClusterState
+from baton.controlplane.planner import Decision, Planner, TickInput, TickOutput
+from baton.controlplane.policy import Policy, PolicyError, PolicyFile, parse_policy
+from baton.controlplane.signals import SignalReader, SignalWindow
 
 log = logging.getLogger("baton.controlplane")
-
-
-def spillover_key(model: str) -> str:
-    return f"baton:spillover:{model}"
 
 
 def decision_dict(d: Decision) -> dict:

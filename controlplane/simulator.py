@@ -15,11 +15,11 @@ import pathlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from controlplane.placement import ClusterState
-from controlplane.planner import Planner, TickInput
-from controlplane.policy import POOLS, Policy
-from controlplane.signals import SignalWindow, p90
-from controlplane.sla import replicas_for_load
+from baton.controlplane.placement import ClusterState
+from baton.controlplane.planner import Planner, TickInput
+from baton.controlplane.policy import POOLS, Policy
+from baton.controlplane.signals import SignalWindow, p90
+from baton.controlplane.sla import replicas_for_load
 
 
 class TraceError(Exception):

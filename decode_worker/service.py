@@ -7,12 +7,13 @@ import uuid
 
 import grpc
 
-from engine.errors import InvalidRequestError, NoCapacityError
-from engine.llm_engine import RequestOutput
-from engine.proto_convert import FINISH_REASONS, sampling_from_proto
-from engine.sampling_params import SamplingParams
-from engine.worker_server import WorkerRPCs, WorkerRuntime
-from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.engine.errors import InvalidRequestError, NoCapacityError
+from baton.engine.llm_engine import RequestOutput
+from baton.engine.sampling_params import SamplingParams
+from baton.proto.finish_reason import finish_reason_to_wire
+from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.worker.proto_convert import sampling_from_proto
+from baton.worker.server import WorkerRPCs, WorkerRuntime
 
 log = logging.getLogger(__name__)
 DecodeError = worker_pb2.DecodeError
@@ -145,10 +146,10 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
 
     @staticmethod
     def _chunk(out: RequestOutput, params: SamplingParams) -> worker_pb2.DecodeChunk:
-        chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids,
+        chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids, text=out.text,
                                        logprobs=out.new_logprobs if params.logprobs else [])
         if out.finished:
-            chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, inference_pb2.FINISH_REASON_STOP)
+            chunk.finish_reason = finish_reason_to_wire(out.finish_reason)
             chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
                                                       completion_tokens=out.num_output_tokens,
                                                       cached_prompt_tokens=out.num_cached_tokens))

@@ -1,6 +1,6 @@
 """Registers `baton prefill-worker`."""
-from engine.worker_cli import worker_command
+from baton.worker.cli import worker_command
 
 
 def register(app) -> None:
-    app.command("prefill-worker")(worker_command("prefill", "prefill_worker.service", 50061, 8081))
+    app.command("prefill-worker")(worker_command("prefill", "baton.prefill_worker.service", 50061, 8081))

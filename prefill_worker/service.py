@@ -7,10 +7,10 @@ import time
 
 import grpc
 
-from engine.errors import InvalidRequestError
-from engine.proto_convert import sampling_from_proto
-from engine.worker_server import WorkerRPCs, WorkerRuntime
-from proto.baton.v1 import worker_pb2, worker_pb2_grpc
+from baton.engine.errors import InvalidRequestError
+from baton.proto.v1 import worker_pb2, worker_pb2_grpc
+from baton.worker.proto_convert import sampling_from_proto
+from baton.worker.server import WorkerRPCs, WorkerRuntime
 
 log = logging.getLogger(__name__)
 

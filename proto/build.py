@@ -1,49 +1,45 @@
-"""Generates the Python gRPC stubs from proto/baton/v1/*.proto (python -m proto.build [--out DIR])."""
+"""Generates the Python gRPC stubs from proto/v1/*.proto (python -m baton.proto.build [--out DIR]).
+
+protoc sees this folder as `baton/proto` (a virtual include path), so the stubs it writes import each other
+as `baton.proto.v1.x_pb2`: the installed name, with no rewriting afterwards."""
 from __future__ import annotations
 
 import argparse
 import pathlib
-import re
+import shutil
 import sys
+import tempfile
 
-from grpc_tools import protoc
 import grpc_tools
+from grpc_tools import protoc
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto"
+PROTO_DIR = pathlib.Path(__file__).resolve().parent
+STUB_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def proto_files() -> list[pathlib.Path]:
-    return sorted((PROTO_DIR / "baton" / "v1").glob("*.proto"))
+    return sorted((PROTO_DIR / "v1").glob("*.proto"))
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Runs protoc on every .proto into out_dir/baton/v1 and returns the written files."""
+    """Runs protoc on every .proto and writes the stubs to out_dir/v1; returns the written files."""
     files = proto_files()
     if not files:
         return []
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    target = out_dir / "baton" / "v1"
-    target.mkdir(parents=True, exist_ok=True)
-    args = [
-        "protoc",
-        f"-I{PROTO_DIR}",
-        f"-I{include}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *map(str, files),
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on " + ", ".join(f.name for f in files))
-    written = sorted(p for p in target.iterdir() if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")))
-    # protoc emits absolute `from baton.v1 import x_pb2`; our stubs live under the `proto` package.
-    for path in written:
-        text = path.read_text()
-        text = re.sub(r"^from baton\.v1 import", "from proto.baton.v1 import", text, flags=re.M)
-        path.write_text(text)
-    for pkg in (out_dir / "baton", target):
-        (pkg / "__init__.py").touch()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["protoc", f"-Ibaton/proto={PROTO_DIR}", f"-I{include}", f"--python_out={tmp}",
+                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
+                *(f"baton/proto/{f.relative_to(PROTO_DIR).as_posix()}" for f in files)]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed on " + ", ".join(f.name for f in files))
+        target = out_dir / "v1"
+        target.mkdir(parents=True, exist_ok=True)
+        written = []
+        for path in sorted((pathlib.Path(tmp) / "baton" / "proto" / "v1").iterdir()):
+            if path.name.endswith(STUB_SUFFIXES):
+                written.append(pathlib.Path(shutil.copy(path, target / path.name)))
+    (target / "__init__.py").touch()
     return written
 
 

@@ -31,9 +31,8 @@ def register(app: typer.Typer) -> None:
         import asyncio
         import logging
 
-        from router.config import ConfigError, RouterConfig
-
-        from engine.logs import setup_logging
+        from baton.contracts.logs import setup_logging
+        from baton.router.config import ConfigError, RouterConfig
 
         setup_logging(log_json, level=getattr(logging, log_level.upper(), logging.INFO))
         try:
@@ -46,8 +45,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
-        from engine.errors import ModelFilesError
-        from router.server import Router
+        from baton.engine.errors import ModelFilesError
+        from baton.router.server import Router
 
         try:
             router = Router(cfg)

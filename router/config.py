@@ -9,7 +9,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from router.selection import POLICIES, RoutingConfig, ScorerWeights
+from baton.router.selection import POLICIES, RoutingConfig, ScorerWeights
 
 
 class ConfigError(ValueError):

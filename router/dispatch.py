@@ -10,16 +10,23 @@ from typing import AsyncIterator
 
 import grpc
 
-from engine.block_hash import hash_blocks
-from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from router.config import RouterConfig
-from router.inflight import InFlight
-from router.traffic import Traffic
-from router.metrics import RouterMetrics
-from router.prefix_index import PrefixIndex
-from router.registry import WorkerRecord, WorkerRegistry
-from router.selection import (ConditionalDisaggregation, NoWorkerAvailable, Route, RoutingRequest, WorkerState,
-                              make_policy, select_route)
+from baton.contracts.block_hash import hash_blocks
+from baton.contracts.worker_registry import WorkerRecord, WorkerRegistry
+from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.router.config import RouterConfig
+from baton.router.inflight import InFlight
+from baton.router.metrics import RouterMetrics
+from baton.router.prefix_index import PrefixIndex
+from baton.router.selection import (
+    ConditionalDisaggregation,
+    NoWorkerAvailable,
+    Route,
+    RoutingRequest,
+    WorkerState,
+    make_policy,
+    select_route,
+)
+from baton.router.traffic import Traffic
 
 log = logging.getLogger(__name__)
 DecodeError = worker_pb2.DecodeError

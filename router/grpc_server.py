@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import grpc
 
-from proto.baton.v1 import inference_pb2, inference_pb2_grpc
-from router.dispatch import new_request_id
-from router.openai_protocol import APIError
-from router.service import RouterService
+from baton.proto.finish_reason import finish_reason_to_wire
+from baton.proto.v1 import inference_pb2, inference_pb2_grpc
+from baton.router.dispatch import new_request_id
+from baton.router.openai_protocol import APIError
+from baton.router.service import RouterService
 
-_FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
-           "abort": inference_pb2.FINISH_REASON_ABORT, "error": inference_pb2.FINISH_REASON_ERROR}
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
           503: grpc.StatusCode.UNAVAILABLE}
 ROUTE = "grpc"
@@ -57,7 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async for delta in self._service.stream(prepared):
                 yield inference_pb2.GenerateResponse(
                     request_id=prepared.request_id, text=delta.text, token_ids=delta.token_ids,
-                    logprobs=delta.logprobs, finish_reason=_FINISH.get(delta.finish_reason or "", 0),
+                    logprobs=delta.logprobs, finish_reason=finish_reason_to_wire(delta.finish_reason),
                     usage=delta.usage)
         except APIError as exc:
             # The stream's own metrics already counted this request.

@@ -13,10 +13,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.dispatch import new_request_id
-from router.openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_json,
-                                    completion_json, usage_chunk_json, usage_json)
-from router.service import Prepared, RouterService, TextDelta
+from baton.router.dispatch import new_request_id
+from baton.router.openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_json,
+    completion_json,
+    usage_chunk_json,
+    usage_json,
+)
+from baton.router.service import Prepared, RouterService, TextDelta
 
 log = logging.getLogger(__name__)
 _END = object()

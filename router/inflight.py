@@ -6,7 +6,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
-from router.selection import Route, WorkerState
+from baton.router.selection import Route, WorkerState
 
 
 @dataclass

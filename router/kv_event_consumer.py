@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
-from engine.kv_events import KV_EVENTS_STREAM, SNAPSHOT_REQUESTS_KEY, KVEvent
-from router.prefix_index import PrefixIndex
+from baton.contracts.keys import KV_EVENTS_STREAM, KV_SNAPSHOT_REQUESTS_KEY
+from baton.contracts.kv_events import KVEvent
+from baton.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ class KVEventConsumer:
 
     Start-up replays the stream from its first retained entry; any worker whose history there is
     incomplete (first entry seen is not its seq 0, or a later seq is skipped) is asked for a snapshot
-    through SNAPSHOT_REQUESTS_KEY, which every KVEventPublisher polls. A change of Redis' run_id means
+    through KV_SNAPSHOT_REQUESTS_KEY, which every KVEventPublisher polls. A change of Redis' run_id means
     Redis restarted and the stream is gone: the index is cleared and all workers are asked.
     """
 
     def __init__(self, redis_url: str, index: PrefixIndex, *, stream: str = KV_EVENTS_STREAM,
-                 requests_key: str = SNAPSHOT_REQUESTS_KEY, block_ms: int = 50, read_count: int = 1000,
+                 requests_key: str = KV_SNAPSHOT_REQUESTS_KEY, block_ms: int = 50, read_count: int = 1000,
                  check_interval_s: float = 1.0, snapshot_retry_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.index = index

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from engine.kv_events import KVEvent
+from baton.contracts.kv_events import KVEvent
 
 
 class PrefixIndex:

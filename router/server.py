@@ -10,18 +10,17 @@ import socket
 
 import grpc
 import uvicorn
-
-from router import grpc_server
-from router.config import RouterConfig
 from redis.exceptions import RedisError
 
-from router.http_server import create_app
-from router.kv_event_consumer import KVEventConsumer
-from router.metrics import RouterMetrics
-from router.prefix_index import PrefixIndex
-from router.registry import WorkerRegistry, stop_task
-from router.service import RouterService
-from router.traffic import Traffic
+from baton.contracts.worker_registry import WorkerRegistry, stop_task
+from baton.router import grpc_server
+from baton.router.config import RouterConfig
+from baton.router.http_server import create_app
+from baton.router.kv_event_consumer import KVEventConsumer
+from baton.router.metrics import RouterMetrics
+from baton.router.prefix_index import PrefixIndex
+from baton.router.service import RouterService
+from baton.router.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class Router:
     def __init__(self, config: RouterConfig, tokenizer=None) -> None:
         if tokenizer is None:
-            from engine.tokenizer import Tokenizer
+            from baton.engine.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_dir(config.model)
         self.config = config

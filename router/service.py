@@ -1,5 +1,5 @@
 """The router's core, shared by the HTTP and gRPC fronts: tokenize once, validate against the
-context, stream a request through the workers and turn its tokens back into text."""
+context, stream a request through the workers (which detokenize and apply stop strings), count and time it."""
 from __future__ import annotations
 
 import logging
@@ -7,26 +7,18 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from proto.baton.v1 import inference_pb2
-from router.config import RouterConfig
-from router.dispatch import Dispatcher, WorkerFailed
-from router.metrics import RouterMetrics
-from router.openai_protocol import APIError
-from router.prefix_index import PrefixIndex
-from router.registry import WorkerRegistry
-from router.traffic import Traffic
-from router.selection import NoWorkerAvailable
+from baton.contracts.worker_registry import WorkerRegistry
+from baton.proto.finish_reason import finish_reason_name
+from baton.proto.v1 import inference_pb2
+from baton.router.config import RouterConfig
+from baton.router.dispatch import Dispatcher, WorkerFailed
+from baton.router.metrics import RouterMetrics
+from baton.router.openai_protocol import APIError
+from baton.router.prefix_index import PrefixIndex
+from baton.router.selection import NoWorkerAvailable
+from baton.router.traffic import Traffic
 
 log = logging.getLogger(__name__)
-
-FINISH_NAMES = {
-    inference_pb2.FINISH_REASON_STOP: "stop",
-    inference_pb2.FINISH_REASON_LENGTH: "length",
-    inference_pb2.FINISH_REASON_ABORT: "abort",
-    inference_pb2.FINISH_REASON_ERROR: "error",
-}
-
 
 @dataclass
 class Prepared:
@@ -110,8 +102,6 @@ class RouterService:
         """Text deltas of one request; raises APIError (503/500/400) if it cannot complete."""
         start = time.perf_counter()
         last_token_at: float | None = None
-        detok = IncrementalDetokenizer(self.tokenizer, prepared.prompt_ids)
-        stop = StopChecker(list(prepared.sampling.stop))
         completion_tokens = 0
         cached = 0
         status = "499"  # overwritten unless the client leaves first
@@ -135,28 +125,16 @@ class RouterService:
                     if self.traffic is not None:
                         self.traffic.tokens(len(chunk.token_ids), gap)
                     last_token_at = now
-                delta = TextDelta(text="")
-                finish = FINISH_NAMES.get(chunk.finish_reason)
-                for i, token_id in enumerate(chunk.token_ids):
-                    completion_tokens += 1
-                    delta.token_ids.append(token_id)
-                    if prepared.sampling.logprobs and i < len(chunk.logprobs):
-                        delta.logprobs.append(chunk.logprobs[i])
-                    delta.text += stop.push(detok.push(token_id))
-                    if stop.stopped:
-                        finish = "stop"
-                        break
-                if finish is None and chunk.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
+                # The decode worker detokenizes and applies stop strings (it must stop generating anyway).
+                completion_tokens += len(chunk.token_ids)
+                delta = TextDelta(text=chunk.text, token_ids=list(chunk.token_ids),
+                                  logprobs=list(chunk.logprobs) if prepared.sampling.logprobs else [])
+                if chunk.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
                     yield delta
                     continue
-                if not stop.stopped:
-                    delta.text += stop.push(detok.flush())
-                    delta.text += "" if stop.stopped else stop.flush()
-                if stop.stopped:
-                    finish = "stop"
                 if chunk.HasField("usage") and chunk.usage.cached_prompt_tokens:
                     cached = chunk.usage.cached_prompt_tokens
-                delta.finish_reason = finish or "stop"
+                delta.finish_reason = finish_reason_name(chunk.finish_reason)
                 delta.usage = inference_pb2.Usage(prompt_tokens=len(prepared.prompt_ids),
                                                   completion_tokens=completion_tokens, cached_prompt_tokens=cached)
                 status = "200"

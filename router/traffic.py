@@ -10,11 +10,11 @@ import random
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from controlplane.signals import SignalPublisher
-from router.registry import stop_task
+from baton.contracts.keys import spillover_key
+from baton.contracts.signals import SignalPublisher
+from baton.contracts.worker_registry import stop_task
 
 log = logging.getLogger(__name__)
-SPILLOVER_KEY = "baton:spillover:{model}"
 
 
 class Traffic:
@@ -53,7 +53,7 @@ class Traffic:
         return self.region
 
     async def refresh_spill(self) -> None:
-        raw = await self._redis.hget(SPILLOVER_KEY.format(model=self.model), self.region)
+        raw = await self._redis.hget(spillover_key(self.model), self.region)
         spill: dict[str, float] = {}
         if raw:
             try:

@@ -99,7 +99,7 @@ def policies(docs: list[tuple[str, dict]]) -> list[str]:
 def policy_schema() -> tuple[dict, dict]:
     """(schema of controlPlane.policy, its $defs) from the control plane's pydantic Policy, so a
     policy mistake fails at `helm install` time; $refs are renamed to live at the values schema root."""
-    from controlplane.policy import Policy
+    from baton.controlplane.policy import Policy
 
     text = json.dumps(Policy.model_json_schema()).replace('"#/$defs/', '"#/$defs/policy_')
     schema = json.loads(text)
@@ -120,7 +120,7 @@ def with_policy_schema(values_schema: dict) -> dict:
 def check_policy(text: str, source: str) -> tuple[bool, str]:
     """Parses one rendered policy with the control plane's own parser; (ok, message)."""
     try:
-        from controlplane.policy import PolicyError, parse_policy
+        from baton.controlplane.policy import PolicyError, parse_policy
     except ImportError as exc:
         return True, f"skipped: controlplane.policy is not importable ({exc})"
     try:

@@ -19,6 +19,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then $PIP install torch; else $PIP install torch==2.13.0; fi
 fi
 $PIP install -e ".[dev,ray,nixl]"
-"$VENV/bin/python" -m proto.build
+"$VENV/bin/python" -m baton.proto.build
 touch "$VENV/bin/baton"
 echo "[setup] done: $("$VENV/bin/baton" --version)"

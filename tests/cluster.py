@@ -37,7 +37,7 @@ class WorkerProc:
 def start_worker(pool: str, model_dir: str, redis_url: str, worker_id: str, *extra: str,
                  timeout_s: float = 90.0) -> WorkerProc:
     grpc_port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "engine.cli", f"{pool}-worker", "--model", model_dir, "--redis-url", redis_url,
+    cmd = [sys.executable, "-m", "baton.cli", f"{pool}-worker", "--model", model_dir, "--redis-url", redis_url,
            "--worker-id", worker_id, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
            "--num-kv-blocks", "256", "--torch-threads", "1", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -5,7 +5,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from controlplane.policy import ClusterSpec
+from baton.controlplane.policy import ClusterSpec
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class CapacityBackend(Protocol):
 
 
 _BACKENDS = {
-    "kubernetes": "controlplane.backends.kubernetes:KubernetesBackend",
-    "ray": "controlplane.backends.ray:RayBackend",
-    "local": "controlplane.backends.local:LocalBackend",
+    "kubernetes": "baton.controlplane.backends.kubernetes:KubernetesBackend",
+    "ray": "baton.controlplane.backends.ray:RayBackend",
+    "local": "baton.controlplane.backends.local:LocalBackend",
 }
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import time
 
-from controlplane.backends.base import BackendError, ReplicaCount
-from controlplane.policy import ClusterSpec
+from baton.controlplane.backends.base import BackendError, ReplicaCount
+from baton.controlplane.policy import ClusterSpec
 
 _RETRYABLE = {429, 500, 502, 503, 504}
 

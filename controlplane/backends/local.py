@@ -9,9 +9,9 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from controlplane.backends.base import BackendError, ReplicaCount
-from controlplane.policy import ClusterSpec
-from router.registry import KEY_PREFIX as WORKER_KEY_PREFIX
+from baton.contracts.keys import worker_key
+from baton.controlplane.backends.base import BackendError, ReplicaCount
+from baton.controlplane.policy import ClusterSpec
 
 # `baton up` hands this to the backend; tests hand any other real command.
 WORKER_ARGV = (
@@ -71,7 +71,7 @@ class LocalBackend:
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
         try:
-            return int(client.exists(*(f"{WORKER_KEY_PREFIX}{w.worker_id}" for w in workers)))
+            return int(client.exists(*(worker_key(w.worker_id) for w in workers)))
         except (redis.RedisError, OSError):
             return 0  # unknown: nothing counts as ready, so no drain-back happens on a guess
         finally:

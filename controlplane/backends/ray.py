@@ -6,9 +6,9 @@ import subprocess
 
 import ray
 
-from controlplane.backends.base import BackendError, ReplicaCount
-from controlplane.backends.local import WORKER_ARGV
-from controlplane.policy import ClusterSpec
+from baton.controlplane.backends.base import BackendError, ReplicaCount
+from baton.controlplane.backends.local import WORKER_ARGV
+from baton.controlplane.policy import ClusterSpec
 
 
 @ray.remote

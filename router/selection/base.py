@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from router.selection.types import SelectionContext, WorkerState
+from baton.router.selection.types import SelectionContext, WorkerState
 
 
 class PrefixMatcher(Protocol):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.selection.policies import Policy
-from router.selection.types import RoutingRequest, Selection, WorkerState
+from baton.router.selection.policies import Policy
+from baton.router.selection.types import RoutingRequest, Selection, WorkerState
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from router.selection.types import SelectionContext, WorkerState
+from baton.router.selection.types import SelectionContext, WorkerState
 
 
 class PoolFilter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from router.selection.types import SelectionContext, WorkerState
+from baton.router.selection.types import SelectionContext, WorkerState
 
 # Totals closer than this are a tie: float sums of the same scores in another order differ by ~1e-16.
 TIE_EPSILON = 1e-9

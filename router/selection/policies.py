@@ -5,14 +5,21 @@ import random
 import time
 from typing import Callable, Sequence
 
-from router.selection.base import Filter, Picker, PrefixMatcher, Scorer
-from router.selection.config import RoutingConfig
-from router.selection.filters import HealthyFilter, PoolFilter
-from router.selection.pickers import RoundRobinPicker, WeightedPicker
-from router.selection.scorers import SCORERS, LoadScorer
-from router.selection.timing import TimingHook
-from router.selection.types import (POOLS, CandidateScore, NoWorkerAvailable, RoutingRequest, Selection,
-                                    SelectionContext, WorkerState)
+from baton.router.selection.base import Filter, Picker, PrefixMatcher, Scorer
+from baton.router.selection.config import RoutingConfig
+from baton.router.selection.filters import HealthyFilter, PoolFilter
+from baton.router.selection.pickers import RoundRobinPicker, WeightedPicker
+from baton.router.selection.scorers import SCORERS, LoadScorer
+from baton.router.selection.timing import TimingHook
+from baton.router.selection.types import (
+    POOLS,
+    CandidateScore,
+    NoWorkerAvailable,
+    RoutingRequest,
+    Selection,
+    SelectionContext,
+    WorkerState,
+)
 
 
 class Policy:

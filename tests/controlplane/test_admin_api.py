@@ -9,12 +9,12 @@ import httpx
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
-from controlplane.backends.local import LocalBackend
-from controlplane.policy import PolicyFile
-from controlplane.server import serve
-from controlplane.service import ControlPlane
-from proto.baton.v1 import controlplane_pb2 as pb
-from proto.baton.v1 import controlplane_pb2_grpc as pb_grpc
+from baton.controlplane.backends.local import LocalBackend
+from baton.controlplane.policy import PolicyFile
+from baton.controlplane.server import serve
+from baton.controlplane.service import ControlPlane
+from baton.proto.v1 import controlplane_pb2 as pb
+from baton.proto.v1 import controlplane_pb2_grpc as pb_grpc
 from tests.conftest import free_port
 from tests.controlplane.conftest import sleeper
 
@@ -105,7 +105,7 @@ def test_http_and_grpc_admin(redis_url, tmp_path):
 
 
 def test_refuses_to_start_without_token(tmp_path, monkeypatch):
-    from engine.cli import app
+    from baton.cli import app
 
     monkeypatch.delenv("BATON_CONTROLPLANE_TOKEN", raising=False)
     path = tmp_path / "p.yaml"

@@ -15,11 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from controlplane.backends.base import BackendError
-from controlplane.backends.kubernetes import KubernetesBackend
-from controlplane.policy import parse_policy
-from controlplane.service import ControlPlane
-from controlplane.signals import SignalPublisher
+from baton.contracts.signals import SignalPublisher
+from baton.controlplane.backends.base import BackendError
+from baton.controlplane.backends.kubernetes import KubernetesBackend
+from baton.controlplane.policy import parse_policy
+from baton.controlplane.service import ControlPlane
 
 PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)(?:/(scale))?$")
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from controlplane.backends.base import BackendError
-from controlplane.backends.local import LocalBackend
+from baton.controlplane.backends.base import BackendError
+from baton.controlplane.backends.local import LocalBackend
 from tests.controlplane.conftest import sleeper
 
 

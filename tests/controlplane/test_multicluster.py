@@ -9,10 +9,11 @@ import json
 
 import redis.asyncio as aioredis
 
-from controlplane.backends.local import LocalBackend
-from controlplane.policy import parse_policy
-from controlplane.service import ControlPlane
-from controlplane.signals import SignalPublisher, SignalReader
+from baton.contracts.signals import SignalPublisher
+from baton.controlplane.backends.local import LocalBackend
+from baton.controlplane.policy import parse_policy
+from baton.controlplane.service import ControlPlane
+from baton.controlplane.signals import SignalReader
 from tests.controlplane.conftest import sleeper
 
 POLICY = """\

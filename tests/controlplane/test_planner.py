@@ -1,10 +1,10 @@
 """Planner on synthetic signal series: the pure core, ticked with a virtual clock."""
 from __future__ import annotations
 
-from controlplane.placement import ClusterState
-from controlplane.planner import Planner, TickInput
-from controlplane.policy import parse_policy
-from controlplane.signals import SignalWindow
+from baton.controlplane.placement import ClusterState
+from baton.controlplane.planner import Planner, TickInput
+from baton.controlplane.policy import parse_policy
+from baton.controlplane.signals import SignalWindow
 
 POLICY = """\
 tick_s: 10

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from typer.testing import CliRunner
 
-from controlplane.policy import PolicyError, PolicyFile, load_policy, parse_policy
+from baton.controlplane.policy import PolicyError, PolicyFile, load_policy, parse_policy
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "deploy" / "policies").glob("*.yaml"))
@@ -65,7 +65,7 @@ def test_spillover_and_yaml_errors():
 
 
 def test_check_cli_reports_every_error(tmp_path):
-    from engine.cli import app
+    from baton.cli import app
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("gpus: 4}", "gpus: x}").replace("itl_p90_ms: 50}", "itl_p90_ms: 0}"))

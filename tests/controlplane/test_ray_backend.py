@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.mark.slow
 def test_ray_actors_scale_up_and_down(tmp_path):
-    from controlplane.backends.ray import RayBackend
+    from baton.controlplane.backends.ray import RayBackend
 
     ray.init(num_cpus=2, include_dashboard=False, namespace="baton-test", log_to_driver=False)
     try:

@@ -11,8 +11,8 @@ SPIKE = ROOT / "deploy" / "policies" / "traces" / "spike_5x.csv.gz"
 
 
 def test_spike_trace_meets_slo_and_reports_gpu_hours_vs_oracle(tmp_path):
-    from controlplane.policy import load_policy
-    from controlplane.simulator import load_trace, simulate
+    from baton.controlplane.policy import load_policy
+    from baton.controlplane.simulator import load_trace, simulate
 
     policy = load_policy(POLICY)
     trace = load_trace(SPIKE, policy.models[0].name)
@@ -36,7 +36,7 @@ def test_spike_trace_meets_slo_and_reports_gpu_hours_vs_oracle(tmp_path):
 
 
 def test_simulate_cli_prints_table_ratio_and_writes_png(tmp_path):
-    from engine.cli import app
+    from baton.cli import app
 
     png = tmp_path / "spike.png"
     result = CliRunner().invoke(app, ["policy", "simulate", str(POLICY), "--trace", str(SPIKE), "--plot", str(png)])

@@ -6,12 +6,11 @@ import base64
 import copy
 import json
 
+import chart_check
 import helm_python
 import pytest
 import yaml
 from chart_release import Release
-
-import chart_check
 
 CASES = chart_check.cases()
 

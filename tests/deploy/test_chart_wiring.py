@@ -8,11 +8,10 @@ import pathlib
 import posixpath
 import re
 
+import chart_check
 import pytest
 import yaml
 from chart_release import Release, env_value, flag
-
-import chart_check
 
 ROOT = chart_check.ROOT
 # The Role contract in docs/architecture.md: (apiGroup, resource, verb).
@@ -97,7 +96,7 @@ def test_policy_configmap_and_admin_token_reach_the_control_plane(default_releas
 
 
 def test_policy_names_the_deployments_the_chart_creates(default_release, us_east):
-    from controlplane.policy import parse_policy
+    from baton.controlplane.policy import parse_policy
 
     for release, region in ((default_release, "local"), (us_east, "us-east")):
         text = release.get("ConfigMap", "baton-controlplane-policy")["data"]["policy.yaml"]
@@ -211,7 +210,7 @@ def test_flags_exist_in_the_registered_cli(default_release):
     """Against the real `baton` CLI for every sub-command that is registered in this build."""
     import typer.main
 
-    from engine.cli import app
+    from baton.cli import app
 
     group = typer.main.get_command(app)
     checked = 0
@@ -271,7 +270,7 @@ def test_multi_region_shares_one_control_plane_and_one_redis(us_east, eu_west):
     container = us_east.container("controlplane")
     kubeconfig = env_value(container, "KUBECONFIG")["value"]
     assert posixpath.dirname(kubeconfig) in {m["mountPath"] for m in container["volumeMounts"]}
-    from controlplane.policy import parse_policy
+    from baton.controlplane.policy import parse_policy
 
     policy = parse_policy(us_east.get("ConfigMap", "baton-controlplane-policy")["data"]["policy.yaml"])
     (remote,) = [c for c in policy.clusters if c.region == "eu-west"]

@@ -6,12 +6,11 @@ import fnmatch
 import json
 import re
 import shlex
-import tomllib
-
-import pytest
-from chart_release import Release
 
 import chart_check
+import pytest
+import tomllib
+from chart_release import Release
 
 ROOT = chart_check.ROOT
 DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
@@ -53,8 +52,8 @@ def test_dockerfile_copies_existing_paths_through_dockerignore(name):
         assert docker_context_allows(src), f"{name}: COPY {src}: excluded by .dockerignore"
     # Everything setuptools packages must be copied, or the installed `baton` misses a package.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages <= set(sources) and "pyproject.toml" in sources
+    folders = {"baton", *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    assert folders <= set(sources) and "pyproject.toml" in sources
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -67,7 +66,7 @@ def test_dockerfile_runs_components_through_the_baton_cli(name):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "baton" in pyproject["project"]["scripts"]
     run = " ".join(args for word, args in steps if word == "RUN")
-    assert "python -m proto.build" in run and (ROOT / "proto" / "build.py").exists()
+    assert "python proto/build.py" in run and (ROOT / "proto" / "build.py").exists()
     for extras in re.findall(r'"\.\[([a-z,]+)\]"', run):
         assert set(extras.split(",")) <= pyproject["project"]["optional-dependencies"].keys()
     if name == "Dockerfile.cpu":

@@ -5,13 +5,13 @@ import pathlib
 
 import pytest
 
-from controlplane.local_cluster import LocalCluster, UpOptions
+from baton.devtools.local_cluster import LocalCluster, UpOptions
 from tests.conftest import free_port
 
 
 @pytest.fixture(scope="session")
 def e2e_model_dir(tmp_path_factory) -> pathlib.Path:
-    from engine.make_model import make_model
+    from baton.devtools.make_model import make_model
 
     return make_model(tmp_path_factory.mktemp("e2e") / "e2e-llama", arch="llama", layers=2, hidden=64, heads=4,
                       kv_heads=2, vocab=512, max_position=1024, seed=21)

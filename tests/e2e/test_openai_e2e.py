@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from engine.tokenizer import Tokenizer
-from proto.baton.v1 import inference_pb2, inference_pb2_grpc
+from baton.engine.tokenizer import Tokenizer
+from baton.proto.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ LONG = "The quick brown fox jumps over the lazy dog while the router picks a pre
 
 
 def baton_generate(model_dir, ids, max_tokens) -> dict:
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", str(model_dir), "--prompt-ids",
+    out = subprocess.run([sys.executable, "-m", "baton.cli", "generate", str(model_dir), "--prompt-ids",
                           ",".join(map(str, ids)), "--max-tokens", str(max_tokens), "--ignore-eos", "--json"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -30,14 +30,14 @@ def baton_generate(model_dir, ids, max_tokens) -> dict:
 @pytest.fixture(scope="module")
 def engine(e2e_model_dir):
     """The engine `baton generate` runs, in-process, for references beyond the CLI comparisons."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from baton.engine.config import EngineConfig
+    from baton.engine.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(str(e2e_model_dir), num_kv_blocks=256, show_progress=False))
 
 
 def greedy(engine, ids, max_tokens) -> dict:
-    from engine.sampling_params import SamplingParams
+    from baton.engine.sampling_params import SamplingParams
 
     seq = engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
     return {"token_ids": seq.output_ids, "text": engine.tokenizer.decode(seq.output_ids)}

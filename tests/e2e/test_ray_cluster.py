@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_ray_cluster_serves_and_stops_its_workers(e2e_model_dir, tmp_path):
     pytest.importorskip("ray")
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from baton.engine.config import EngineConfig
+    from baton.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(str(e2e_model_dir), num_kv_blocks=128, show_progress=False))
     cluster = start_cluster(e2e_model_dir, tmp_path, prefill=1, decode=1, local_prefill_threshold=24, ray=True)

@@ -10,7 +10,6 @@ import time
 import httpx
 import openai
 import pytest
-import redis
 
 from tests.e2e.conftest import start_cluster
 from tests.e2e.test_openai_e2e import LONG, worker_stats

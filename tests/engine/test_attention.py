@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.attention import allocate_kv_cache, build_batch, paged_attention, write_kv
+from baton.engine.attention import allocate_kv_cache, build_batch, paged_attention, write_kv
 
 LAYERS, BLOCK, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 3, 4, 2, 6, 8, 64
 

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from baton.engine.config import EngineConfig
+from baton.engine.errors import InvalidRequestError
+from baton.engine.llm_engine import LLMEngine
+from baton.engine.sampling_params import SamplingParams
 from tests.engine.checkpoints import make_hf_checkpoint
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -185,7 +185,7 @@ def test_abort_releases_pinned_and_reserved_blocks(model_dir):
 
 
 def test_stop_strings_and_text_with_real_tokenizer(tmp_path):
-    from engine.make_model import make_model
+    from baton.devtools.make_model import make_model
 
     model_dir = make_model(tmp_path / "tok", arch="qwen2", vocab=512, seed=1)
     engine = new_engine(str(model_dir))
@@ -212,7 +212,7 @@ def test_ids_past_the_tokenizer_are_never_sampled(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from engine.make_model import make_model
+    from baton.devtools.make_model import make_model
 
     model_dir = make_model(tmp_path / "padded", arch="qwen2", vocab=512, seed=2)
     weights = load_file(model_dir / "model.safetensors")

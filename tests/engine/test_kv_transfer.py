@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.kv_transfer import (CacheGeometry, Endpoint, KVTransferError, TransferResult, block_runs,
-                                create_transport)
-from engine.kv_transfer.base import KV_TRANSFER_BYTES
-from engine.kv_transfer.tcp import _STATUS, encode_header
+from baton.engine.kv_transfer import (
+    CacheGeometry,
+    Endpoint,
+    KVTransferError,
+    TransferResult,
+    block_runs,
+    create_transport,
+)
+from baton.engine.kv_transfer.base import KV_TRANSFER_BYTES
+from baton.engine.kv_transfer.tcp import _STATUS, encode_header
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_NIXL = importlib.util.find_spec("nixl") is not None
@@ -279,7 +285,7 @@ def test_sender_to_a_vanished_receiver_fails_within_its_timeout(pair, backend):
 
 CHILD = r"""
 import sys, threading, torch
-from engine.kv_transfer import create_transport
+from baton.engine.kv_transfer import create_transport
 backend, endpoint, mode = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
 shape = [int(x) for x in sys.argv[4].split(",")]
 src = torch.randn(shape, generator=torch.Generator().manual_seed(11)) if mode == "ok" else torch.ones(shape)

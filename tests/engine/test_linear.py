@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model import linear
+from baton.engine.model import linear
 
 
 @pytest.mark.parametrize("rows", [0, 1, 16, 300])

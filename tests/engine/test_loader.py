@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import EngineConfig, ModelConfig
-from engine.errors import ModelFilesError
-from engine.llm_engine import LLMEngine
-from engine.loader import load_model
-from engine.make_model import make_model
-from engine.sampling_params import SamplingParams
+from baton.devtools.make_model import make_model
+from baton.engine.config import EngineConfig, ModelConfig
+from baton.engine.errors import ModelFilesError
+from baton.engine.llm_engine import LLMEngine
+from baton.engine.loader import load_model
+from baton.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -106,7 +106,7 @@ def test_broken_directories_give_one_clear_error(tmp_path, case, match):
 
 def test_generate_cli_json_and_errors(tmp_path):
     model_dir = make_model(tmp_path / "cli", arch="mistral", seed=5)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "engine.cli", "generate", str(model_dir), *a],  # noqa
+    run = lambda *a: subprocess.run([sys.executable, "-m", "baton.cli", "generate", str(model_dir), *a],  # noqa
                                     capture_output=True, text=True)
     out = run("--prompt-ids", "5,6,7,8,9,10,11", "--max-tokens", "12", "--ignore-eos", "--json")
     assert out.returncode == 0, out.stderr
@@ -117,6 +117,6 @@ def test_generate_cli_json_and_errors(tmp_path):
     assert text.returncode == 0 and len(json.loads(text.stdout.strip().splitlines()[-1])["token_ids"]) <= 4
     bad = run("--prompt-ids", "1,2", "--max-tokens", "0")
     assert bad.returncode == 2 and "max_tokens" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "engine.cli", "generate", str(tmp_path / "nope"),
+    missing = subprocess.run([sys.executable, "-m", "baton.cli", "generate", str(tmp_path / "nope"),
                               "--prompt-ids", "1"], capture_output=True, text=True)
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json as jsonlib
 import logging
 
-from engine.logs import setup_logging
+from baton.contracts.logs import setup_logging
 
 
 def test_json_logs_carry_the_request_id(capsys):

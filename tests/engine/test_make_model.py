@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine import tokenizer_training
-from engine.make_model import make_model
+from baton.devtools.make_model import make_model
+from baton.devtools import tokenizer_training
 
 transformers = pytest.importorskip("transformers")
 

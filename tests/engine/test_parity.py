@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from baton.engine.config import EngineConfig
+from baton.engine.llm_engine import LLMEngine
+from baton.engine.sampling_params import SamplingParams
 from tests.engine.checkpoints import make_hf_checkpoint
 
 PROMPT_LENGTHS = [1, 7, 16, 17, 100, 320]

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from engine.errors import ModelFilesError
-from engine.make_model import make_model
-from engine.tokenizer import Tokenizer
-from engine.tokenizer_training import SPECIAL_TOKENS
+from baton.devtools.make_model import make_model
+from baton.devtools.tokenizer_training import SPECIAL_TOKENS
+from baton.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from baton.engine.errors import ModelFilesError
+from baton.engine.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

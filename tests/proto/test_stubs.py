@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from proto import build
-from proto.baton.v1 import inference_pb2, worker_pb2
+from baton.proto import build
+from baton.proto.v1 import inference_pb2, worker_pb2
 
 OWN = ("inference", "worker")
 
@@ -14,18 +14,18 @@ OWN = ("inference", "worker")
 @pytest.mark.parametrize("name", OWN)
 def test_committed_stubs_are_fresh(tmp_path: pathlib.Path, name: str) -> None:
     build.generate(tmp_path)
-    committed = build.PROTO_DIR / "baton" / "v1"
+    committed = build.PROTO_DIR / "v1"
     for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
-        fresh = (tmp_path / "baton" / "v1" / f"{name}{suffix}").read_text()
+        fresh = (tmp_path / "v1" / f"{name}{suffix}").read_text()
         path = committed / f"{name}{suffix}"
-        assert path.exists(), f"{path} missing: run `python -m proto.build`"
-        assert path.read_text() == fresh, f"{path} is stale: run `python -m proto.build`"
+        assert path.exists(), f"{path} missing: run `python -m baton.proto.build`"
+        assert path.read_text() == fresh, f"{path} is stale: run `python -m baton.proto.build`"
 
 
 def test_stubs_import_from_the_proto_package() -> None:
-    # protoc writes `from baton.v1 import`; the build must rewrite it so worker_pb2 imports.
-    text = (build.PROTO_DIR / "baton" / "v1" / "worker_pb2.py").read_text()
-    assert "from proto.baton.v1 import inference_pb2" in text
+    # protoc sees proto/ as baton/proto, so the stubs import each other by their installed name.
+    text = (build.PROTO_DIR / "v1" / "worker_pb2.py").read_text()
+    assert "from baton.proto.v1 import inference_pb2" in text
 
 
 def test_kv_destination_round_trips_with_version() -> None:

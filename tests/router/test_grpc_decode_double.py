@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from router.config import RouterConfig
-from router.registry import WorkerRecord, WorkerRegistration
-from router.server import Router
+from baton.contracts.worker_registry import WorkerRecord, WorkerRegistration
+from baton.engine.output_text import TextTracker
+from baton.engine.tokenizer import Tokenizer
+from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.router.config import RouterConfig
+from baton.router.server import Router
 
 pytestmark = pytest.mark.anyio
 MODEL = "tiny"
@@ -26,7 +28,7 @@ Err = worker_pb2.DecodeError
 
 def make_model_dir(root: Path, max_position: int = 256) -> Path:
     """A model directory with a real trained tokenizer and chat template (no weights: the router needs none)."""
-    from engine.tokenizer_training import write_tokenizer_files
+    from baton.devtools.tokenizer_training import write_tokenizer_files
 
     out = root / MODEL
     out.mkdir(parents=True, exist_ok=True)
@@ -38,12 +40,14 @@ def make_model_dir(root: Path, max_position: int = 256) -> Path:
 
 class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
     """Stand-in for the real decode worker: prefills through the named prefill worker (or locally),
-    then streams `script` one token per chunk. `die_after=n` stops the whole gRPC server after n
-    tokens, like a crashed process."""
+    then streams `script` one token per chunk, with its text and stop strings applied by the engine's own
+    TextTracker (as the real worker does) when given the model directory. `die_after=n` stops the whole gRPC
+    server after n tokens, like a crashed process."""
 
     def __init__(self, worker_id: str, script: list[int], *, token_delay_s: float = 0.002,
-                 die_after: int | None = None) -> None:
+                 die_after: int | None = None, model_dir: Path | None = None) -> None:
         self.worker_id = worker_id
+        self.tokenizer = Tokenizer.from_dir(model_dir) if model_dir is not None else None
         self.script = script
         self.token_delay_s = token_delay_s
         self.die_after = die_after
@@ -92,17 +96,26 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
         max_tokens = request.sampling.max_tokens
         tokens = self.script[:max_tokens]
         finish = inference_pb2.FINISH_REASON_LENGTH if len(self.script) >= max_tokens else inference_pb2.FINISH_REASON_STOP
+        text = TextTracker(self.tokenizer, list(request.token_ids), list(request.sampling.stop)) \
+            if self.tokenizer is not None else None
         try:
             for i, token in enumerate(tokens):
                 if self.die_after is not None and i == self.die_after:
                     asyncio.get_running_loop().create_task(self.server.stop(None))
                     await asyncio.sleep(30)
                 chunk = worker_pb2.DecodeChunk(token_ids=[token])
+                stopped = False
+                if text is not None:
+                    chunk.text, stopped = text.push(token)
                 if request.sampling.logprobs:
                     chunk.logprobs.append(-0.5 * (i + 1))
                 if i == 0:
                     chunk.prefill.CopyFrom(stats)
+                if stopped:
+                    finish, tokens = inference_pb2.FINISH_REASON_STOP, tokens[: i + 1]
                 if i == len(tokens) - 1:
+                    if text is not None:
+                        chunk.text += text.flush()
                     chunk.finish_reason = finish
                     chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=n, completion_tokens=len(tokens),
                                                               cached_prompt_tokens=stats.cached_tokens))
@@ -151,7 +164,8 @@ class Cluster:
                  dead_prefills: int = 0, dead_decodes: int = 0, die_after: int | None = None,
                  token_delay_s: float = 0.002, **router_overrides) -> None:
         self.redis_url, self.model_dir, self.script = redis_url, model_dir, script
-        self.decodes = [DecodeDouble(f"d{i}", script, die_after=die_after, token_delay_s=token_delay_s)
+        self.decodes = [DecodeDouble(f"d{i}", script, die_after=die_after, token_delay_s=token_delay_s,
+                                     model_dir=model_dir)
                         for i in range(decodes)]
         self.prefills = [PrefillDouble(f"p{i}", script[0]) for i in range(prefills)]
         self.dead = [("prefill", f"p-dead{i}") for i in range(dead_prefills)] + \

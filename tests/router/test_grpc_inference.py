@@ -7,10 +7,10 @@ import asyncio
 import grpc
 import httpx
 import pytest
-
-from engine.tokenizer import Tokenizer
-from proto.baton.v1 import inference_pb2, inference_pb2_grpc
 from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
+
+from baton.engine.tokenizer import Tokenizer
+from baton.proto.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.anyio
 

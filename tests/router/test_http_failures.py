@@ -9,9 +9,9 @@ import json
 import httpx
 import openai
 import pytest
-
-from engine.tokenizer import Tokenizer
 from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
+
+from baton.engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.anyio
 

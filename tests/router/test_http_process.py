@@ -11,11 +11,11 @@ import sys
 
 import httpx
 import pytest
-
-from tests.conftest import free_port
-from router.config import ConfigError, RouterConfig
-from router.registry import WorkerRecord, WorkerRegistration
 from test_grpc_decode_double import MODEL, DecodeDouble, model_dir  # noqa: F401 - fixture
+
+from baton.contracts.worker_registry import WorkerRecord, WorkerRegistration
+from baton.router.config import ConfigError, RouterConfig
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -25,10 +25,10 @@ async def test_router_process_serves_and_stops_on_sigterm(redis_url, model_dir, 
     cfg = tmp_path / "router.yaml"
     cfg.write_text(f"http_port: 1\ngrpc_port: {free_port()}\nhost: 127.0.0.1\nregistry_poll_interval_s: 0.05\n")
     env = {**os.environ, "BATON_ROUTER_REDIS_URL": redis_url, "BATON_ROUTER_POLICY": "round_robin"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "router", "--model", str(model_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "router", "--model", str(model_dir),
                              "--config", str(cfg), "--http-port", str(http_port), "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    double = DecodeDouble("d0", [5, 6, 7])
+    double = DecodeDouble("d0", [5, 6, 7], model_dir=model_dir)
     await double.start()
     reg = WorkerRegistration(redis_url, WorkerRecord(worker_id="d0", pool="decode", grpc_address=double.address,
                                                      model=MODEL), interval_s=1.0, ttl_s=5.0)
@@ -60,7 +60,7 @@ async def test_router_process_serves_and_stops_on_sigterm(redis_url, model_dir, 
 def test_bad_config_is_reported_without_traceback(model_dir, tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("http_port: lots\n")
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "router", "--model", str(model_dir),
+    out = subprocess.run([sys.executable, "-m", "baton.cli", "router", "--model", str(model_dir),
                           "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "http_port" in out.stderr and str(bad) in out.stderr and "Traceback" not in out.stderr

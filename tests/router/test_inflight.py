@@ -1,10 +1,10 @@
 """The router's own in-flight accounting raises stale heartbeat load so bursts spread."""
 from __future__ import annotations
 
-from router.inflight import InFlight
-from router.selection import WorkerState
-from router.selection.disaggregation import PrefillDecision, Route
-from router.selection.types import Selection
+from baton.router.inflight import InFlight
+from baton.router.selection import WorkerState
+from baton.router.selection.disaggregation import PrefillDecision, Route
+from baton.router.selection.types import Selection
 
 
 def sel(worker_id, pool, cached=0):

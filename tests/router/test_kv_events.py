@@ -9,10 +9,11 @@ import time
 import pytest
 import redis
 
-from engine.block_hash import hash_blocks
-from engine.kv_events import KV_EVENTS_STREAM, KVEvent, KVEventPublisher, coalesce, decode_hashes, encode_hashes
-from router.kv_event_consumer import KVEventConsumer
-from router.prefix_index import PrefixIndex
+from baton.contracts.block_hash import hash_blocks
+from baton.contracts.keys import KV_EVENTS_STREAM
+from baton.contracts.kv_events import KVEvent, KVEventPublisher, coalesce, decode_hashes, encode_hashes
+from baton.router.kv_event_consumer import KVEventConsumer
+from baton.router.prefix_index import PrefixIndex
 
 FAST = dict(flush_interval_s=0.002, poll_interval_s=0.02)
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from engine.block_hash import hash_blocks
-from engine.kv_events import KVEvent
-from router.prefix_index import PrefixIndex
+from baton.contracts.block_hash import hash_blocks
+from baton.contracts.kv_events import KVEvent
+from baton.router.prefix_index import PrefixIndex
 
 BS = 4
 

@@ -6,7 +6,8 @@ import asyncio
 import pytest
 import redis
 
-from router.registry import KEY_PREFIX, WorkerLoad, WorkerRecord, WorkerRegistration, WorkerRegistry
+from baton.contracts.keys import worker_key
+from baton.contracts.worker_registry import WorkerLoad, WorkerRecord, WorkerRegistration, WorkerRegistry
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +58,7 @@ async def test_registration_heartbeat_and_stop(redis_url: str) -> None:
         first = registry.get("d0").load.num_requests_running
         await asyncio.sleep(0.3)
         assert registry.get("d0").load.num_requests_running > first, "heartbeats must refresh the live load"
-        ttl = redis.Redis.from_url(redis_url).pttl(KEY_PREFIX + "d0")
+        ttl = redis.Redis.from_url(redis_url).pttl(worker_key("d0"))
         assert 0 < ttl <= 1000
         await reg.stop()
         await asyncio.sleep(0.2)
@@ -85,9 +86,9 @@ async def test_worker_that_stops_heartbeating_expires(redis_url: str) -> None:
 
 async def test_registry_filters_model_and_skips_garbage(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    client.hset(KEY_PREFIX + "junk", mapping={"worker_id": "junk", "pool": "decode"})
-    client.hset(KEY_PREFIX + "other", mapping=_record("other", model="other-model").to_hash())
-    client.hset(KEY_PREFIX + "good", mapping=_record("good").to_hash())
+    client.hset(worker_key("junk"), mapping={"worker_id": "junk", "pool": "decode"})
+    client.hset(worker_key("other"), mapping=_record("other", model="other-model").to_hash())
+    client.hset(worker_key("good"), mapping=_record("good").to_hash())
     registry = WorkerRegistry(redis_url, model="m")
     await registry.refresh()
     assert [w.worker_id for w in registry.workers()] == ["good"]

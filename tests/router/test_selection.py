@@ -7,10 +7,20 @@ from collections import Counter
 import pydantic
 import pytest
 
-from engine.block_hash import hash_blocks
-from router.prefix_index import PrefixIndex
-from router.selection import (POLICIES, ConditionalDisaggregation, LatencyRecorder, NoWorkerAvailable,
-                              RoutingConfig, RoutingRequest, WorkerState, make_policy, select_route)
+from baton.contracts.block_hash import hash_blocks
+from baton.router.prefix_index import PrefixIndex
+from baton.router.selection import (
+    POLICIES,
+    POLICY_NAMES,
+    ConditionalDisaggregation,
+    LatencyRecorder,
+    NoWorkerAvailable,
+    RoutingConfig,
+    RoutingRequest,
+    WorkerState,
+    make_policy,
+    select_route,
+)
 
 BS = 16
 
@@ -27,6 +37,7 @@ def pool_of(n: int, pool: str = "decode", **load) -> list[WorkerState]:
 
 def test_registry_has_the_three_policies_and_kv_aware_is_default():
     assert set(POLICIES) == {"round_robin", "least_load", "kv_aware"}
+    assert set(POLICY_NAMES) == set(POLICIES)  # the config accepts exactly the policies that exist
     assert RoutingConfig().policy == "kv_aware"
     for name in POLICIES:
         assert make_policy(RoutingConfig(policy=name)).name == name

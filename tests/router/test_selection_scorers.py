@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import random
 
-from engine.block_hash import hash_blocks
-from router.prefix_index import PrefixIndex
-from router.selection import RoutingConfig, RoutingRequest, SelectionContext, WorkerState, make_policy
-from router.selection.scorers import LoadScorer, PrefixOverlapScorer
+from baton.contracts.block_hash import hash_blocks
+from baton.router.prefix_index import PrefixIndex
+from baton.router.selection import RoutingConfig, RoutingRequest, SelectionContext, WorkerState, make_policy
+from baton.router.selection.scorers import LoadScorer, PrefixOverlapScorer
 
 BS = 16
 

@@ -8,12 +8,13 @@ import time
 
 import redis.asyncio as aioredis
 
-from controlplane.signals import SignalReader
-from router.config import RouterConfig
-from router.dispatch import Dispatcher
-from router.metrics import RouterMetrics
-from router.registry import WorkerRecord
-from router.traffic import SPILLOVER_KEY, Traffic
+from baton.contracts.keys import spillover_key
+from baton.contracts.worker_registry import WorkerRecord
+from baton.controlplane.signals import SignalReader
+from baton.router.config import RouterConfig
+from baton.router.dispatch import Dispatcher
+from baton.router.metrics import RouterMetrics
+from baton.router.traffic import Traffic
 
 
 def test_signals_reach_the_control_plane_reader(redis_url):
@@ -55,7 +56,7 @@ class _Registry:
 
 
 def test_spillover_shares_send_that_fraction_to_the_other_region(redis_url, tmp_path):
-    from engine.make_model import make_model
+    from baton.devtools.make_model import make_model
 
     model_dir = make_model(tmp_path / "m", vocab=300)
     workers = [WorkerRecord(f"{r}-{p}", p, f"127.0.0.1:{i + 1}", "m", region=r)
@@ -67,10 +68,10 @@ def test_spillover_shares_send_that_fraction_to_the_other_region(redis_url, tmp_
         dispatcher = Dispatcher(RouterConfig(model=str(model_dir), served_model_name="m"), _Registry(workers),
                                 RouterMetrics(), traffic=traffic)
         before = [w.region for w in dispatcher._in_region(workers)]
-        await client.hset(SPILLOVER_KEY.format(model="m"), "us-east", json.dumps({"eu-west": 0.25}))
+        await client.hset(spillover_key("m"), "us-east", json.dumps({"eu-west": 0.25}))
         await traffic.refresh_spill()
         regions = [dispatcher._in_region(workers)[0].region for _ in range(2000)]
-        await client.delete(SPILLOVER_KEY.format(model="m"))
+        await client.delete(spillover_key("m"))
         await traffic.refresh_spill()
         after = {w.region for w in dispatcher._in_region(workers)}
         await traffic.stop()

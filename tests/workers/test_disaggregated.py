@@ -7,11 +7,11 @@ import importlib.util
 import grpc
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.make_model import make_model
-from engine.sampling_params import SamplingParams
-from proto.baton.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.devtools.make_model import make_model
+from baton.engine.config import EngineConfig
+from baton.engine.llm_engine import LLMEngine
+from baton.engine.sampling_params import SamplingParams
+from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from tests.cluster import start_worker
 
 PROMPTS = [[5, 9, 13, 200, 7] * 9, list(range(20, 90)), [300, 301]]

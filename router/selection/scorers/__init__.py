@@ -1,8 +1,8 @@
 """Scorers by name; each lives in its own file."""
 from __future__ import annotations
 
-from router.selection.scorers.load import LoadScorer
-from router.selection.scorers.prefix_overlap import PrefixOverlapScorer
+from baton.router.selection.scorers.load import LoadScorer
+from baton.router.selection.scorers.prefix_overlap import PrefixOverlapScorer
 
 SCORERS = {scorer.name: scorer for scorer in (PrefixOverlapScorer, LoadScorer)}
 

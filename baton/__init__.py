@@ -1,0 +1,1 @@
+"""Baton: disaggregated prefill/decode LLM serving."""

@@ -1,0 +1,1 @@
+"""Developer tools: a local cluster (`baton up`) and offline fixture models."""

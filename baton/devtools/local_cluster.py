@@ -1,0 +1,223 @@
+"""`baton up`: a whole Baton cluster on this machine — Redis, router, control plane, and the prefill and
+decode workers that the control plane's local backend starts — stopped cleanly on Ctrl-C or SIGTERM."""
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+import yaml
+
+DEFAULT_MODEL = dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, vocab=4096, max_position=4096)
+
+
+def default_model_dir() -> pathlib.Path:
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+    return cache / "baton" / "models" / "baton-tiny-llama"
+
+
+def ensure_default_model() -> pathlib.Path:
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        from baton.devtools.make_model import make_model
+
+        print(f"[baton] making a small random-weight model at {path} (first run only)", flush=True)
+        make_model(path, **DEFAULT_MODEL)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class UpOptions:
+    model: pathlib.Path | None = None
+    prefill: int = 1
+    decode: int = 1
+    max_prefill: int | None = None
+    max_decode: int | None = None
+    port: int = 8000
+    grpc_port: int = 50051
+    controlplane_port: int = 8090
+    redis_url: str | None = None
+    routing: str = "kv_aware"
+    kv_transport: str = "tcp"
+    local_prefill_threshold: int = 64
+    num_kv_blocks: int = 2048
+    torch_threads: int = 1
+    ray: bool = False
+    ray_address: str | None = None
+    run_dir: pathlib.Path | None = None
+    ready_timeout_s: float = 180.0
+    extra_worker_args: list[str] = field(default_factory=list)
+    # Policy fields to override, e.g. {"tick_s": 1, "decode": {"capacity_tokens_per_s": 30}}.
+    policy_overrides: dict = field(default_factory=dict)
+
+
+class LocalCluster:
+    """Starts the processes in dependency order and stops them in reverse."""
+
+    def __init__(self, opts: UpOptions) -> None:
+        self.opts = opts
+        self.run_dir = opts.run_dir or pathlib.Path(tempfile.mkdtemp(prefix="baton-up-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._commands: dict[str, tuple[list[str], dict | None]] = {}
+        self.model_dir = (opts.model or ensure_default_model()).resolve()
+        self.model_name = self.model_dir.name
+        self.redis_url = opts.redis_url
+        self.admin_token = secrets.token_urlsafe(24)
+        self.http_port = opts.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None, at: int | None = None) -> subprocess.Popen:
+        self._commands[name] = (argv, env)
+        log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        log.close()
+        if at is None:
+            self.procs.append((name, proc))
+        else:
+            self.procs[at] = (name, proc)  # a restart keeps the component's place in the stop order
+        return proc
+
+    def _baton(self) -> list[str]:
+        return [sys.executable, "-m", "baton.cli"]
+
+    def start(self) -> None:
+        if self.redis_url is None:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                raise RuntimeError("redis-server is not installed (run `make setup`) and no --redis-url was given")
+            port = free_port()
+            self._spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(self.run_dir)])
+            self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self._wait_redis()
+        policy = self.write_policy()
+        self._spawn("controlplane", [*self._baton(), "controlplane", "--policy", str(policy), "--redis-url",
+                                     self.redis_url, "--http-port", str(self.opts.controlplane_port),
+                                     "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
+                    env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
+        self._spawn("router", [*self._baton(), "router", "--model", str(self.model_dir), "--redis-url",
+                               self.redis_url, "--host", "127.0.0.1", "--http-port", str(self.opts.port),
+                               "--grpc-port", str(self.opts.grpc_port), "--policy", self.opts.routing,
+                               "--kv-transport", self.opts.kv_transport,
+                               "--local-prefill-threshold", str(self.opts.local_prefill_threshold)])
+        self.wait_ready()
+
+    def write_policy(self) -> pathlib.Path:
+        o = self.opts
+        worker = [*self._baton(), "{pool}-worker", "--model", "{model_dir}", "--redis-url", "{redis_url}",
+                  "--region", "{region}", "--worker-id", "{worker_id}", "--grpc-port", "{grpc_port}",
+                  "--http-port", "{http_port}", "--kv-transport", o.kv_transport,
+                  "--num-kv-blocks", str(o.num_kv_blocks), "--torch-threads", str(o.torch_threads),
+                  *o.extra_worker_args]
+        cluster = {"name": "local", "region": "local", "backend": "ray" if o.ray else "local",
+                   "gpus": 1024, "worker_command": worker}
+        if o.ray:
+            cluster["ray_address"] = o.ray_address or "local"  # "local": start a Ray cluster on this machine
+        pool = dict(capacity_tokens_per_s=2000, startup_s=15)
+        doc = {
+            "version": 1, "tick_s": 5, "signals": {"window_s": 20, "stale_after_s": 30},
+            "clusters": [cluster],
+            "models": [{
+                "name": self.model_name, "model_dir": str(self.model_dir),
+                "regions": {"local": {
+                    "prefill": {**pool, "min_replicas": o.prefill, "max_replicas": max(o.prefill, o.max_prefill or 0),
+                                "ttft_p90_ms": 2000},
+                    "decode": {**pool, "min_replicas": o.decode, "max_replicas": max(o.decode, o.max_decode or 0),
+                               "capacity_tokens_per_s": 200, "itl_p90_ms": 200},
+                }},
+            }],
+        }
+        over = dict(o.policy_overrides)
+        pools = doc["models"][0]["regions"]["local"]
+        for name in ("prefill", "decode"):
+            pools[name].update(over.pop(name, {}))
+        doc.update(over)
+        path = self.run_dir / "policy.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def _wait_redis(self) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis at {self.redis_url} did not answer") from None
+                time.sleep(0.05)
+
+    def registered(self) -> dict[str, int]:
+        client = redis.Redis.from_url(self.redis_url)
+        counts = {"prefill": 0, "decode": 0}
+        for key in client.scan_iter(match="baton:worker:*"):
+            pool = client.hget(key, "pool")
+            if pool is not None and pool.decode() in counts:
+                counts[pool.decode()] += 1
+        return counts
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.run_dir / name}.log")
+            counts = self.registered()
+            try:
+                ready = httpx.get(f"{self.url}/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready and counts["prefill"] >= self.opts.prefill and counts["decode"] >= self.opts.decode:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"cluster not ready after {self.opts.ready_timeout_s:.0f}s; logs in {self.run_dir}")
+
+    def restart(self, name: str) -> None:
+        """Stops one component ("router", "controlplane", "redis") and starts it again with the same
+        command line, then waits until the cluster is ready: for recovery tests and drills."""
+        if name not in self._commands:
+            raise ValueError(f"no component {name!r}; known: {sorted(self._commands)}")
+        at = [n for n, _ in self.procs].index(name)
+        self._terminate(self.procs[at][1])
+        self._spawn(name, *self._commands[name], at=at)
+        if name == "redis":
+            self._wait_redis()
+        self.wait_ready()
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        # Router first (no new requests), then the control plane, which stops its workers, then Redis.
+        for _name, proc in reversed(self.procs):
+            self._terminate(proc)
+        self.procs.clear()

@@ -1,0 +1,168 @@
+"""Model and engine configuration: HF config.json parsed into small validated dataclasses."""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from baton.engine.errors import ModelFilesError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Hugging Face config.json that the runtime needs."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    tie_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    rope: RopeConfig
+    sliding_window: int | None
+    torch_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | pathlib.Path) -> "ModelConfig":
+        path = pathlib.Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelFilesError(f"{path}: missing (a model directory needs config.json)")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelFilesError(f"{path}: invalid JSON ({exc})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelFilesError(
+                f"{source}: field 'architectures' = {archs!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def need(key: str) -> Any:
+            if key not in raw or raw[key] is None:
+                raise ModelFilesError(f"{source}: required field '{key}' is missing")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        head_dim = raw.get("head_dim") or hidden // heads
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        sliding = raw.get("sliding_window")
+        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+            sliding = None
+        if arch == "qwen3" and not raw.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            arch=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position=int(raw.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+            rope=_parse_rope(raw, source),
+            sliding_window=int(sliding) if sliding else None,
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
+    # Newer configs nest everything under rope_parameters; older ones use rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise ModelFilesError(f"{source}: field 'rope_type' = {kind!r} is not supported (default, linear, llama3)")
+    return RopeConfig(
+        theta=theta,
+        kind=kind,
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position=int(merged.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))),
+    )
+
+
+@dataclass
+class EngineConfig:
+    """How one engine instance runs: device, dtype, KV pool size and batching limits."""
+
+    model_dir: str
+    device: str = "cpu"
+    dtype: str | None = None  # None: the checkpoint's dtype (float32 on cpu if it is half precision)
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def resolve_dtype(self, model: ModelConfig) -> torch.dtype:
+        name = self.dtype or model.torch_dtype
+        if name not in DTYPES:
+            name = "float32"
+        if self.dtype is None and self.device == "cpu" and name != "float32":
+            name = "float32"  # half-precision matmuls on CPU are slow and less exact
+        return DTYPES[name]

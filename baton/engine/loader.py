@@ -1,0 +1,80 @@
+"""Loads a Hugging Face-format directory (config.json + safetensors, single or sharded) into CausalLM."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from baton.engine.config import EngineConfig, ModelConfig
+from baton.engine.errors import ModelFilesError
+from baton.engine.model import CausalLM, rope_inv_freq
+
+
+def weight_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelFilesError(f"{index}: field 'weight_map' is missing or invalid ({exc})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFilesError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise ModelFilesError(f"{model_dir}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
+
+
+def load_model(config: EngineConfig, model_config: ModelConfig | None = None) -> CausalLM:
+    """Builds the model on the target device and copies every checkpoint tensor in, checking names and shapes."""
+    model_dir = pathlib.Path(config.model_dir)
+    mc = model_config or ModelConfig.from_dir(model_dir)
+    dtype = config.resolve_dtype(mc)
+    with torch.device("meta"):
+        model = CausalLM(mc)
+    model = model.to_empty(device=config.device).to(dtype)
+    # Buffers were made on the meta device; RoPE frequencies stay float32 as in the reference.
+    model.rotary.inv_freq = rope_inv_freq(mc.rope, mc.head_dim).to(config.device)
+    params = dict(model.named_parameters())
+    expected = set(params)
+    seen: set[str] = set()
+    files = weight_files(model_dir)
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            total += len(list(f.keys()))
+    with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not config.show_progress, leave=False) as bar:
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    bar.update(1)
+                    if name == "lm_head.weight" and mc.tie_embeddings:
+                        continue
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name not in params:
+                        raise ModelFilesError(f"{path.name}: unexpected tensor '{name}' for {mc.arch}")
+                    tensor = f.get_tensor(name)
+                    param = params[name]
+                    if tuple(tensor.shape) != tuple(param.shape):
+                        raise ModelFilesError(
+                            f"{path.name}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(param.shape)}"
+                        )
+                    with torch.no_grad():
+                        param.copy_(tensor)
+                    seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
+    return model.eval()

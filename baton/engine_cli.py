@@ -1,0 +1,156 @@
+"""`baton make-model` and `baton generate`: checkpoints made offline, and one-shot generation on the engine."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Optional
+
+import typer
+
+
+def make_model_cmd(
+    out_dir: pathlib.Path = typer.Argument(..., help="Directory to write the checkpoint into."),
+    arch: str = typer.Option("llama", "--arch", help="llama | qwen2 | qwen3 | mistral"),
+    layers: int = typer.Option(2, "--layers", min=1, help="Decoder layers."),
+    hidden: int = typer.Option(64, "--hidden", min=8, help="Hidden size."),
+    heads: int = typer.Option(4, "--heads", min=1, help="Attention heads."),
+    kv_heads: int = typer.Option(2, "--kv-heads", min=1, help="Key/value heads (GQA)."),
+    vocab: int = typer.Option(512, "--vocab", min=300, help="Vocabulary size, special tokens included."),
+    intermediate: Optional[int] = typer.Option(None, "--intermediate", help="MLP size (default 3x hidden)."),
+    max_position: int = typer.Option(2048, "--max-position", help="max_position_embeddings."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    tie: bool = typer.Option(False, "--tie/--no-tie", help="Tie input and output embeddings."),
+    seed: int = typer.Option(0, "--seed", help="Weight and tokenizer seed."),
+    shards: int = typer.Option(1, "--shards", min=1, help="Number of safetensors shards."),
+) -> None:
+    """Write a random-weight Hugging Face-format checkpoint with a real BPE tokenizer (no download)."""
+    from baton.devtools.make_model import make_model
+
+    try:
+        path = make_model(out_dir, arch=arch, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                          vocab=vocab, intermediate=intermediate, max_position=max_position, dtype=dtype,
+                          tie_embeddings=tie, seed=seed, shards=shards)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {arch} checkpoint to {path}")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
+
+
+def generate_cmd(
+    model_dir: pathlib.Path = typer.Argument(..., help="Hugging Face-format model directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (tokenized with BOS as the model does)."),
+    prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated token ids, fed as given."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass, in (0, 1]."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens; 0 = off."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed for reproducible sampling."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past EOS."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: model's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, ...)."),
+) -> None:
+    """Generate from one prompt on a single in-process engine."""
+    from baton.engine.config import EngineConfig
+    from baton.engine.errors import InvalidRequestError, ModelFilesError
+    from baton.engine.llm_engine import LLMEngine
+    from baton.engine.sampling_params import SamplingParams
+
+    if (prompt is None) == (prompt_ids is None):
+        raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop=list(stop), ignore_eos=ignore_eos)
+        engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, show_progress=not as_json))
+        if prompt_ids is not None:
+            ids = _parse_ids(prompt_ids)
+        else:
+            if engine.tokenizer is None:
+                raise InvalidRequestError(f"{model_dir} has no tokenizer.json; use --prompt-ids")
+            ids = engine.tokenizer.encode(prompt)
+        engine.add_request("cli", ids, params)
+        text, tokens, reason = [], [], None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+                text.append(out.text)
+                if not as_json:
+                    sys.stdout.write(out.text)
+                    sys.stdout.flush()
+                reason = out.finish_reason or reason
+    except (InvalidRequestError, ModelFilesError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps({"prompt_ids": ids, "token_ids": tokens, "text": "".join(text),
+                               "finish_reason": reason}))
+    else:
+        typer.echo(f"\n[{len(tokens)} tokens, finish_reason={reason}]", err=True)
+
+
+def up_cmd(
+    model: Optional[pathlib.Path] = typer.Option(None, "--model", help="Model directory (default: a small "
+                                                 "random-weight Llama made on first use)."),
+    prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
+    decode: int = typer.Option(1, "--decode", min=1, help="Decode workers."),
+    max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="Let the control plane scale prefill "
+                                              "up to this many workers (default: --prefill)."),
+    max_decode: Optional[int] = typer.Option(None, "--max-decode", help="Likewise for decode workers."),
+    port: int = typer.Option(8000, "--port", help="Router HTTP port (OpenAI API)."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="Router gRPC port."),
+    controlplane_port: int = typer.Option(8090, "--controlplane-port", help="Control plane admin HTTP port."),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Use this Redis instead of starting one."),
+    routing: str = typer.Option("kv_aware", "--routing", help="kv_aware | least_load | round_robin"),
+    kv_transport: str = typer.Option("tcp", "--kv-transport", help="tcp | nixl"),
+    local_prefill_threshold: int = typer.Option(64, "--local-prefill-threshold",
+                                                help="Prompts with fewer uncached tokens prefill on the decode "
+                                                     "worker."),
+    ray: bool = typer.Option(False, "--ray", help="Run the workers as Ray actors on a local Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead."),
+    run_dir: Optional[pathlib.Path] = typer.Option(None, "--run-dir", help="Where logs and the policy go."),
+) -> None:
+    """Start a whole local cluster (Redis, router, control plane, prefill + decode workers) and serve."""
+    import signal
+    import threading
+
+    from baton.devtools.local_cluster import LocalCluster, UpOptions
+
+    cluster = LocalCluster(UpOptions(
+        model=model, prefill=prefill, decode=decode, max_prefill=max_prefill, max_decode=max_decode, port=port,
+        grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
+        kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
+        ray_address=ray_address, run_dir=run_dir))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode workers, model {cluster.model_dir}, "
+                   f"logs in {cluster.run_dir}")
+        cluster.start()
+        typer.echo(f"""[baton] ready at {cluster.url}  (OpenAI API; gRPC on :{grpc_port}; control plane on \
+:{controlplane_port}, token in BATON_CONTROLPLANE_TOKEN={cluster.admin_token})
+  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{cluster.model_name}", "prompt": "Hello, my name is", "max_tokens": 16}}'
+Press Ctrl-C to stop.""")
+        stop.wait()
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    finally:
+        typer.echo("[baton] stopping...")
+        cluster.stop()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("make-model")(make_model_cmd)
+    app.command("generate")(generate_cmd)
+    app.command("up")(up_cmd)
