@@ -5,56 +5,43 @@ import pathlib
 
 import typer
 
+from baton.controlplane.settings import ControlPlaneSettings
+from baton.process_settings import settings_command
+
 policy_app = typer.Typer(help="Check and simulate autoscaling policies.", no_args_is_help=True)
 
 
-def controlplane(
-    policy: pathlib.Path = typer.Option(..., "--policy", envvar="BATON_CONTROLPLANE_POLICY", help="policy YAML"),
-    redis_url: str = typer.Option("redis://127.0.0.1:6379/0", "--redis-url", envvar="BATON_CONTROLPLANE_REDIS_URL"),
-    host: str = typer.Option("127.0.0.1", "--host", envvar="BATON_CONTROLPLANE_HOST"),
-    http_port: int = typer.Option(8090, "--http-port", envvar="BATON_CONTROLPLANE_HTTP_PORT"),
-    grpc_port: int = typer.Option(50070, "--grpc-port", envvar="BATON_CONTROLPLANE_GRPC_PORT"),
-    token: str = typer.Option("", "--token", envvar="BATON_CONTROLPLANE_TOKEN",
-                              help="bearer token of the admin API (prefer the environment variable)"),
-    insecure: bool = typer.Option(False, "--insecure", help="serve the admin API without a token"),
-    worker_log_dir: pathlib.Path = typer.Option(None, "--worker-log-dir", envvar="BATON_CONTROLPLANE_WORKER_LOG_DIR",
-                                                help="where local-backend workers write their logs"),
-    log_json: bool = typer.Option(False, "--log-json", help="structured JSON logs"),
-) -> None:
-    """Run the global control plane: signals -> policy -> replicas, with its admin API."""
+def run(settings: ControlPlaneSettings) -> None:
     import asyncio
     import signal
 
     import redis.asyncio as aioredis
 
+    from baton.contracts.logs import setup_logging
     from baton.controlplane.policy import PolicyError, PolicyFile
     from baton.controlplane.server import serve
     from baton.controlplane.service import ControlPlane
 
-    if not token and not insecure:
-        typer.echo("error: the admin API needs a token: set BATON_CONTROLPLANE_TOKEN (or --token), "
-                   "or pass --insecure to run it open", err=True)
-        raise typer.Exit(2)
     try:
-        pfile = PolicyFile(policy)
+        pfile = PolicyFile(settings.policy)
     except PolicyError as exc:
         typer.echo("\n".join(exc.errors), err=True)
         raise typer.Exit(1) from None
-    from baton.contracts.logs import setup_logging
-
-    setup_logging(log_json)
+    setup_logging(settings.log_json, level=settings.logging_level)
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url)
+        client = aioredis.Redis.from_url(settings.redis_url)
         # Local and Ray workers run the same command, so both backends get the same options.
-        worker_options = {"redis_url": redis_url, "log_dir": str(worker_log_dir) if worker_log_dir else None,
+        log_dir = settings.worker_log_dir
+        worker_options = {"redis_url": settings.redis_url, "log_dir": str(log_dir) if log_dir else None,
                           "model_dirs": {m.name: m.model_dir for m in pfile.policy.models if m.model_dir}}
         cp = ControlPlane(pfile, client, backend_options={"local": worker_options, "ray": worker_options})
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         try:
-            await serve(cp, token=token or None, host=host, http_port=http_port, grpc_port=grpc_port, stop=stop)
+            await serve(cp, token=settings.admin_token, host=settings.host, http_port=settings.http_port,
+                        grpc_port=settings.grpc_port, stop=stop)
         finally:
             await client.aclose()
 
@@ -111,5 +98,6 @@ def simulate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("controlplane")(controlplane)
+    app.command("controlplane")(settings_command(
+        ControlPlaneSettings, run, "Run the global control plane: signals -> policy -> replicas, with its admin API."))
     app.add_typer(policy_app, name="policy")

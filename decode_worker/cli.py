@@ -3,4 +3,4 @@ from baton.worker.cli import worker_command
 
 
 def register(app) -> None:
-    app.command("decode-worker")(worker_command("decode", "baton.decode_worker.service", 50062, 8082))
+    app.command("decode-worker")(worker_command("decode", "baton.decode_worker.service"))

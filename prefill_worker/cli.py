@@ -3,4 +3,4 @@ from baton.worker.cli import worker_command
 
 
 def register(app) -> None:
-    app.command("prefill-worker")(worker_command("prefill", "baton.prefill_worker.service", 50061, 8081))
+    app.command("prefill-worker")(worker_command("prefill", "baton.prefill_worker.service"))

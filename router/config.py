@@ -1,44 +1,39 @@
-"""Router configuration: one pydantic-settings model read from CLI flags > env (BATON_ROUTER_*) > YAML > defaults."""
+"""Router configuration: one settings model read from flags > env (BATON_ROUTER_*) > the --config YAML > defaults."""
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
+from baton.process_settings import ConfigError, ProcessSettings
 from baton.router.selection import POLICIES, RoutingConfig, ScorerWeights
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and where it came from."""
-
-
-class RouterConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BATON_ROUTER_", extra="forbid", protected_namespaces=())
+class RouterConfig(ProcessSettings):
+    model_config = SettingsConfigDict(env_prefix="BATON_ROUTER_", protected_namespaces=())
 
     model: str = Field(description="model directory (tokenizer, chat template, config.json)")
     served_model_name: str | None = Field(None, description="model id clients send; default: the directory name")
-    host: str = "0.0.0.0"
-    http_port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(50051, ge=0, le=65535, description="0 disables the gRPC Inference service")
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    region: str = "local"
+    host: str = Field("0.0.0.0", description="bind address")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the OpenAI API, /ready and /metrics")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC Inference port; 0 disables it")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for worker discovery and KV events")
+    region: str = Field("local", description="this router's region")
     policy: str = Field("kv_aware", description="worker-selection policy: round_robin / least_load / kv_aware")
     weights: ScorerWeights = Field(default_factory=ScorerWeights, description="kv_aware scorer weights per pool")
     routing_seed: int | None = Field(None, description="seed of the selection tie-breaker (tests, replay)")
-    kv_transport: str = Field("tcp", description="KV transport the decode worker asks the prefill worker to use")
+    kv_transport: str = Field("tcp", description="KV transport decode asks prefill workers to use: tcp / nixl")
     local_prefill_threshold: int = Field(
         64, ge=0, description="prompts with at most this many uncached tokens prefill on the decode worker itself"
     )
     max_model_len: int | None = Field(None, ge=1, description="context length; default: the model's config.json")
-    block_size: int = Field(16, ge=1, description="KV block size in tokens, as the workers use")
-    registry_poll_interval_s: float = Field(0.5, gt=0)
+    block_size: int = Field(16, ge=1, description="KV block size in tokens; workers with another are refused")
+    registry_poll_interval_s: float = Field(0.5, gt=0, description="seconds between scans of the worker registry")
     max_attempts: int = Field(3, ge=1, description="tries per request across prefill/decode workers before failing")
     worker_suspect_s: float = Field(10.0, ge=0, description="how long a worker that refused a connection is skipped")
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request on a decode worker")
 
     @field_validator("policy")
     @classmethod
@@ -72,44 +67,3 @@ class RouterConfig(BaseSettings):
             return int(raw["max_position_embeddings"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: cannot read max_position_embeddings ({exc}); pass --max-model-len") from None
-
-    @classmethod
-    def load(cls, yaml_file: str | pathlib.Path | None = None, **overrides: Any) -> "RouterConfig":
-        """Builds the config; `overrides` are CLI flags (None = not given)."""
-        file_values: dict[str, Any] = {}
-        if yaml_file is not None:
-            path = pathlib.Path(yaml_file)
-            try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(f"{path}: cannot read YAML ({exc})") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: top level must be a mapping of router settings")
-            file_values = loaded
-        env_values = EnvSettingsSource(cls)()
-        flags = {k: v for k, v in overrides.items() if v is not None}
-        # Init kwargs outrank env inside BaseSettings, so merging here gives flags > env > YAML.
-        merged = {**file_values, **env_values, **flags}
-        try:
-            return cls(**merged)
-        except ValidationError as exc:
-            raise ConfigError(_describe(exc, file_values, env_values, flags, yaml_file)) from None
-
-
-def _describe(exc: ValidationError, file_values: dict, env_values: dict, flags: dict, yaml_file: Any) -> str:
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        key = str(err["loc"][0]) if err["loc"] else ""
-        if key in flags:
-            source = f"flag --{key.replace('_', '-')}"
-        elif key in env_values:
-            source = f"env BATON_ROUTER_{key.upper()}"
-        elif key in file_values:
-            source = str(yaml_file)
-        elif err["type"] == "missing":
-            source = f"not given: pass --{key.replace('_', '-')}, env BATON_ROUTER_{key.upper()} or YAML"
-        else:
-            source = "default"
-        lines.append(f"router config field '{field}' ({source}): {err['msg']}")
-    return "; ".join(lines)

@@ -1,49 +1,62 @@
-"""Configuration of a prefill or decode worker process (flags, BATON_WORKER_* env vars, or a YAML file)."""
+"""Settings of a prefill or decode worker process: flags > env (BATON_WORKER_*) > the --config YAML > defaults."""
 from __future__ import annotations
 
 import os
 import pathlib
 import socket
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from baton.engine.config import EngineConfig
+from baton.process_settings import ProcessSettings
+
+if TYPE_CHECKING:
+    from baton.engine.config import EngineConfig
+
+# (gRPC, HTTP) ports of each pool when none is given, so one prefill and one decode worker fit on a host.
+DEFAULT_PORTS = {"prefill": (50061, 8081), "decode": (50062, 8082)}
 
 
-class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BATON_WORKER_", extra="forbid")
+def _pool_ports(validated: dict[str, Any]) -> tuple[int, int]:
+    return DEFAULT_PORTS.get(validated.get("pool", ""), (0, 0))
 
-    pool: Literal["prefill", "decode"]
+
+class WorkerSettings(ProcessSettings):
+    model_config = SettingsConfigDict(env_prefix="BATON_WORKER_")
+
+    pool: Literal["prefill", "decode"] = Field(description="set by the command: prefill-worker / decode-worker")
     model: str = Field(description="Hugging Face-format model directory")
     model_name: str | None = Field(None, description="name served to clients (default: the directory name)")
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    region: str = "local"
-    host: str = "127.0.0.1"
-    advertise_host: str | None = None
-    grpc_port: int = Field(0, ge=0, le=65535)
-    http_port: int = Field(0, ge=0, le=65535)
-    device: str = "cpu"
-    dtype: str | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = Field(0.5, gt=0)
-    max_num_seqs: int = Field(64, gt=0)
-    max_num_batched_tokens: int = Field(2048, gt=0)
-    kv_transport: str = "tcp"
-    transfer_timeout_s: float = Field(30.0, gt=0)
-    torch_threads: int | None = Field(None, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
-    log_json: bool = False
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for registration and KV events")
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                           description="unique id (default: hostname-pid)")
+    region: str = Field("local", description="region label for routing and autoscaling")
+    host: str = Field("127.0.0.1", description="bind address")
+    advertise_host: str | None = Field(None, description="address others reach this worker at (default: --host)")
+    grpc_port: int = Field(default_factory=lambda data: _pool_ports(data)[0], ge=0, le=65535,
+                           description="gRPC port, 0 = any free port (default: 50061 prefill, 50062 decode)")
+    http_port: int = Field(default_factory=lambda data: _pool_ports(data)[1], ge=0, le=65535,
+                           description="HTTP port of /health, /ready, /metrics, 0 = any free port "
+                                       "(default: 8081 prefill, 8082 decode)")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
+    dtype: str | None = Field(None, description="float32 | bfloat16 | float16 (default: the model's)")
+    block_size: int = Field(16, ge=1, description="KV block size in tokens; must match the router's")
+    num_kv_blocks: int | None = Field(None, gt=0, description="KV pool size in blocks")
+    kv_cache_memory_gb: float = Field(0.5, gt=0, description="KV pool size when --num-kv-blocks is unset")
+    max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
+    kv_transport: str = Field("tcp", description="tcp | nixl")
+    transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV hand-off")
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long running requests may finish on shutdown")
 
-    @model_validator(mode="after")
-    def _check_model_dir(self) -> "WorkerSettings":
-        if not (pathlib.Path(self.model) / "config.json").is_file():
-            raise ValueError(f"model: {self.model!r} is not a model directory (no config.json)")
-        return self
+    @field_validator("model")
+    @classmethod
+    def _model_dir(cls, value: str) -> str:
+        if not (pathlib.Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a model directory (no config.json)")
+        return value
 
     @property
     def served_model_name(self) -> str:
@@ -54,20 +67,12 @@ class WorkerSettings(BaseSettings):
         return self.advertise_host or self.host
 
     def engine_config(self) -> EngineConfig:
+        # Imported here: engine.config pulls in torch, and `baton --help` builds these flags.
+        from baton.engine.config import EngineConfig
+
         return EngineConfig(
             model_dir=self.model, device=self.device, dtype=self.dtype, block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             show_progress=True,
         )
-
-    @classmethod
-    def load(cls, config_file: pathlib.Path | None, **overrides) -> "WorkerSettings":
-        """Settings from flags (overrides), else the YAML file, else BATON_WORKER_* env vars, else defaults."""
-        values = {}
-        if config_file is not None:
-            values = yaml.safe_load(config_file.read_text()) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{config_file}: expected a mapping of setting: value")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)

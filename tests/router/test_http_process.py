@@ -70,14 +70,19 @@ def test_config_precedence_flags_env_yaml(model_dir, tmp_path, monkeypatch) -> N
     path = tmp_path / "r.yaml"
     path.write_text("http_port: 1111\ngrpc_port: 2222\npolicy: least_load\n")
     monkeypatch.setenv("BATON_ROUTER_GRPC_PORT", "3333")
-    cfg = RouterConfig.load(path, model=str(model_dir), policy="round_robin")
+    cfg = RouterConfig.load(config=path, model=str(model_dir), policy="round_robin")
     assert (cfg.http_port, cfg.grpc_port, cfg.policy) == (1111, 3333, "round_robin")
     assert cfg.model_name == MODEL and cfg.context_length() == 256
+    monkeypatch.setenv("BATON_ROUTER_CONFIG", str(path))  # the file itself may come from the environment
+    assert RouterConfig.load(model=str(model_dir)).policy == "least_load"
     with pytest.raises(ConfigError, match="policy.*env BATON_ROUTER_POLICY"):
         monkeypatch.setenv("BATON_ROUTER_POLICY", "fastest")
-        RouterConfig.load(path, model=str(model_dir))
+        RouterConfig.load(config=path, model=str(model_dir))
     monkeypatch.delenv("BATON_ROUTER_POLICY")
+    monkeypatch.delenv("BATON_ROUTER_CONFIG")
     with pytest.raises(ConfigError, match="unknown_field"):
-        RouterConfig.load(None, model=str(model_dir), unknown_field=1)
+        RouterConfig.load(model=str(model_dir), unknown_field=1)
     with pytest.raises(ConfigError, match="'model' .not given: pass --model, env BATON_ROUTER_MODEL"):
-        RouterConfig.load(None)
+        RouterConfig.load()
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'none.yaml'}: config file not found"):
+        RouterConfig.load(config=tmp_path / "none.yaml", model=str(model_dir))
