@@ -79,7 +79,7 @@ class Dispatcher:
         excluded = {"decode": excluded_decode, "prefill": excluded_prefill}
         # A worker that refused a connection stays in Redis until its TTL runs out; skip it until then.
         workers = [self.inflight.adjust(worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now))
-                   for w in self._in_region(self._registry.workers()) if w.worker_id not in excluded[w.pool]]
+                   for w in self._in_region(self.routable()) if w.worker_id not in excluded[w.pool]]
         route = select_route(self._policy, self._decider, request, workers)
         for selection in (route.decode, route.prefill):
             if selection is not None:
@@ -87,6 +87,15 @@ class Dispatcher:
         if request.prompt_tokens:
             self._metrics.predicted_hit_ratio.observe(route.decode.predicted_cached_tokens / request.prompt_tokens)
         return route
+
+    def routable(self, pool: str | None = None) -> list[WorkerRecord]:
+        """Registered workers this router may route to: those whose KV block size is the router's. With another
+        size their block hashes differ from the router's, so no prompt could ever hit their prefix cache."""
+        return [w for w in self._registry.workers(pool) if w.block_size == self._config.block_size]
+
+    def refused(self) -> list[WorkerRecord]:
+        """Registered workers never routed to, for their block size."""
+        return [w for w in self._registry.workers() if w.block_size != self._config.block_size]
 
     def _in_region(self, workers: list[WorkerRecord]) -> list[WorkerRecord]:
         """Workers of this router's region, or of the region the control plane spills this request to;
@@ -200,6 +209,12 @@ class Dispatcher:
 
     def on_worker_added(self, worker_id: str) -> None:
         self._suspect_until.pop(worker_id, None)
+        worker = self._registry.get(worker_id)
+        if worker is not None and worker.block_size != self._config.block_size:
+            log.warning("refusing %s worker %s: its KV block size is %d tokens, this router's is %d; start both with "
+                        "the same --block-size", worker.pool, worker_id, worker.block_size, self._config.block_size,
+                        extra={"worker_id": worker_id, "worker_block_size": worker.block_size,
+                               "router_block_size": self._config.block_size})
 
     def on_worker_removed(self, worker_id: str) -> None:
         self._suspect_until.pop(worker_id, None)

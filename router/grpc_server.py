@@ -67,11 +67,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             id=self._service.model_name, max_model_len=self._service.max_model_len, owned_by="baton")])
 
     async def Health(self, request, context):
-        decodes = len(self._service.registry.workers("decode"))
+        decodes = len(self._service.dispatcher.routable("decode"))
         if not self._service.registry.connected:
             return inference_pb2.HealthResponse(ready=False, detail="Redis (worker registry) unreachable")
         if decodes == 0:
-            return inference_pb2.HealthResponse(ready=False, detail="no decode worker registered")
+            refused = ", ".join(w.worker_id for w in self._service.dispatcher.refused())
+            return inference_pb2.HealthResponse(ready=False, detail="no decode worker registered" + (
+                f" with this router's KV block size (refused: {refused})" if refused else ""))
         return inference_pb2.HealthResponse(ready=True)
 
 

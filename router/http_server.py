@@ -136,9 +136,14 @@ def create_app(service: RouterService) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        decodes = len(service.registry.workers("decode"))
+        dispatcher = service.dispatcher
+        decodes = len(dispatcher.routable("decode"))
         body = {"ready": decodes > 0 and service.registry.connected, "decode_workers": decodes,
-                "prefill_workers": len(service.registry.workers("prefill")), "redis": service.registry.connected}
+                "prefill_workers": len(dispatcher.routable("prefill")), "redis": service.registry.connected,
+                "block_size": service.config.block_size,
+                "refused_workers": [{"worker_id": w.worker_id, "pool": w.pool, "block_size": w.block_size,
+                                     "reason": f"KV block size {w.block_size}, the router's is "
+                                               f"{service.config.block_size}"} for w in dispatcher.refused()]}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
