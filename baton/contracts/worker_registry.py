@@ -44,6 +44,8 @@ class WorkerRecord:
     http_address: str = ""
     capacity: int = 0  # concurrent requests the worker admits; 0 = unknown
     block_size: int = 16
+    host: str = ""  # socket.gethostname() of the worker's machine; with pid, lets a local launcher reap it
+    pid: int = 0
     load: WorkerLoad = field(default_factory=WorkerLoad)
     heartbeat_at: float = 0.0
 
@@ -66,7 +68,7 @@ class WorkerRecord:
     def from_hash(cls, raw: dict[bytes | str, bytes | str]) -> "WorkerRecord":
         """Parses a hash read from Redis; raises ValueError naming the bad field."""
         h = {_s(k): _s(v) for k, v in raw.items()}
-        ints = {"capacity", "block_size", *(f.name for f in dataclasses.fields(WorkerLoad))}
+        ints = {"capacity", "block_size", "pid", *(f.name for f in dataclasses.fields(WorkerLoad))}
         parsed: dict[str, object] = {}
         for name, value in h.items():
             try:

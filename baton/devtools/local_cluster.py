@@ -18,6 +18,10 @@ import httpx
 import redis
 import yaml
 
+from baton.contracts.keys import WORKER_KEY_PREFIX
+from baton.contracts.worker_registry import POOLS, WorkerRecord
+from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
+
 DEFAULT_MODEL = dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, vocab=4096, max_position=4096)
 
 
@@ -65,6 +69,51 @@ class UpOptions:
     extra_worker_args: list[str] = field(default_factory=list)
     # Policy fields to override, e.g. {"tick_s": 1, "decode": {"capacity_tokens_per_s": 30}}.
     policy_overrides: dict = field(default_factory=dict)
+
+
+STOP_TIMEOUT_S = 40.0  # per component; the control plane stops its workers within it
+WORKER_STOP_TIMEOUT_S = 15.0  # for workers that outlived the control plane
+
+
+class WorkerProcess:
+    """A worker on this machine that another process started (the control plane, a Ray actor), known by the pid
+    in its registry record: the part of `subprocess.Popen` that `stop_processes` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 0
+        except PermissionError:
+            return None
+        try:  # a zombie has exited; only its parent's wait() is missing
+            state = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+        return 0 if state == "Z" else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return 0
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 class LocalCluster:
@@ -125,11 +174,8 @@ class LocalCluster:
 
     def write_policy(self) -> pathlib.Path:
         o = self.opts
-        worker = [*self._baton(), "{pool}-worker", "--model", "{model_dir}", "--redis-url", "{redis_url}",
-                  "--region", "{region}", "--worker-id", "{worker_id}", "--grpc-port", "{grpc_port}",
-                  "--http-port", "{http_port}", "--kv-transport", o.kv_transport,
-                  "--num-kv-blocks", str(o.num_kv_blocks), "--torch-threads", str(o.torch_threads),
-                  *o.extra_worker_args]
+        worker = [*WORKER_ARGV, "--kv-transport", o.kv_transport, "--num-kv-blocks", str(o.num_kv_blocks),
+                  "--torch-threads", str(o.torch_threads), *o.extra_worker_args]
         cluster = {"name": "local", "region": "local", "backend": "ray" if o.ray else "local",
                    "gpus": 1024, "worker_command": worker}
         if o.ray:
@@ -150,7 +196,7 @@ class LocalCluster:
         }
         over = dict(o.policy_overrides)
         pools = doc["models"][0]["regions"]["local"]
-        for name in ("prefill", "decode"):
+        for name in POOLS:
             pools[name].update(over.pop(name, {}))
         doc.update(over)
         path = self.run_dir / "policy.yaml"
@@ -169,13 +215,24 @@ class LocalCluster:
                     raise RuntimeError(f"Redis at {self.redis_url} did not answer") from None
                 time.sleep(0.05)
 
+    def workers(self) -> list[WorkerRecord]:
+        """The worker records in Redis now (a stopped worker deletes its own)."""
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        records = []
+        try:
+            for key in client.scan_iter(match=WORKER_KEY_PREFIX + "*"):
+                try:
+                    records.append(WorkerRecord.from_hash(client.hgetall(key)))
+                except (ValueError, TypeError):
+                    continue  # expired between SCAN and HGETALL, or not a worker record
+        finally:
+            client.close()
+        return records
+
     def registered(self) -> dict[str, int]:
-        client = redis.Redis.from_url(self.redis_url)
-        counts = {"prefill": 0, "decode": 0}
-        for key in client.scan_iter(match="baton:worker:*"):
-            pool = client.hget(key, "pool")
-            if pool is not None and pool.decode() in counts:
-                counts[pool.decode()] += 1
+        counts = dict.fromkeys(POOLS, 0)
+        for record in self.workers():
+            counts[record.pool] += 1
         return counts
 
     def wait_ready(self) -> None:
@@ -200,24 +257,29 @@ class LocalCluster:
         if name not in self._commands:
             raise ValueError(f"no component {name!r}; known: {sorted(self._commands)}")
         at = [n for n, _ in self.procs].index(name)
-        self._terminate(self.procs[at][1])
+        stop_processes([self.procs[at][1]], STOP_TIMEOUT_S)
         self._spawn(name, *self._commands[name], at=at)
         if name == "redis":
             self._wait_redis()
         self.wait_ready()
 
-    @staticmethod
-    def _terminate(proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def _local_workers(self) -> list[WorkerProcess]:
+        if self.redis_url is None:
+            return []
+        try:
+            records = self.workers()
+        except (redis.RedisError, OSError):
+            return []
+        host = socket.gethostname()
+        return [WorkerProcess(r.pid) for r in records if r.host == host and r.pid > 0]
 
     def stop(self) -> None:
-        # Router first (no new requests), then the control plane, which stops its workers, then Redis.
-        for _name, proc in reversed(self.procs):
-            self._terminate(proc)
+        """Router first (no new requests), then the control plane, which stops its workers, then Redis. Workers of
+        this machine still running after the control plane (it was killed, or a Ray actor's stop timed out) are
+        stopped here, so none outlives this call."""
+        workers = self._local_workers()  # read first: a worker deletes its record when it stops
+        for name, proc in reversed(self.procs):
+            stop_processes([proc], STOP_TIMEOUT_S)
+            if name == "controlplane":
+                stop_processes(workers, WORKER_STOP_TIMEOUT_S)
         self.procs.clear()

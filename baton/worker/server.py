@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from typing import Callable
 
 import grpc
@@ -165,7 +166,7 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
         worker_id=settings.worker_id, pool=settings.pool, grpc_address=f"{settings.public_host}:{grpc_port}",
         model=settings.served_model_name, region=settings.region,
         http_address=f"{settings.public_host}:{http_port}", capacity=settings.max_num_seqs,
-        block_size=settings.block_size)
+        block_size=settings.block_size, host=socket.gethostname(), pid=os.getpid())
     registration = WorkerRegistration(settings.redis_url, record, runtime.load)
     await registration.start()
     runtime.ready = True

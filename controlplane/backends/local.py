@@ -7,18 +7,48 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from baton.contracts.keys import worker_key
 from baton.controlplane.backends.base import BackendError, ReplicaCount
 from baton.controlplane.policy import ClusterSpec
 
-# `baton up` hands this to the backend; tests hand any other real command.
+# The worker command of the local and Ray backends; `baton up` appends its options, tests hand any other command.
 WORKER_ARGV = (
-    str(pathlib.Path(sys.executable).parent / "baton"), "{pool}-worker", "--model", "{model_dir}",
+    sys.executable, "-m", "baton.cli", "{pool}-worker", "--model", "{model_dir}",
     "--redis-url", "{redis_url}", "--region", "{region}", "--worker-id", "{worker_id}",
     "--grpc-port", "{grpc_port}", "--http-port", "{http_port}",
 )
+
+
+class Process(Protocol):
+    """What `stop_processes` needs of a process: `subprocess.Popen` has it."""
+
+    def poll(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+def stop_processes(procs: Sequence[Process], timeout_s: float) -> None:
+    """SIGTERM every process still running, give them `timeout_s` together to exit (workers drain), then
+    SIGKILL the rest. Returns once every one has exited."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    deadline = time.monotonic() + timeout_s
+    for p in running:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 @dataclass
@@ -111,20 +141,10 @@ class LocalBackend:
                 alive.append(self._start(model, pool))
             extra = alive[replicas:]
             del alive[replicas:]
-        self._stop(extra)
-
-    def _stop(self, workers: list[LocalWorker]) -> None:
-        for w in workers:
-            w.proc.terminate()
-        for w in workers:
-            try:
-                w.proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
+        stop_processes([w.proc for w in extra], self.stop_timeout_s)
 
     def close(self) -> None:
         with self._lock:
             everyone = [w for ws in self._workers.values() for w in ws]
             self._workers.clear()
-        self._stop(everyone)
+        stop_processes([w.proc for w in everyone], self.stop_timeout_s)

@@ -1,13 +1,19 @@
 """Ray backend: each replica is a named detached actor that owns one worker process on its node."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+
+# Ray's C++ failure-signal handler takes SIGTERM over from the process that calls ray.init and aborts it 3 s
+# later (absl's alarm), which cut the control plane's graceful stop short and left its workers running after it.
+# The control plane handles SIGTERM itself; this must be set before Ray is imported.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 import ray
 
 from baton.controlplane.backends.base import BackendError, ReplicaCount
-from baton.controlplane.backends.local import WORKER_ARGV
+from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
 from baton.controlplane.policy import ClusterSpec
 
 
@@ -28,12 +34,7 @@ class WorkerActor:
         return self.proc.pid
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_processes([self.proc], timeout_s)
 
 
 class RayBackend:
@@ -100,12 +101,13 @@ class RayBackend:
                                 get_if_exists=True, **self.actor_options).remote(
                 [part.format(**values) for part in self.argv],
                 f"{self.log_dir}/{worker_id}.log" if self.log_dir else None)
-        for i in sorted(have - set(range(replicas)), reverse=True):
-            handle = self.actor(model, pool, i)
-            try:
-                ray.get(handle.stop.remote(), timeout=self.call_timeout_s)
-            except (ray.exceptions.RayError, TimeoutError):
-                pass  # the actor is going away either way; kill below makes it certain
+        # Stop the extra replicas together; each stop returns once its worker process has exited.
+        handles = [self.actor(model, pool, i) for i in sorted(have - set(range(replicas)), reverse=True)]
+        try:
+            ray.get([h.stop.remote() for h in handles], timeout=self.call_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # the actors are going away either way; kill below makes it certain
+        for handle in handles:
             ray.kill(handle)
 
     def close(self) -> None:

@@ -62,3 +62,20 @@ def test_bad_template_and_missing_binary_are_clear_errors(tmp_path):
         LocalBackend(["echo", "{nope}"]).set_replicas("m", "prefill", 1)
     with pytest.raises(BackendError, match="cannot start local worker"):
         LocalBackend([str(tmp_path / "no-such-binary")]).set_replicas("m", "prefill", 1)
+
+
+def test_stop_processes_terminates_then_kills_what_ignores_sigterm():
+    import subprocess
+    import sys
+
+    from baton.controlplane.backends.local import stop_processes
+
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    ignore_sigterm = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                      "print('up', flush=True); time.sleep(600)")
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE)
+    assert stubborn.stdout.readline() == b"up\n"  # its SIGTERM handler is in place
+    started = time.monotonic()
+    stop_processes([polite, stubborn], timeout_s=1.0)
+    assert polite.returncode == -15 and stubborn.returncode == -9
+    assert time.monotonic() - started < 5  # one shared deadline, not one per process

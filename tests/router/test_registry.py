@@ -30,7 +30,7 @@ class Listener:
 
 
 def test_record_round_trips_through_a_hash() -> None:
-    rec = WorkerRecord(worker_id="d0", pool="decode", grpc_address="h:1", model="m",
+    rec = WorkerRecord(worker_id="d0", pool="decode", grpc_address="h:1", model="m", host="node-1", pid=4242,
                        load=WorkerLoad(num_requests_running=3, kv_blocks_used=5, kv_blocks_total=9), heartbeat_at=1.5)
     raw = {k.encode(): v.encode() for k, v in rec.to_hash().items()}
     assert WorkerRecord.from_hash(raw) == rec
