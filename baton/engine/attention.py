@@ -1,4 +1,4 @@
-"""Paged attention in plain torch: the obviously-right reference that GPU kernels are tested against.
+"""Paged attention in plain torch, the CPU backend (the GPU backend is attention_triton.py, over kernels/).
 
 The KV cache is one tensor [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; block-major,
 so one block of one request (all layers, K and V) is a single contiguous span that transports move whole.
@@ -40,6 +40,14 @@ class AttentionBatch:
     seqs: list[SeqSlice]  # requests with several query tokens (prefill chunks), attended one by one
     block_size: int
     decode: DecodeBatch | None = None
+
+    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kv(kv_cache, layer, k, v, self.slot_mapping)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+               sliding_window: int | None) -> torch.Tensor:
+        """k, v: this step's (already in the cache, read from there)."""
+        return paged_attention(q, kv_cache, layer, self, sliding_window)
 
 
 def build_batch(

@@ -135,11 +135,14 @@ class EngineConfig:
     """How one engine instance runs: device, dtype, KV pool size and batching limits."""
 
     model_dir: str
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     dtype: str | None = None  # None: the checkpoint's dtype (float32 on cpu if it is half precision)
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
+    num_kv_blocks: int | None = None  # None: on the GPU from gpu_memory_utilization, on the CPU kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take (weights + KV + work)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    load_format: str = "auto"  # auto: the safetensors files; dummy: random weights (benchmarks; needs config.json)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -148,6 +151,12 @@ class EngineConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs <= 0:

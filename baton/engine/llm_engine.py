@@ -73,13 +73,22 @@ class LLMEngine:
         self.dtype = next(self.model.parameters()).dtype
         bs = config.block_size
         block_nbytes = mc.num_layers * 2 * bs * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
-        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // block_nbytes)
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None and config.device.startswith("cuda"):
+            from baton.engine.gpu_memory import kv_blocks_for_gpu
+
+            num_blocks = kv_blocks_for_gpu(self.model, config, mc, block_nbytes)
+        elif num_blocks is None:
+            num_blocks = max(1, int(config.kv_cache_memory_gb * 2**30) // block_nbytes)
         self.kv_cache = allocate_kv_cache(num_blocks, mc.num_layers, bs, mc.num_kv_heads, mc.head_dim,
                                           self.dtype, config.device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, events)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device, config.max_num_seqs,
+                                  self.max_model_len, cuda_graphs=not config.enforce_eager)
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture()
         self.sampler = Sampler(config.seed)
         # Published checkpoints often pad the embedding past the tokenizer; such ids can never be decoded.
         self._sample_vocab = min(mc.vocab_size, tokenizer.vocab_size) if tokenizer is not None else mc.vocab_size

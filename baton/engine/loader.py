@@ -44,8 +44,11 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     model = model.to_empty(device=config.device).to(dtype)
     # Buffers were made on the meta device; RoPE frequencies stay float32 as in the reference.
     model.rotary.inv_freq = rope_inv_freq(mc.rope, mc.head_dim).to(config.device)
+    model.rotary.reset_tables()
+    if config.load_format == "dummy":
+        return _random_weights(model, config.seed)
     params = dict(model.named_parameters())
-    expected = set(params)
+    expected = {target for name in params for target in _checkpoint_names(name, params[name], mc)}
     seen: set[str] = set()
     files = weight_files(model_dir)
     total = 0
@@ -61,20 +64,66 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
                         continue
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
-                    if name not in params:
+                    target = _param_slice(name, params, mc)
+                    if target is None:
                         raise ModelFilesError(f"{path.name}: unexpected tensor '{name}' for {mc.arch}")
                     tensor = f.get_tensor(name)
-                    param = params[name]
-                    if tuple(tensor.shape) != tuple(param.shape):
+                    if tuple(tensor.shape) != tuple(target.shape):
                         raise ModelFilesError(
                             f"{path.name}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {tuple(param.shape)}"
+                            f"config.json implies {tuple(target.shape)}"
                         )
                     with torch.no_grad():
-                        param.copy_(tensor)
+                        target.copy_(tensor)
                     seen.add(name)
     missing = sorted(expected - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
+    return model.eval()
+
+
+# Merged parameters and the checkpoint tensors that fill their row blocks, in order.
+_MERGED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _row_sizes(merged: str, mc: ModelConfig) -> tuple[int, ...]:
+    if merged == "qkv_proj":
+        kv = mc.num_kv_heads * mc.head_dim
+        return mc.num_heads * mc.head_dim, kv, kv
+    return mc.intermediate_size, mc.intermediate_size
+
+
+def _checkpoint_names(param_name: str, param: torch.Tensor, mc: ModelConfig) -> list[str]:
+    """The checkpoint tensor names that fill one model parameter."""
+    for merged, parts in _MERGED.items():
+        if f".{merged}." in param_name:
+            return [param_name.replace(merged, part) for part in parts]
+    if param_name == "lm_head.weight" and mc.tie_embeddings:
+        return []
+    return [param_name]
+
+
+def _param_slice(name: str, params: dict[str, torch.Tensor], mc: ModelConfig) -> torch.Tensor | None:
+    """The model tensor (or the row block of a merged one) that checkpoint tensor `name` fills."""
+    for merged, parts in _MERGED.items():
+        for i, part in enumerate(parts):
+            if f".{part}." in name:
+                param = params.get(name.replace(part, merged))
+                if param is None:
+                    return None
+                sizes = _row_sizes(merged, mc)
+                return param.narrow(0, sum(sizes[:i]), sizes[i])
+    return params.get(name)
+
+
+@torch.no_grad()
+def _random_weights(model: CausalLM, seed: int) -> CausalLM:
+    """Small random weights (norms at 1), made on the model's device: a real checkpoint's shapes without its files."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
     return model.eval()

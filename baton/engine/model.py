@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.engine.attention import AttentionBatch, paged_attention, write_kv
 from baton.engine.config import ModelConfig, RopeConfig
 
 # oneDNN's linear (the one torch.compile's CPU backend calls) on the same dense weights; bench/engine_cpu.py
@@ -31,12 +30,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with a residual (norm(x + residual), x + residual): one fused kernel on the GPU."""
+        if x.is_cuda:
+            from baton.kernels.rms_norm import fused_add_rms_norm, rms_norm
+
+            flat = x.reshape(-1, x.shape[-1])
+            if residual is None:
+                return rms_norm(flat, self.weight, self.eps).view(x.shape)
+            out, res = fused_add_rms_norm(flat, residual.reshape(-1, x.shape[-1]), self.weight, self.eps)
+            return out.view(x.shape), res.view(x.shape)
+        if residual is not None:
+            x = x + residual
+            residual = x
         # Same op order as the reference implementation: normalise in float32, cast, then scale.
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        out = self.weight * h.to(dtype)
+        return out if residual is None else (out, residual)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -63,33 +75,57 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """Rotary embedding. On the GPU one kernel rotates q and k in place from float32 cos/sin tables built once;
+    elsewhere the reference formula per step (the two agree to float rounding)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim), persistent=False)
+        self.max_position = config.max_position
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def reset_tables(self) -> None:
+        """Called when inv_freq is replaced (the loader builds it after the weights)."""
+        self._tables = None
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        if positions.is_cuda:
+            if self._tables is None:
+                from baton.kernels.rope import rope_cos_sin
+
+                self._tables = rope_cos_sin(self.inv_freq, self.max_position)
+            return ("cuda", positions, *self._tables)
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return ("torch", emb.cos().to(dtype), emb.sin().to(dtype))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim]; rope: what Rotary returned for this step."""
+    if rope[0] == "cuda":
+        from baton.kernels.rope import apply_rope as rope_kernel
+
+        _, positions, cos, sin = rope
+        rope_kernel(q, k, positions, cos, sin)
+        return q, k
+    _, cos, sin = rope
+    return (q * cos[:, None, :] + _rotate_half(q) * sin[:, None, :],
+            k * cos[:, None, :] + _rotate_half(k) * sin[:, None, :])
 
 
 class Attention(nn.Module):
+    """q, k and v come out of one merged projection (the loader fills its three row blocks from q/k/v_proj)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -97,37 +133,40 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.sliding_window = config.sliding_window
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        batch: AttentionBatch,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, kv_cache: torch.Tensor, batch) -> torch.Tensor:
         n = x.shape[0]
-        q = linear(x, self.q_proj).view(n, self.num_heads, self.head_dim)
-        k = linear(x, self.k_proj).view(n, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v_proj).view(n, self.num_kv_heads, self.head_dim)
+        q, k, v = linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        write_kv(kv_cache, self.layer_idx, k, v, batch.slot_mapping)
-        out = paged_attention(q, kv_cache, self.layer_idx, batch, self.sliding_window)
-        return linear(out.reshape(n, self.num_heads * self.head_dim), self.o_proj)
+        q, k = apply_rope(q, k, rope)
+        batch.write_kv(kv_cache, self.layer_idx, k, v)
+        out = batch.attend(q, k, v, kv_cache, self.layer_idx, self.sliding_window)
+        return linear(out.reshape(n, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
+    """gate and up come out of one merged projection; silu(gate) * up is one kernel on the GPU."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate_up = linear(x, self.gate_up_proj)
+        if gate_up.is_cuda:
+            from baton.kernels.silu_mul import silu_mul
+
+            act = silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up
+        return linear(act, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -138,9 +177,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, batch):
+        """x: the previous layer's output; residual: the stream before it (None at the first layer)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -170,14 +215,15 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
-        batch: AttentionBatch,
+        batch,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """Runs the flat token batch; returns float32 logits only at logits_indices."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        rope = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv_cache, batch)
-        x = self.model.norm(x[logits_indices])
+            x, residual = layer(x, residual, rope, kv_cache, batch)
+        x, _ = self.model.norm(x[logits_indices], residual[logits_indices])
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight).float()

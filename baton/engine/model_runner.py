@@ -1,5 +1,10 @@
-"""Turns a scheduled step into flat model inputs (ids, positions, KV slots), runs the model, returns logits."""
+"""Turns a scheduled step into flat model inputs (ids, positions, KV slots), runs the model, returns logits.
+
+On the GPU, decode-only steps replay a CUDA graph captured per batch-size bucket over static input buffers
+filled in place (nano-vllm's order); prefill and mixed steps run eagerly."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -9,14 +14,21 @@ from baton.engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: str) -> None:
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: str,
+                 max_num_seqs: int = 1, max_model_len: int = 0, cuda_graphs: bool = True) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
-        self.device = device
+        self.device = torch.device(device)
+        mc = model.config
+        self.scale = mc.head_dim ** -0.5
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if cuda_graphs:
+                self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
 
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Computes every scheduled token; returns logits [n_sampling, vocab] for requests that sample."""
+    def _inputs(self, scheduled: list[ScheduledSeq]):
         ids: list[int] = []
         positions: list[int] = []
         queries: list[tuple[int, int, list[int]]] = []
@@ -29,6 +41,102 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-        batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
+        return ids, positions, queries, logits_indices
+
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Computes every scheduled token; returns logits [n_sampling, vocab] (float32, on the model's device)
+        for requests that sample."""
+        ids, positions, queries, logits_indices = self._inputs(scheduled)
+        if self.graphs is not None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
+                and len(logits_indices) == len(ids):
+            return self.graphs.replay(ids, positions, queries)
+        if self.device.type == "cuda":
+            from baton.engine.attention_triton import build_triton_batch
+
+            batch = build_triton_batch(queries, self.block_size, self.scale, self.device, self.num_sms,
+                                       self.model.config.num_kv_heads)
+        else:
+            batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch, as_tensor(logits_indices))
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_num_seqs (which is always a bucket)."""
+    buckets = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    buckets += list(range(16, max_num_seqs, 16))
+    return sorted(set(buckets + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    """One CUDA graph per decode batch bucket. Padding rows write no KV (slot -1) and attend to nothing
+    (context 0); their logits are dropped."""
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int) -> None:
+        from baton.engine.attention_triton import TritonBatch
+        from baton.kernels.paged_decode_attention import pick_num_splits
+
+        self.runner = runner
+        self.buckets = graph_buckets(max_num_seqs)
+        bmax, dev = self.buckets[-1], runner.device
+        self.max_blocks = max(1, math.ceil(max_model_len / runner.block_size))
+        self.ids = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.slots = torch.full((bmax,), -1, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(bmax, self.max_blocks, dtype=torch.int32, device=dev)
+        self.context_lens = torch.zeros(bmax, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(bmax, dtype=torch.long, device=dev)
+        # Host staging in pinned memory: the copies into the static buffers don't block the host.
+        self.host = torch.zeros(4, bmax, dtype=torch.long, pin_memory=True)
+        self.host_tables = torch.zeros(bmax, self.max_blocks, dtype=torch.int32, pin_memory=True)
+        self._host_np, self._tables_np = self.host.numpy(), self.host_tables.numpy()
+        kv_heads = runner.model.config.num_kv_heads
+        self.batches = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
+                                       num_splits=pick_num_splits(b, kv_heads, runner.num_sms))
+                        for b in self.buckets}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def fits(self, n: int) -> bool:
+        return n <= self.buckets[-1]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.ids[:b], self.positions[:b], r.kv_cache, self.batches[b], self.rows[:b])
+
+    def capture(self) -> None:
+        """Largest bucket first, so the smaller graphs reuse its memory pool."""
+        pool = None
+        for b in reversed(self.buckets):
+            self._forward(b)  # compiles the kernels for this shape outside the capture
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(b)
+            pool = graph.pool()
+            self.graphs[b] = (graph, out)
+        torch.cuda.synchronize(self.runner.device)
+
+    def replay(self, ids: list[int], positions: list[int], queries) -> torch.Tensor:
+        n = len(ids)
+        b = next(x for x in self.buckets if x >= n)
+        if b not in self.graphs:
+            self.capture()
+        bs = self.runner.block_size
+        host, tables = self._host_np, self._tables_np  # numpy views of the pinned buffers: cheap per-row writes
+        host[:, :b] = 0
+        host[2, :b] = -1
+        host[0, :n], host[1, :n] = ids, positions
+        for i, (start, _, table) in enumerate(queries):
+            used = -(-(start + 1) // bs)
+            host[2, i] = table[start // bs] * bs + start % bs
+            host[3, i] = start + 1
+            tables[i, :used] = table[:used]
+        host, tables = self.host, self.host_tables
+        self.ids[:b].copy_(host[0, :b], non_blocking=True)
+        self.positions[:b].copy_(host[1, :b], non_blocking=True)
+        self.slots[:b].copy_(host[2, :b], non_blocking=True)
+        self.context_lens[:b].copy_(host[3, :b], non_blocking=True)
+        self.block_tables[:n].copy_(tables[:n], non_blocking=True)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]
