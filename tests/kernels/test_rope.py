@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import assert_close, needs_cuda
+
+from baton.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+
+
+def _run(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device, max_pos=64):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    cos, sin = rope_cos_sin(inv_freq, max_pos)
+    positions = torch.randint(0, max_pos, (num_tokens,), device=device)
+    # q and k as views into one fused qkv output, as the model has them
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads: num_heads + num_kv_heads]
+    v_before = qkv[:, num_heads + num_kv_heads:].clone()
+    ref_q, ref_k = apply_rope_reference(q, k, positions, cos, sin)
+    apply_rope(q, k, positions, cos, sin)
+    assert_close(q, ref_q)
+    assert_close(k, ref_k)
+    assert torch.equal(qkv[:, num_heads + num_kv_heads:], v_before)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 16), (3, 1, 32), (4, 1, 12)])
+def test_rope_fp32(device, num_heads, num_kv_heads, head_dim):
+    _run(9, num_heads, num_kv_heads, head_dim, torch.float32, device)
+
+
+def test_rope_bf16(device):
+    _run(7, 4, 2, 32, torch.bfloat16, device)
+
+
+def test_cache_matches_model_rotary(device):
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, 16, 2, device=device).float() / 16))
+    cos, sin = rope_cos_sin(inv_freq, 100)
+    positions = torch.tensor([0, 5, 99], device=device)
+    freqs = positions[:, None].float() * inv_freq[None, :]  # engine/model.py Rotary.forward
+    assert torch.equal(cos[positions], freqs.cos()) and torch.equal(sin[positions], freqs.sin())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 64, 4096])
+def test_llama3_8b_shapes(num_tokens):
+    _run(num_tokens, 32, 8, 128, torch.bfloat16, "cuda", max_pos=8192)
