@@ -7,7 +7,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-POOLS = ("prefill", "decode")
+from baton.contracts.worker_registry import POOLS
 
 
 class _Strict(BaseModel):

@@ -15,9 +15,10 @@ import pathlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from baton.contracts.worker_registry import POOLS
 from baton.controlplane.placement import ClusterState
 from baton.controlplane.planner import Planner, TickInput
-from baton.controlplane.policy import POOLS, Policy
+from baton.controlplane.policy import Policy
 from baton.controlplane.signals import SignalWindow, p90
 from baton.controlplane.sla import replicas_for_load
 

@@ -10,6 +10,7 @@ import grpc
 from baton.engine.errors import InvalidRequestError, NoCapacityError
 from baton.engine.llm_engine import RequestOutput
 from baton.engine.sampling_params import SamplingParams
+from baton.grpc_channels import ChannelCache, abort
 from baton.proto.finish_reason import finish_reason_to_wire
 from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from baton.worker.proto_convert import sampling_from_proto
@@ -17,7 +18,6 @@ from baton.worker.server import WorkerRPCs, WorkerRuntime
 
 log = logging.getLogger(__name__)
 DecodeError = worker_pb2.DecodeError
-_ABORT_TIMEOUT_S = 2.0
 _CONNECT_TIMEOUT_S = 3.0
 
 
@@ -30,16 +30,10 @@ def _error(kind, message: str, *, retryable: bool, prefill_worker_id: str = "") 
 class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        return channel
+        self._channels = ChannelCache()
 
     def _prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
-        return worker_pb2_grpc.PrefillWorkerStub(self._channel(address))
+        return worker_pb2_grpc.PrefillWorkerStub(self._channels.open(address))
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         rid, prompt = request.request_id, list(request.token_ids)
@@ -91,7 +85,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
             # A failed first connect leaves a channel in reconnect back-off, where calls fail at once; give
             # a live prefill worker a moment to accept, and a dead one a short deadline to be found out.
             try:
-                await asyncio.wait_for(self._channel(target.grpc_address).channel_ready(), _CONNECT_TIMEOUT_S)
+                await asyncio.wait_for(self._channels.open(target.grpc_address).channel_ready(), _CONNECT_TIMEOUT_S)
             except asyncio.TimeoutError:
                 name = target.worker_id or target.grpc_address
                 return _error(DecodeError.KIND_PREFILL_FAILED,
@@ -109,7 +103,8 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                 response = await call
             except asyncio.CancelledError:
                 call.cancel()
-                asyncio.ensure_future(self._abort_prefill(target.grpc_address, rid))
+                asyncio.ensure_future(abort(self._prefill_stub(target.grpc_address), rid,
+                                            target.worker_id or target.grpc_address))
                 raise
             result = await asyncio.to_thread(rt.transport.wait, transfer_id, rt.settings.transfer_timeout_s)
             if not result.ok:
@@ -136,13 +131,6 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                         asyncio.get_running_loop().call_later(
                             rt.settings.transfer_timeout_s + 5,
                             lambda: asyncio.ensure_future(rt.aengine.call(lambda e: e.free_detached(seq))))
-
-    async def _abort_prefill(self, address: str, rid: str) -> None:
-        try:
-            await self._prefill_stub(address).Abort(worker_pb2.AbortRequest(request_id=rid),
-                                                    timeout=_ABORT_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("abort of %s on prefill worker %s failed: %s", rid, address, exc.code().name)
 
     @staticmethod
     def _chunk(out: RequestOutput, params: SamplingParams) -> worker_pb2.DecodeChunk:

@@ -15,6 +15,7 @@ from redis.retry import Retry
 
 from baton.contracts.keys import KV_EVENTS_STREAM, KV_SNAPSHOT_REQUESTS_KEY
 from baton.contracts.kv_events import KVEvent
+from baton.redis_loops import stop_task
 from baton.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class KVEventConsumer:
         self._run_id: str | None = None
         self._next_check = 0.0
         self._task: asyncio.Task | None = None
+        self._stopping = False
         # For baton_router_kv_events_lag_seconds: how old the last applied entry's oldest event was
         # when applied (publisher batching included); 0 once a read finds the stream drained.
         self.lag_seconds = 0.0
@@ -69,18 +71,14 @@ class KVEventConsumer:
         self._task = asyncio.create_task(self._run(), name="kv-event-consumer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        self._stopping = True
+        await stop_task(self._task)
+        self._task = None
         await self._redis.aclose()
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             try:
                 await self.poll()
                 backoff = 0.05

@@ -12,7 +12,8 @@ import grpc
 import uvicorn
 from redis.exceptions import RedisError
 
-from baton.contracts.worker_registry import WorkerRegistry, stop_task
+from baton.contracts.worker_registry import WorkerRegistry
+from baton.redis_loops import stop_task
 from baton.router import grpc_server
 from baton.router.config import RouterConfig
 from baton.router.http_server import create_app

@@ -8,11 +8,10 @@ import logging
 import random
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from baton.contracts.keys import spillover_key
 from baton.contracts.signals import SignalPublisher
-from baton.contracts.worker_registry import stop_task
+from baton.redis_loops import every, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +63,14 @@ class Traffic:
             log.info("spillover from %s is now %s", self.region, spill or "off")
         self.spill = spill
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.prefill.flush()
-                await self.decode.flush()
-                await self.refresh_spill()
-            except (RedisError, OSError) as exc:
-                log.warning("traffic signals not published: %s", exc)
+    async def _publish(self) -> None:
+        await self.prefill.flush()
+        await self.decode.flush()
+        await self.refresh_spill()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="traffic-signals")
+        self._task = asyncio.create_task(every(self._interval_s, self._publish, "publishing traffic signals",
+                                               lambda: self._stopping), name="traffic-signals")
 
     async def stop(self) -> None:
         self._stopping = True

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from baton.contracts.keys import WORKER_KEY_PREFIX, worker_key
+from baton.redis_loops import every, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +93,6 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def stop_task(task: asyncio.Task | None, timeout_s: float = 2.0) -> None:
-    """Cancels a background loop and waits a bounded time. The loops also check a stop flag,
-    because a cancellation that lands inside a Redis call can be absorbed there (seen in tests
-    as a heartbeat that never stopped), and shutdown must never hang on that."""
-    if task is None:
-        return
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if not done:
-        log.warning("background task %s did not stop within %.1fs", task.get_name(), timeout_s)
-
-
 class WorkerRegistration:
     """Worker side: keeps this worker's hash alive in Redis until stop() deletes it."""
 
@@ -140,13 +129,9 @@ class WorkerRegistration:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.record.worker_id}")
 
     async def _run(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.heartbeat()
-            except (RedisError, OSError) as exc:
-                # Keep trying: the key expires on its own if Redis stays away past the TTL.
-                log.warning("heartbeat of %s failed: %s", self.record.worker_id, exc)
+        # Keeps trying through an outage: the key expires on its own if Redis stays away past the TTL.
+        await every(self._interval_s, self.heartbeat, f"heartbeat of {self.record.worker_id}",
+                    lambda: self._stopping)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -198,11 +183,15 @@ class WorkerRegistry:
 
     async def refresh(self) -> None:
         """One scan; workers whose key expired or was deleted are dropped and listeners told."""
-        keys = [k async for k in self._redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000)]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            hashes = await pipe.execute()
+        try:
+            keys = [k async for k in self._redis.scan_iter(match=WORKER_KEY_PREFIX + "*", count=1000)]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                hashes = await pipe.execute()
+        except (RedisError, OSError):
+            self.connected = False
+            raise
         seen: dict[str, WorkerRecord] = {}
         for key, raw in zip(keys, hashes):
             if not raw:
@@ -237,15 +226,8 @@ class WorkerRegistry:
         self._task = asyncio.create_task(self._run(), name="worker-registry")
 
     async def _run(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(self._poll_interval_s)
-            try:
-                await self.refresh()
-            except (RedisError, OSError) as exc:
-                # Keep the last view: workers are still serving even if Redis blinks.
-                if self.connected:
-                    log.warning("worker registry: Redis unreachable, keeping last view: %s", exc)
-                self.connected = False
+        # A failed scan keeps the last view: workers are still serving even if Redis blinks.
+        await every(self._poll_interval_s, self.refresh, "worker registry scan", lambda: self._stopping)
 
     async def stop(self) -> None:
         self._stopping = True

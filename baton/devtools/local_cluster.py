@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 import yaml
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from baton.contracts.keys import WORKER_KEY_PREFIX
 from baton.contracts.worker_registry import POOLS, WorkerRecord
@@ -58,7 +60,7 @@ class UpOptions:
     controlplane_port: int = 8090
     redis_url: str | None = None
     routing: str = "kv_aware"
-    kv_transport: str = "tcp"
+    kv_transport: str = "auto"  # workers' transports in order of preference; auto = ipc (same host), then tcp
     local_prefill_threshold: int = 64
     num_kv_blocks: int = 2048
     torch_threads: int = 1
@@ -168,7 +170,6 @@ class LocalCluster:
         self._spawn("router", [*self._baton(), "router", "--model", str(self.model_dir), "--redis-url",
                                self.redis_url, "--host", "127.0.0.1", "--http-port", str(self.opts.port),
                                "--grpc-port", str(self.opts.grpc_port), "--policy", self.opts.routing,
-                               "--kv-transport", self.opts.kv_transport,
                                "--local-prefill-threshold", str(self.opts.local_prefill_threshold)])
         self.wait_ready()
 
@@ -204,16 +205,13 @@ class LocalCluster:
         return path
 
     def _wait_redis(self) -> None:
-        client = redis.Redis.from_url(self.redis_url)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Redis at {self.redis_url} did not answer") from None
-                time.sleep(0.05)
+        client = redis.Redis.from_url(self.redis_url, retry=Retry(ConstantBackoff(0.05), retries=300))  # ~15 s
+        try:
+            client.ping()
+        except redis.ConnectionError:
+            raise RuntimeError(f"Redis at {self.redis_url} did not answer") from None
+        finally:
+            client.close()
 
     def workers(self) -> list[WorkerRecord]:
         """The worker records in Redis now (a stopped worker deletes its own)."""

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from baton.devtools.tokenizer_training import write_tokenizer_files
+from baton.engine.config import DTYPES
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -20,7 +21,6 @@ ARCHITECTURES = {
 # Published defaults for each family, so a loader that ignores a field gets different numbers.
 _ROPE_THETA = {"llama": 500000.0, "mistral": 1000000.0, "qwen2": 1000000.0, "qwen3": 1000000.0}
 _RMS_EPS = {"llama": 1e-5, "mistral": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Llama-3.1's published scaling factors, used when rope_scaling="llama3".
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
@@ -196,8 +196,8 @@ def make_model(
         _positive(name, value)
     if heads % kv_heads:
         raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if rope_style not in ("classic", "parameters"):
         raise ValueError(f"rope_style must be 'classic' or 'parameters', got {rope_style!r}")
     if (head_dim is None or arch == "llama") and hidden % heads:
@@ -232,6 +232,6 @@ def make_model(
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tensors = _weights(arch, layers, hidden, heads, kv_heads, vocab, intermediate, head_dim, tie_embeddings,
-                       seed, _DTYPES[dtype])
+                       seed, DTYPES[dtype])
     _save_weights(out, tensors, shards)
     return out

@@ -53,41 +53,31 @@ class AsyncEngine:
         self._wake.set()
         return await asyncio.wrap_future(fut)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; leaving the iteration early (cancel, break) aborts it."""
-        stream = self._open(request_id)
-        try:
-            await self.call(lambda e: e.add_request(request_id, prompt_ids, params, prefill_only=prefill_only))
-        except BaseException:
-            self._streams.pop(request_id, None)
-            raise
-        async for out in self._drain(request_id, stream):
-            yield out
+        return self._stream(request_id, lambda e: e.add_request(request_id, prompt_ids, params,
+                                                                 prefill_only=prefill_only))
 
-    async def resume_remote(self, request_id: str, first_token: int, first_logprob: float
-                            ) -> AsyncIterator[RequestOutput]:
+    def resume_remote(self, request_id: str, first_token: int, first_logprob: float) -> AsyncIterator[RequestOutput]:
         """After a KV transfer into reserved blocks: commit the request and stream from its first token."""
-        stream = self._open(request_id)
 
         def commit(e: LLMEngine) -> None:
             # Dispatched from the engine thread so the first token is queued before any later step's.
             self._dispatch([e.commit_remote(request_id, first_token, first_logprob)])
 
+        return self._stream(request_id, commit)
+
+    async def _stream(self, request_id: str, start: Callable[[LLMEngine], object]) -> AsyncIterator[RequestOutput]:
+        """Opens the request's output queue, runs `start` on the engine thread, then streams until it finishes;
+        leaving early aborts the request."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
         try:
-            await self.call(commit)
+            await self.call(start)
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        async for out in self._drain(request_id, stream):
-            yield out
-
-    def _open(self, request_id: str) -> asyncio.Queue:
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        return stream
-
-    async def _drain(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:

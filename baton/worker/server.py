@@ -21,6 +21,7 @@ from baton.engine.async_engine import AsyncEngine
 from baton.engine.kv_transfer.registry import create_transport
 from baton.engine.llm_engine import LLMEngine
 from baton.proto.v1 import inference_pb2, worker_pb2
+from baton.redis_loops import every
 from baton.worker.metrics import EngineCollector
 from baton.worker.settings import WorkerSettings
 
@@ -117,7 +118,6 @@ class WorkerRPCs:
 async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> None:
     """Queue depth and KV utilisation for the control plane; routers publish rates and latencies."""
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
 
     from baton.contracts.signals import SignalPublisher
 
@@ -125,16 +125,15 @@ async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> No
     client = aioredis.Redis.from_url(s.redis_url)
     publisher = SignalPublisher(client, region=s.region, pool=s.pool, model=s.served_model_name,
                                 source=s.worker_id)
+
+    async def publish() -> None:
+        stats = runtime.engine.stats()
+        publisher.set_queue_depth(stats.waiting)
+        publisher.set_kv_utilization(stats.blocks.usage)
+        await publisher.flush()
+
     try:
-        while True:
-            await asyncio.sleep(interval_s)
-            stats = runtime.engine.stats()
-            publisher.set_queue_depth(stats.waiting)
-            publisher.set_kv_utilization(stats.blocks.usage)
-            try:
-                await publisher.flush()
-            except (RedisError, OSError) as exc:
-                log.warning("could not publish signals: %s", exc)
+        await every(interval_s, publish, "publishing signals")
     finally:
         await client.aclose()
 

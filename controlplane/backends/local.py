@@ -24,6 +24,18 @@ WORKER_ARGV = (
 )
 
 
+def worker_argv(template: Sequence[str], *, worker_id: str, pool: str, model: str, model_dir: str, redis_url: str,
+                region: str) -> list[str]:
+    """The command of one worker of either backend. Workers get port 0 and bind a free port themselves (a port
+    picked here could be taken before the child binds it); they publish the real addresses in Redis."""
+    values = {"pool": pool, "model": model, "model_dir": model_dir, "redis_url": redis_url, "region": region,
+              "worker_id": worker_id, "grpc_port": 0, "http_port": 0}
+    try:
+        return [part.format(**values) for part in template]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise BackendError(f"worker command template {list(template)!r} is invalid: {exc!r}") from None
+
+
 class Process(Protocol):
     """What `stop_processes` needs of a process: `subprocess.Popen` has it."""
 
@@ -60,9 +72,8 @@ class LocalWorker:
 class LocalBackend:
     """Starts and stops processes so that each (model, pool) has the asked-for number alive.
 
-    Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. Workers get
-    port 0 and bind whatever is free (a port picked here could be taken before the child binds it); they
-    publish the real addresses in Redis, and with `redis_url` set a worker counts as ready once it has.
+    Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. With
+    `redis_url` set a worker counts as ready once it has registered there.
     """
 
     def __init__(self, argv: tuple[str, ...] | list[str] = WORKER_ARGV, *, region: str = "local",
@@ -113,13 +124,8 @@ class LocalBackend:
 
     def _start(self, model: str, pool: str) -> LocalWorker:
         worker_id = f"{self.region}-{model}-{pool}-{next(self._seq)}"
-        values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
-                  "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
-                  "grpc_port": 0, "http_port": 0}
-        try:
-            argv = [part.format(**values) for part in self.argv]
-        except (KeyError, IndexError, ValueError) as exc:
-            raise BackendError(f"local worker command template {self.argv!r} is invalid: {exc!r}") from None
+        argv = worker_argv(self.argv, worker_id=worker_id, pool=pool, model=model,
+                           model_dir=self.model_dirs.get(model, model), redis_url=self.redis_url, region=self.region)
         out = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

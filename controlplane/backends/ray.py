@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 import ray
 
 from baton.controlplane.backends.base import BackendError, ReplicaCount
-from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
+from baton.controlplane.backends.local import WORKER_ARGV, stop_processes, worker_argv
 from baton.controlplane.policy import ClusterSpec
 
 
@@ -94,13 +94,12 @@ class RayBackend:
             if i in have:
                 continue
             worker_id = f"{self.region}-{model}-{pool}-{i}"
-            values = {"pool": pool, "model": model, "model_dir": self.model_dirs.get(model, model),
-                      "redis_url": self.redis_url, "region": self.region, "worker_id": worker_id,
-                      "grpc_port": 0, "http_port": 0}
+            argv = worker_argv(self.argv, worker_id=worker_id, pool=pool, model=model,
+                               model_dir=self.model_dirs.get(model, model), redis_url=self.redis_url,
+                               region=self.region)
             WorkerActor.options(name=f"{self._prefix(model, pool)}{i}", lifetime="detached",
                                 get_if_exists=True, **self.actor_options).remote(
-                [part.format(**values) for part in self.argv],
-                f"{self.log_dir}/{worker_id}.log" if self.log_dir else None)
+                argv, f"{self.log_dir}/{worker_id}.log" if self.log_dir else None)
         # Stop the extra replicas together; each stop returns once its worker process has exited.
         handles = [self.actor(model, pool, i) for i in sorted(have - set(range(replicas)), reverse=True)]
         try:

@@ -5,6 +5,7 @@ import random
 import time
 from typing import Callable, Sequence
 
+from baton.contracts.worker_registry import POOLS
 from baton.router.selection.base import Filter, Picker, PrefixMatcher, Scorer
 from baton.router.selection.config import RoutingConfig
 from baton.router.selection.filters import HealthyFilter, PoolFilter
@@ -12,7 +13,6 @@ from baton.router.selection.pickers import RoundRobinPicker, WeightedPicker
 from baton.router.selection.scorers import SCORERS, LoadScorer
 from baton.router.selection.timing import TimingHook
 from baton.router.selection.types import (
-    POOLS,
     CandidateScore,
     NoWorkerAvailable,
     RoutingRequest,

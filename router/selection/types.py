@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-POOLS = ("prefill", "decode")
+from baton.contracts.worker_registry import POOLS
 
 
 class NoWorkerAvailable(RuntimeError):

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from prometheus_client import Counter, Histogram
 
+from baton.engine.config import DTYPES
+
 # Version of the endpoint descriptor and of every backend's hand-off payload; bump on any change.
 PROTOCOL_VERSION = 1
 
@@ -24,9 +26,6 @@ KV_TRANSFER_SECONDS = Histogram(
     "baton_kv_transfer_seconds", "Duration of KV-cache transfers seen by this process", ["transport"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class KVTransferError(ValueError):
     """Caller error: bad block ids, an unusable endpoint, mismatched cache geometry, unknown transfer."""
@@ -52,14 +51,14 @@ class CacheGeometry:
         if not kv_cache.is_contiguous():
             raise KVTransferError("kv_cache must be contiguous so that each block is one span of memory")
         dtype = str(kv_cache.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
-            raise KVTransferError(f"kv_cache dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        if dtype not in DTYPES:
+            raise KVTransferError(f"kv_cache dtype must be one of {sorted(DTYPES)}, got {dtype}")
         n, layers, _, block_size, heads, head_dim = kv_cache.shape
         return cls(n, layers, block_size, heads, head_dim, dtype)
 
     @property
     def block_nbytes(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * _DTYPES[self.dtype].itemsize
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
 
     def check_compatible(self, peer: CacheGeometry) -> None:
         """Raise unless a block of ours and a block of the peer's hold the same thing (num_blocks may differ)."""
