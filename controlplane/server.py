@@ -8,6 +8,7 @@ import uvicorn
 from baton.controlplane.admin_grpc import start_grpc
 from baton.controlplane.admin_http import create_app
 from baton.controlplane.service import ControlPlane
+from baton.embedded_uvicorn import EmbeddedUvicorn
 
 
 async def serve(cp: ControlPlane, *, token: str | None, host: str = "127.0.0.1", http_port: int = 8090,
@@ -15,8 +16,8 @@ async def serve(cp: ControlPlane, *, token: str | None, host: str = "127.0.0.1",
     """`token=None` means the caller chose --insecure; there is no other way to get an open admin API."""
     stop = stop or asyncio.Event()
     grpc_server = await start_grpc(cp, token, host, grpc_port)
-    http = uvicorn.Server(uvicorn.Config(create_app(cp, token), host=host, port=http_port, log_level="warning",
-                                         lifespan="off"))
+    http = EmbeddedUvicorn(uvicorn.Config(create_app(cp, token), host=host, port=http_port, log_level="warning",
+                                          lifespan="off"))
     http_task = asyncio.create_task(http.serve())
     loop_task = asyncio.create_task(cp.run(stop))
     try:

@@ -136,10 +136,6 @@ class KVEventConsumer:
         await self._send_snapshot_requests()
         return applied
 
-    async def request_snapshots(self, worker: str = ALL_WORKERS) -> None:
-        self._want_snapshot.add(worker)
-        await self._send_snapshot_requests()
-
     def _apply(self, entry_id: bytes, fields: dict[bytes, bytes]) -> int:
         self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         try:

@@ -56,10 +56,6 @@ class PrefixIndex:
     def workers(self) -> list[str]:
         return list(self._slot_of)
 
-    def worker_blocks(self, worker: str) -> int:
-        slot = self._slot_of.get(worker)
-        return 0 if slot is None else len(self._held[slot])
-
     def hashes_of(self, worker: str) -> set[int]:
         slot = self._slot_of.get(worker)
         return set() if slot is None else set(self._held[slot])

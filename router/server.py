@@ -13,6 +13,7 @@ import uvicorn
 from redis.exceptions import RedisError
 
 from baton.contracts.worker_registry import WorkerRegistry
+from baton.embedded_uvicorn import EmbeddedUvicorn
 from baton.redis_loops import stop_task
 from baton.router import grpc_server
 from baton.router.config import RouterConfig
@@ -26,19 +27,12 @@ from baton.router.traffic import Traffic
 log = logging.getLogger(__name__)
 
 
-class _EmbeddedUvicorn(uvicorn.Server):
-    # The owner of the loop handles signals (Router.serve_forever); uvicorn must not take them over.
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
 class Router:
     def __init__(self, config: RouterConfig, tokenizer=None) -> None:
         if tokenizer is None:
             from baton.engine.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_dir(config.model)
+            tokenizer = Tokenizer.from_dir(config.model_dir, chat_template=config.chat_template_text())
         self.config = config
         self.metrics = RouterMetrics()
         self.registry = WorkerRegistry(config.redis_url, model=config.model_name,
@@ -53,7 +47,7 @@ class Router:
         self.service = RouterService(config, tokenizer, self.registry, self.metrics, self.index, self.traffic)
         self._kv_events_task: asyncio.Task | None = None
         self.app = create_app(self.service)
-        self._http = _EmbeddedUvicorn(uvicorn.Config(self.app, host=config.host, port=config.http_port,
+        self._http = EmbeddedUvicorn(uvicorn.Config(self.app, host=config.host, port=config.http_port,
                                                      log_level="warning", lifespan="off", access_log=False))
         self._http_task: asyncio.Task | None = None
         self._grpc: grpc.aio.Server | None = None

@@ -60,9 +60,6 @@ class IncrementalDetokenizer:
         self.output_ids.append(token_id)
         return self._emit(force=False)
 
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        return "".join(self.push(t) for t in token_ids)
-
     def flush(self) -> str:
         """At the end of generation: whatever was held back (an unfinished character decodes as U+FFFD)."""
         if self._read == len(self._ids):

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from baton.contracts.kv_events import KVEventPublisher
 from baton.contracts.worker_registry import WorkerLoad, WorkerRecord, WorkerRegistration
+from baton.embedded_uvicorn import EmbeddedUvicorn
 from baton.engine.async_engine import AsyncEngine
 from baton.engine.kv_transfer.registry import create_transport
 from baton.engine.llm_engine import LLMEngine
@@ -151,9 +152,8 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
     add_servicer(server, runtime)
     grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     await server.start()
-    http = uvicorn.Server(uvicorn.Config(runtime.http_app(), host=settings.host, port=settings.http_port,
-                                         log_level="warning", lifespan="off"))
-    http.install_signal_handlers = lambda: None
+    http = EmbeddedUvicorn(uvicorn.Config(runtime.http_app(), host=settings.host, port=settings.http_port,
+                                          log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http.serve())
     while not http.started:
         if http_task.done():

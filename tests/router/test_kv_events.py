@@ -235,7 +235,7 @@ def test_restarted_worker_and_failing_snapshot_source(redis_url):
         consumer = KVEventConsumer(redis_url, PrefixIndex())
         old = Worker(redis_url, "a")
         old.store(chain(1, 5))
-        await poll_until(consumer, lambda: consumer.index.worker_blocks("a") == 5)
+        await poll_until(consumer, lambda: len(consumer.index.hashes_of("a")) == 5)
         old.publisher.close()
         # Same worker id, new process: its first snapshot source call fails, the next succeeds.
         calls = []
