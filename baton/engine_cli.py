@@ -45,7 +45,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def generate_cmd(
-    model_dir: pathlib.Path = typer.Argument(..., help="Hugging Face-format model directory."),
+    model: str = typer.Argument(..., help="Hugging Face-format model directory, or a Hugging Face Hub id."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (tokenized with BOS as the model does)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated token ids, fed as given."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens to generate."),
@@ -55,14 +55,16 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Per-request seed for reproducible sampling."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past EOS."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: model's)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | half | float16 | bfloat16 | float | "
+                              "float32."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, ...)."),
 ) -> None:
     """Generate from one prompt on a single in-process engine."""
     from baton.engine.config import EngineConfig
     from baton.engine.errors import InvalidRequestError, ModelFilesError
     from baton.engine.llm_engine import LLMEngine
+    from baton.engine.model_source import resolve_model
     from baton.engine.sampling_params import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
@@ -70,6 +72,7 @@ def generate_cmd(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=list(stop), ignore_eos=ignore_eos)
+        model_dir = resolve_model(model)
         engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, show_progress=not as_json))
         if prompt_ids is not None:
             ids = _parse_ids(prompt_ids)
@@ -87,7 +90,7 @@ def generate_cmd(
                     sys.stdout.write(out.text)
                     sys.stdout.flush()
                 reason = out.finish_reason or reason
-    except (InvalidRequestError, ModelFilesError) as exc:
+    except (InvalidRequestError, ModelFilesError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     if as_json:
@@ -97,9 +100,44 @@ def generate_cmd(
         typer.echo(f"\n[{len(tokens)} tokens, finish_reason={reason}]", err=True)
 
 
+def fetch_model_cmd(
+    name: str = typer.Argument("smollm2", help="A known model: smollm2 (SmolLM2-135M-Instruct)."),
+) -> None:
+    """Download a known model and convert it into the cache directory (once); prints the directory."""
+    from baton.devtools.fetch_model import fetch_model
+
+    try:
+        path = fetch_model(name)
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(path))
+
+
 def up_cmd(
-    model: Optional[pathlib.Path] = typer.Option(None, "--model", help="Model directory (default: a small "
-                                                 "random-weight Llama made on first use)."),
+    model: str = typer.Option("smollm2", "--model", help="smollm2 (SmolLM2-135M-Instruct, fetched and converted "
+                              "on first use), a model directory, or a Hugging Face Hub id."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit of a Hub id."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model id clients send "
+                                                    "(default: the Hub id or the directory name)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Router bind address (0.0.0.0: all interfaces)."),
+    device: str = typer.Option("auto", "--device", help="Workers' device: auto (cuda when a GPU is visible) | cpu | "
+                               "cuda | cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | half | float16 | bfloat16 | "
+                              "float | float32."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="Context length in tokens "
+                                                "(default: the model's)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(
+        None, "--gpu-memory-utilization", help="Share of the GPU each worker may take (default: 0.9 split evenly "
+        "over the most workers the pools may run)."),
+    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1, help="Max requests in a worker's "
+                                               "batch (default: 64)."),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                               help="Reuse KV blocks of prompts that share a prefix."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs for decode steps."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template, or a file "
+                                                "holding one; replaces the model's own."),
     prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
     decode: int = typer.Option(1, "--decode", min=1, help="Decode workers."),
     max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="Let the control plane scale prefill "
@@ -123,12 +161,23 @@ def up_cmd(
     import threading
 
     from baton.devtools.local_cluster import LocalCluster, UpOptions
+    from baton.engine.errors import ModelFilesError
 
-    cluster = LocalCluster(UpOptions(
-        model=model, prefill=prefill, decode=decode, max_prefill=max_prefill, max_decode=max_decode, port=port,
-        grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
-        kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
-        ray_address=ray_address, run_dir=run_dir))
+    workers = {"device": device, "dtype": dtype, "max_num_seqs": max_num_seqs,
+               "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
+    if gpu_memory_utilization is not None:
+        workers["gpu_memory_utilization"] = gpu_memory_utilization
+    try:
+        cluster = LocalCluster(UpOptions(
+            model=model, revision=revision, served_model_name=served_model_name, host=host,
+            chat_template=chat_template, block_size=block_size, max_model_len=max_model_len, worker_settings=workers,
+            prefill=prefill, decode=decode, max_prefill=max_prefill, max_decode=max_decode, port=port,
+            grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
+            kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
+            ray_address=ray_address, run_dir=run_dir))
+    except (ModelFilesError, RuntimeError, ValueError) as exc:  # an unknown model, no package index or Hub
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -138,8 +187,8 @@ def up_cmd(
         cluster.start()
         typer.echo(f"""[baton] ready at {cluster.url}  (OpenAI API; gRPC on :{grpc_port}; control plane on \
 :{controlplane_port}, token in BATON_CONTROLPLANE_TOKEN={cluster.admin_token})
-  curl {cluster.url}/v1/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{cluster.model_name}", "prompt": "Hello, my name is", "max_tokens": 16}}'
+  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model": \\
+    "{cluster.model_name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 Press Ctrl-C to stop.""")
         stop.wait()
     except RuntimeError as exc:
@@ -153,4 +202,5 @@ Press Ctrl-C to stop.""")
 def register(app: typer.Typer) -> None:
     app.command("make-model")(make_model_cmd)
     app.command("generate")(generate_cmd)
+    app.command("fetch-model")(fetch_model_cmd)
     app.command("up")(up_cmd)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from baton.devtools.local_cluster import LocalCluster, UpOptions, ensure_default_model, free_port  # noqa: E402
+from baton.devtools.local_cluster import LocalCluster, UpOptions, ensure_tiny_model, free_port  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
@@ -295,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     aiperf = ensure_aiperf(args.aiperf, not args.no_install)
-    model_dir = (args.model or ensure_default_model()).resolve()
+    model_dir = (args.model or ensure_tiny_model()).resolve()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="baton-bench-serve-"))
     out = args.out or (work / "serve.json" if args.quick else ROOT / "bench" / "results" / "serve.json")
     concurrencies = sorted(set(args.concurrency))

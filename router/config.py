@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+from functools import cached_property
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from baton.engine.model_source import is_hub_id, resolve_model, served_name
 from baton.process_settings import ConfigError, ProcessSettings
 from baton.router.selection import POLICIES, RoutingConfig, ScorerWeights
 
@@ -14,8 +16,13 @@ from baton.router.selection import POLICIES, RoutingConfig, ScorerWeights
 class RouterConfig(ProcessSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_ROUTER_", protected_namespaces=())
 
-    model: str = Field(description="model directory (tokenizer, chat template, config.json)")
-    served_model_name: str | None = Field(None, description="model id clients send; default: the directory name")
+    model: str = Field(description="model directory (tokenizer, chat template, config.json), or a Hugging Face "
+                                   "Hub id (org/name)")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of a Hub id (default: main)")
+    served_model_name: str | None = Field(None, description="model id clients send; default: the Hub id, or the "
+                                                            "directory name")
+    chat_template: str | None = Field(None, description="Jinja chat template, or a file holding one; replaces the "
+                                                        "model's own")
     host: str = Field("0.0.0.0", description="bind address")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port of the OpenAI API, /ready and /metrics")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC Inference port; 0 disables it")
@@ -45,9 +52,26 @@ class RouterConfig(ProcessSettings):
     @field_validator("model")
     @classmethod
     def _model_dir_exists(cls, value: str) -> str:
-        if not pathlib.Path(value).is_dir():
-            raise ValueError(f"model directory {value!r} does not exist")
+        if not pathlib.Path(value).is_dir() and not is_hub_id(value):
+            raise ValueError(f"model directory {value!r} does not exist, and it is not a Hugging Face Hub id")
         return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_or_file(cls, value: str | None) -> str | None:
+        if value is not None and not pathlib.Path(value).is_file() and "{" not in value:
+            raise ValueError(f"{value!r} is neither a file nor a Jinja template")
+        return value
+
+    @cached_property
+    def model_dir(self) -> pathlib.Path:
+        """The model's directory; a Hub id is downloaded into the Hub cache first (raises ModelFilesError)."""
+        return resolve_model(self.model, self.revision)
+
+    def chat_template_text(self) -> str | None:
+        if self.chat_template is None or not pathlib.Path(self.chat_template).is_file():
+            return self.chat_template
+        return pathlib.Path(self.chat_template).read_text(encoding="utf-8")
 
     def routing(self) -> RoutingConfig:
         return RoutingConfig(policy=self.policy, weights=self.weights, block_size=self.block_size,
@@ -55,13 +79,13 @@ class RouterConfig(ProcessSettings):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or pathlib.Path(self.model).resolve().name
+        return self.served_model_name or served_name(self.model)
 
     def context_length(self) -> int:
         if self.max_model_len is not None:
             return self.max_model_len
         # Read config.json directly: engine.config pulls in torch, which the router never needs.
-        path = pathlib.Path(self.model) / "config.json"
+        path = self.model_dir / "config.json"
         try:
             raw = json.loads(path.read_text())
             return int(raw["max_position_embeddings"])

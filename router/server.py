@@ -34,7 +34,7 @@ class Router:
 
             tokenizer = Tokenizer.from_dir(config.model_dir, chat_template=config.chat_template_text())
         self.config = config
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(config.model_name)
         self.registry = WorkerRegistry(config.redis_url, model=config.model_name,
                                        poll_interval_s=config.registry_poll_interval_s)
         self.index = PrefixIndex()

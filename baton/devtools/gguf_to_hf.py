@@ -10,9 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
-# llama.cpp's tensor names -> Hugging Face Llama names; "{n}" is the layer index.
+from baton.devtools.tokenizer_training import LLAMA3_SPLIT, byte_level_split
+
+# llama.cpp's tensor names (blk.<layer>.<name>.weight, <name>.weight) -> Hugging Face Llama names.
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -20,6 +23,18 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+# llama.cpp's pre-tokenizer names -> the same splits in `tokenizers`.
+_PRE_TOKENIZERS = {
+    "gpt2": _byte_level,
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]),
+    "llama-bpe": lambda: byte_level_split(LLAMA3_SPLIT),
+}
 # gguf.TokenType: CONTROL tokens are special; USER_DEFINED are added tokens the text may contain.
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -58,6 +73,11 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, show_progres
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    # llama.cpp also stops at end-of-turn / end-of-message tokens; Hugging Face lists them all as eos ids.
+    stops = [config.get("eos_token_id"), *(meta.get(f"tokenizer.ggml.{k}_token_id", None) for k in ("eot", "eom"))]
+    stops = list(dict.fromkeys(int(i) for i in stops if i is not None))
+    if len(stops) > 1:
+        generation["eos_token_id"] = stops
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _write_tokenizer(meta, out_dir, config["max_position_embeddings"])
     return out_dir
@@ -107,8 +127,8 @@ def _config(meta: _Metadata, arch: str, tied: bool) -> dict[str, Any]:
         "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
         "hidden_act": "silu",
         "max_position_embeddings": int(meta.get(f"{arch}.context_length")),
-        "rms_norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": tied,
@@ -121,18 +141,20 @@ def _config(meta: _Metadata, arch: str, tied: bool) -> dict[str, Any]:
     return config
 
 
-def _write_tokenizer(meta: _Metadata, out_dir: pathlib.Path, max_length: int) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def _f32(value: float) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.9999997e-06. The shortest decimal of that float32 is what was written.
+    return float(str(np.float32(value)))
 
+
+def _write_tokenizer(meta: _Metadata, out_dir: pathlib.Path, max_length: int) -> None:
     tokens: list[str] = meta.get("tokenizer.ggml.tokens")
     kinds: list[int] = meta.get("tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # llama.cpp's "smollm" pre-tokenizer splits every digit off before the GPT-2 pattern, as SmolLM's own one does.
-    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                             if pre == "smollm" else byte_level)
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in _PRE_TOKENIZERS:
+        raise GGUFError(f"tokenizer.ggml.pre = {pre!r} is not supported ({', '.join(_PRE_TOKENIZERS)})")
+    backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
     backend.add_tokens([AddedToken(t, special=k == _CONTROL, normalized=False)
                         for t, k in zip(tokens, kinds) if k in (_CONTROL, _USER_DEFINED)])

@@ -23,23 +23,30 @@ from redis.retry import Retry
 from baton.contracts.keys import WORKER_KEY_PREFIX
 from baton.contracts.worker_registry import POOLS, WorkerRecord
 from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
+from baton.devtools.fetch_model import DEFAULT_MODEL, KNOWN_MODELS, fetch_model, models_cache_dir
+from baton.engine.model_source import resolve_model, served_name
 
-DEFAULT_MODEL = dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, vocab=4096, max_position=4096)
-
-
-def default_model_dir() -> pathlib.Path:
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
-    return cache / "baton" / "models" / "baton-tiny-llama"
+# Benchmarks that measure serving, not the model, use a small random-weight Llama.
+TINY_MODEL = dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, vocab=4096, max_position=4096)
 
 
-def ensure_default_model() -> pathlib.Path:
-    path = default_model_dir()
+def ensure_tiny_model() -> pathlib.Path:
+    path = models_cache_dir() / "baton-tiny-llama"
     if not (path / "config.json").is_file():
         from baton.devtools.make_model import make_model
 
         print(f"[baton] making a small random-weight model at {path} (first run only)", flush=True)
-        make_model(path, **DEFAULT_MODEL)
+        make_model(path, **TINY_MODEL)
     return path
+
+
+def resolve_up_model(model: str, revision: str | None = None) -> tuple[pathlib.Path, str]:
+    """The directory and default served name of `baton up --model`: a known short name (fetched and converted
+    into the cache on first use), a model directory, or a Hugging Face Hub id."""
+    if model in KNOWN_MODELS and not pathlib.Path(model).exists():
+        path = fetch_model(model)
+        return path, path.name
+    return resolve_model(model, revision).resolve(), served_name(model)
 
 
 def free_port() -> int:
@@ -50,7 +57,16 @@ def free_port() -> int:
 
 @dataclass
 class UpOptions:
-    model: pathlib.Path | None = None
+    model: str | pathlib.Path = DEFAULT_MODEL
+    revision: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"  # the router's bind address
+    chat_template: str | None = None
+    block_size: int = 16
+    max_model_len: int | None = None
+    # Worker settings by field name, e.g. {"device": "cuda", "dtype": "bfloat16", "enable_prefix_caching": False};
+    # gpu_memory_utilization defaults to an equal share of 0.9 for every worker the pools may grow to.
+    worker_settings: dict = field(default_factory=dict)
     prefill: int = 1
     decode: int = 1
     max_prefill: int | None = None
@@ -62,7 +78,7 @@ class UpOptions:
     routing: str = "kv_aware"
     kv_transport: str = "auto"  # workers' transports in order of preference; auto = ipc (same host), then tcp
     local_prefill_threshold: int = 64
-    num_kv_blocks: int = 2048
+    num_kv_blocks: int | None = None  # None: the workers' default (kv_cache_memory_gb on CPU, the GPU's share)
     torch_threads: int = 1
     ray: bool = False
     ray_address: str | None = None
@@ -127,15 +143,16 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._commands: dict[str, tuple[list[str], dict | None]] = {}
-        self.model_dir = (opts.model or ensure_default_model()).resolve()
-        self.model_name = self.model_dir.name
+        self.model_dir, name = resolve_up_model(str(opts.model), opts.revision)
+        self.model_name = opts.served_model_name or name
         self.redis_url = opts.redis_url
         self.admin_token = secrets.token_urlsafe(24)
         self.http_port = opts.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        host = "127.0.0.1" if self.opts.host in ("0.0.0.0", "::", "") else self.opts.host
+        return f"http://{host}:{self.http_port}"
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None, at: int | None = None) -> subprocess.Popen:
         self._commands[name] = (argv, env)
@@ -167,16 +184,40 @@ class LocalCluster:
                                      self.redis_url, "--http-port", str(self.opts.controlplane_port),
                                      "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
                     env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
-        self._spawn("router", [*self._baton(), "router", "--model", str(self.model_dir), "--redis-url",
-                               self.redis_url, "--host", "127.0.0.1", "--http-port", str(self.opts.port),
-                               "--grpc-port", str(self.opts.grpc_port), "--policy", self.opts.routing,
-                               "--local-prefill-threshold", str(self.opts.local_prefill_threshold)])
+        self._spawn("router", [*self._baton(), "router", *self.router_args()])
         self.wait_ready()
+
+    def router_args(self) -> list[str]:
+        o = self.opts
+        args = ["--model", str(self.model_dir), "--redis-url", self.redis_url, "--host", o.host,
+                "--http-port", str(o.port), "--grpc-port", str(o.grpc_port), "--policy", o.routing,
+                "--local-prefill-threshold", str(o.local_prefill_threshold), *self._shared_args()]
+        return args + (["--chat-template", o.chat_template] if o.chat_template else [])
+
+    def _shared_args(self) -> list[str]:
+        """Flags the router and the workers must agree on."""
+        args = ["--served-model-name", self.model_name, "--block-size", str(self.opts.block_size)]
+        if self.opts.max_model_len is not None:
+            args += ["--max-model-len", str(self.opts.max_model_len)]
+        return args
+
+    def worker_args(self) -> list[str]:
+        o = self.opts
+        most = max(o.prefill, o.max_prefill or 0) + max(o.decode, o.max_decode or 0)
+        settings = {"gpu_memory_utilization": round(0.9 / most, 3), "num_kv_blocks": o.num_kv_blocks,
+                    "torch_threads": o.torch_threads, "kv_transport": o.kv_transport, **o.worker_settings}
+        args = self._shared_args()
+        for name, value in settings.items():
+            flag = name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(f"--{flag}" if value else f"--no-{flag}")
+            elif value is not None:
+                args += [f"--{flag}", str(value)]
+        return [*args, *o.extra_worker_args]
 
     def write_policy(self) -> pathlib.Path:
         o = self.opts
-        worker = [*WORKER_ARGV, "--kv-transport", o.kv_transport, "--num-kv-blocks", str(o.num_kv_blocks),
-                  "--torch-threads", str(o.torch_threads), *o.extra_worker_args]
+        worker = [*WORKER_ARGV, *self.worker_args()]
         cluster = {"name": "local", "region": "local", "backend": "ray" if o.ray else "local",
                    "gpus": 1024, "worker_command": worker}
         if o.ray:

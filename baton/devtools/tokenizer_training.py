@@ -24,11 +24,11 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte must stay encodable
 # Llama-3's split pattern (digits in groups of up to three) and Qwen2's (single digits, after NFC).
 # transformers rebuilds Qwen tokenizers from vocab + merges with Qwen's own pattern, so the qwen
 # styles must carry exactly that pattern for our ids to match theirs.
-_LLAMA3_SPLIT = (
+LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # Bump when training or the saved layout changes, so stale cache entries are never reused.
 _FORMAT = 1
 
@@ -145,7 +145,7 @@ def _validate_vocab(vocab: int) -> None:
         )
 
 
-def _pre_tokenizer(pattern: str) -> pre_tokenizers.PreTokenizer:
+def byte_level_split(pattern: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -156,7 +156,7 @@ def train_bpe(vocab: int) -> Tokenizer:
     """Train a byte-level BPE with exactly `vocab` ids, the special tokens taking the last five."""
     _validate_vocab(vocab)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = _pre_tokenizer(_LLAMA3_SPLIT)
+    tok.pre_tokenizer = byte_level_split(LLAMA3_SPLIT)
     tok.decoder = decoders.ByteLevel()
     learned = vocab - len(SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
@@ -217,7 +217,7 @@ def write_tokenizer_files(out_dir: Path, arch: str, vocab: int, chat_template_fi
     byte_level = processors.ByteLevel(trim_offsets=False)
     if arch.startswith("qwen"):
         tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = _pre_tokenizer(_QWEN2_SPLIT)
+        tok.pre_tokenizer = byte_level_split(_QWEN2_SPLIT)
     if bos is None:
         tok.post_processor = byte_level
     else:

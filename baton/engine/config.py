@@ -18,6 +18,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# vLLM's spellings of --dtype: "auto" is the checkpoint's own dtype.
+DTYPE_ALIASES = {"auto": None, "half": "float16", "float": "float32"}
+DTYPE_CHOICES = (*DTYPE_ALIASES, *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class EngineConfig:
 
     model_dir: str
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
-    dtype: str | None = None  # None: the checkpoint's dtype (float32 on cpu if it is half precision)
+    dtype: str | None = None  # None or "auto": the checkpoint's dtype (float32 on cpu if it is half precision)
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: on the GPU from gpu_memory_utilization, on the CPU kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
@@ -165,8 +168,9 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
 
     def resolve_dtype(self, model: ModelConfig) -> torch.dtype:
         name = self.dtype or model.torch_dtype

@@ -140,7 +140,8 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+    def from_dir(cls, model_dir: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """`chat_template`, if given, replaces the directory's own template (vLLM's --chat-template)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelFilesError(f"{model_dir}: not a directory (expected a Hugging Face-format model directory)")
@@ -153,9 +154,9 @@ class Tokenizer:
             raise ModelFilesError(f"{path}: unreadable tokenizer ({exc})") from None
         tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
         template_path = model_dir / "chat_template.jinja"
-        if template_path.is_file():
+        if chat_template is None and template_path.is_file():
             chat_template = template_path.read_text(encoding="utf-8")
-        else:
+        elif chat_template is None:
             chat_template = tokenizer_config.get("chat_template")
             if isinstance(chat_template, list):  # named templates: [{"name": ..., "template": ...}]
                 named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}

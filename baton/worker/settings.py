@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from baton.engine.model_source import is_hub_id, resolve_model, served_name
 from baton.process_settings import ProcessSettings
 
 if TYPE_CHECKING:
@@ -26,8 +28,10 @@ class WorkerSettings(ProcessSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_WORKER_")
 
     pool: Literal["prefill", "decode"] = Field(description="set by the command: prefill-worker / decode-worker")
-    model: str = Field(description="Hugging Face-format model directory")
-    model_name: str | None = Field(None, description="name served to clients (default: the directory name)")
+    model: str = Field(description="Hugging Face-format model directory, or a Hugging Face Hub id (org/name)")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of a Hub id (default: main)")
+    model_name: str | None = Field(None, description="name served to clients, also --served-model-name "
+                                                     "(default: the Hub id, or the directory name)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for registration and KV events")
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
                            description="unique id (default: hostname-pid)")
@@ -39,11 +43,18 @@ class WorkerSettings(ProcessSettings):
     http_port: int = Field(default_factory=lambda data: _pool_ports(data)[1], ge=0, le=65535,
                            description="HTTP port of /health, /ready, /metrics, 0 = any free port "
                                        "(default: 8081 prefill, 8082 decode)")
-    device: str = Field("cpu", description="cpu | cuda | cuda:N")
-    dtype: str | None = Field(None, description="float32 | bfloat16 | float16 (default: the model's)")
+    device: str = Field("auto", description="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N")
+    # The names EngineConfig takes (engine.config is not imported here: it pulls in torch).
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
+        "auto", description="auto (the checkpoint's) | half | float16 | bfloat16 | float | float32")
+    max_model_len: int | None = Field(None, gt=0, description="context length in tokens (default: the model's)")
+    enable_prefix_caching: bool = Field(True, description="reuse KV blocks of prompts that share a prefix")
     block_size: int = Field(16, ge=1, description="KV block size in tokens; must match the router's")
     num_kv_blocks: int | None = Field(None, gt=0, description="KV pool size in blocks")
-    kv_cache_memory_gb: float = Field(0.5, gt=0, description="KV pool size when --num-kv-blocks is unset")
+    kv_cache_memory_gb: float = Field(0.5, gt=0, description="KV pool size on the CPU when --num-kv-blocks is unset")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU this worker may take "
+                                          "(weights + KV pool + work); two workers on one GPU: e.g. 0.45 each")
+    enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
     max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
     kv_transport: str = Field("tcp", description="tcp | nixl")
@@ -54,13 +65,18 @@ class WorkerSettings(ProcessSettings):
     @field_validator("model")
     @classmethod
     def _model_dir(cls, value: str) -> str:
-        if not (pathlib.Path(value) / "config.json").is_file():
-            raise ValueError(f"{value!r} is not a model directory (no config.json)")
+        if not is_hub_id(value) and not (pathlib.Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a model directory (no config.json) nor a Hugging Face Hub id")
         return value
 
     @property
     def served_model_name(self) -> str:
-        return self.model_name or pathlib.Path(self.model).resolve().name
+        return self.model_name or served_name(self.model)
+
+    @cached_property
+    def model_dir(self) -> pathlib.Path:
+        """The model's directory; a Hub id is downloaded into the Hub cache first (raises ModelFilesError)."""
+        return resolve_model(self.model, self.revision)
 
     @property
     def public_host(self) -> str:
@@ -71,8 +87,9 @@ class WorkerSettings(ProcessSettings):
         from baton.engine.config import EngineConfig
 
         return EngineConfig(
-            model_dir=self.model, device=self.device, dtype=self.dtype, block_size=self.block_size,
+            model_dir=str(self.model_dir), device=self.device, dtype=self.dtype, block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
+            gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            show_progress=True,
+            max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching, show_progress=True,
         )

@@ -1,0 +1,60 @@
+"""`baton up` passes the vLLM-named engine flags through: the router and worker command lines it builds parse with
+the real `baton router` / `baton decode-worker` commands into the settings asked for. No process is started."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from baton.cli import app
+from baton.devtools.local_cluster import LocalCluster, UpOptions
+from baton.devtools.make_model import make_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    return make_model(tmp_path_factory.mktemp("up") / "tiny-up", arch="llama", layers=1, hidden=32, heads=2,
+                      kv_heads=1, vocab=300, max_position=256)
+
+
+def parsed(command: str, args: list[str]) -> dict:
+    """The parameters `baton <command>` gets from `args`, as click parses them."""
+    click_command = typer.main.get_command(app).commands[command]
+    return click_command.make_context(command, list(args)).params
+
+
+def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
+    opts = UpOptions(model=model_dir, served_model_name="my-model", host="0.0.0.0", chat_template="{{ messages }}",
+                     block_size=32, max_model_len=200, prefill=1, decode=2, max_decode=3, run_dir=tmp_path,
+                     worker_settings={"device": "cpu", "dtype": "half", "max_num_seqs": 8,
+                                      "enable_prefix_caching": False, "enforce_eager": True})
+    cluster = LocalCluster(opts)
+    cluster.redis_url = "redis://127.0.0.1:1/0"
+    assert cluster.url == f"http://127.0.0.1:{opts.port}"
+    router = parsed("router", cluster.router_args())
+    assert (router["served_model_name"], router["host"], router["block_size"], router["max_model_len"],
+            router["chat_template"]) == ("my-model", "0.0.0.0", 32, 200, "{{ messages }}")
+    worker = parsed("decode-worker", ["--model", str(model_dir), *cluster.worker_args()])
+    assert worker["model_name"] == "my-model"
+    assert (worker["block_size"], worker["max_model_len"], worker["device"], worker["dtype"]) == (32, 200, "cpu", "half")
+    assert (worker["max_num_seqs"], worker["enable_prefix_caching"], worker["enforce_eager"]) == (8, False, True)
+    # Unless given, the workers the pools may grow to (1 prefill + 3 decode) split 0.9 of a GPU evenly.
+    assert worker["gpu_memory_utilization"] == pytest.approx(0.225)
+    assert "--chat-template" not in cluster.worker_args()  # the router renders chat prompts
+
+
+def test_defaults_pass_only_what_router_and_workers_must_agree_on(model_dir, tmp_path):
+    cluster = LocalCluster(UpOptions(model=str(model_dir), run_dir=tmp_path))
+    assert cluster.model_name == "tiny-up"
+    worker = parsed("prefill-worker", ["--model", str(model_dir), *cluster.worker_args()])
+    assert (worker["model_name"], worker["block_size"], worker["num_kv_blocks"]) == ("tiny-up", 16, None)
+    assert worker["max_model_len"] is None and worker["gpu_memory_utilization"] == pytest.approx(0.45)
+
+
+def test_up_refuses_an_unknown_model_before_starting_anything(tmp_path):
+    result = CliRunner().invoke(app, ["up", "--model", str(tmp_path / "missing"), "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no such directory, and not a Hugging Face Hub id" in result.output
+    assert not list(tmp_path.iterdir())  # no Redis, router or control plane was started

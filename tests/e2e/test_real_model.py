@@ -1,0 +1,44 @@
+"""`baton up`'s default model, SmolLM2-135M-Instruct (fetched and converted into the cache on first use), served by a
+real 1 prefill + 1 decode cluster and asked through the official openai client: the chat template is applied, the
+answer is right, and generation stops at <|im_end|>."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from baton.devtools.fetch_model import DEFAULT_MODEL
+from baton.engine.tokenizer import Tokenizer
+from tests.e2e.conftest import start_cluster
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # A threshold under the prompt's length: the prefill worker runs it and hands its KV blocks to decode.
+    cluster = start_cluster(DEFAULT_MODEL, tmp_path_factory.mktemp("smollm2"), prefill=1, decode=1,
+                            local_prefill_threshold=8)
+    yield cluster
+    cluster.stop()
+
+
+def test_default_model_answers_through_the_chat_template_and_stops_at_im_end(cluster):
+    assert cluster.model_name == "SmolLM2-135M-Instruct"
+    tok = Tokenizer.from_dir(cluster.model_dir)
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
+    resp = client.chat.completions.create(model=cluster.model_name, messages=QUESTION, max_tokens=48, temperature=0)
+    answer = resp.choices[0].message.content
+    assert "Paris" in answer, answer
+    assert resp.choices[0].finish_reason == "stop" and resp.usage.completion_tokens < 48
+    assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
+    # The template's default system line is part of the prompt.
+    prompt = tok.apply_chat_template(QUESTION)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert resp.usage.prompt_tokens == len(tok.encode_chat(QUESTION))
+
+    # The same prompt as raw text: generation ends on <|im_end|> (the eos id), which is not part of the text.
+    raw = client.completions.create(model=cluster.model_name, prompt=prompt, max_tokens=48, temperature=0)
+    assert raw.choices[0].text == answer and raw.choices[0].finish_reason == "stop"
+    assert tok.token_to_id("<|im_end|>") in tok.eos_token_ids

@@ -1,0 +1,77 @@
+"""The vLLM-named engine flags of `baton prefill-worker` / `decode-worker` and `baton router`, through the real
+command lines, down to the engine config and the router's tokenizer. No server is started."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from typer.testing import CliRunner
+
+from baton.cli import app
+from baton.devtools.make_model import make_model
+from baton.engine.config import EngineConfig
+from baton.process_settings import ConfigError
+from baton.router.config import RouterConfig
+from baton.router.server import Router
+from baton.worker.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    return make_model(tmp_path_factory.mktemp("flags") / "tiny-flags", arch="qwen2", layers=1, hidden=32, heads=2,
+                      kv_heads=1, vocab=300, max_position=256)
+
+
+@pytest.fixture
+def served(monkeypatch) -> list[WorkerSettings]:
+    """What the worker command would serve: `serve` records its settings instead of starting."""
+    seen = []
+
+    async def serve(settings, add_service):
+        seen.append(settings)
+
+    monkeypatch.setattr("baton.worker.server.serve", serve)
+    return seen
+
+
+def test_worker_flags_reach_the_engine_config(model_dir, served):
+    result = CliRunner().invoke(app, [
+        "decode-worker", "--model", str(model_dir), "--served-model-name", "smol", "--device", "cpu", "--dtype", "auto",
+        "--max-model-len", "128", "--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5",
+        "--max-num-seqs", "4", "--block-size", "32"])
+    assert result.exit_code == 0, result.output
+    settings = served[0]
+    assert settings.served_model_name == "smol"
+    config = settings.engine_config()
+    assert (config.dtype, config.max_model_len, config.enable_prefix_caching) == (None, 128, False)  # auto: the model's
+    assert (config.gpu_memory_utilization, config.max_num_seqs, config.block_size) == (0.5, 4, 32)
+    assert config.model_dir == str(model_dir)
+
+
+@pytest.mark.parametrize("given, dtype", [("auto", None), ("half", "float16"), ("float", "float32"),
+                                          ("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_dtype_takes_vllm_spellings(model_dir, given, dtype):
+    settings = WorkerSettings.load(pool="prefill", model=str(model_dir), dtype=given)
+    assert settings.engine_config().dtype == dtype
+    assert EngineConfig(str(model_dir), device="cpu", dtype=given).dtype == dtype
+
+
+def test_a_bad_dtype_is_refused_naming_the_flag_not_with_a_traceback(model_dir):
+    result = CliRunner().invoke(app, ["prefill-worker", "--model", str(model_dir), "--dtype", "fp8"])
+    assert result.exit_code == 2 and "setting 'dtype' (flag --dtype)" in result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(ValueError, match="dtype must be one of auto, half, float, float32"):
+        EngineConfig(str(model_dir), device="cpu", dtype="fp8")
+
+
+def test_router_chat_template_replaces_the_models_own(model_dir, tmp_path):
+    default = Router(RouterConfig.load(model=str(model_dir))).service.tokenizer
+    assert default.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>")
+    path = tmp_path / "plain.jinja"
+    path.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    for value in (str(path), path.read_text()):  # a file, or the template itself, as vLLM takes it
+        config = RouterConfig.load(model=str(model_dir), chat_template=value)
+        tokenizer = Router(config).service.tokenizer
+        assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    with pytest.raises(ConfigError, match="setting 'chat_template' .flag --chat-template.: .*neither a file nor"):
+        RouterConfig.load(model=str(model_dir), chat_template=str(tmp_path / "missing.jinja"))
