@@ -105,3 +105,13 @@ lifecycle:
 {{- $_ := set $policy "clusters" $clusters }}
 {{- toYaml $policy }}
 {{- end -}}
+
+{{/* Engine flags the router and every worker must agree on. */}}
+{{- define "baton.engineArgs" -}}
+- --block-size
+- {{ .Values.engine.blockSize | int | quote }}
+{{- with .Values.engine.maxModelLen }}
+- --max-model-len
+- {{ . | int | quote }}
+{{- end }}
+{{- end -}}
