@@ -13,7 +13,7 @@ from baton.engine.sampling_params import SamplingParams
 from baton.grpc_channels import ChannelCache, abort
 from baton.proto.finish_reason import finish_reason_to_wire
 from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
-from baton.worker.proto_convert import sampling_from_proto
+from baton.worker.proto_convert import sampling_from_proto, top_logprobs_to_proto
 from baton.worker.server import WorkerRPCs, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,11 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
     @staticmethod
     def _chunk(out: RequestOutput, params: SamplingParams) -> worker_pb2.DecodeChunk:
         chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids, text=out.text,
-                                       logprobs=out.new_logprobs if params.logprobs else [])
+                                       logprobs=out.new_logprobs if params.logprobs else [],
+                                       top_logprobs=top_logprobs_to_proto(out.new_top_logprobs))
+        if out.prompt_logprobs is not None:
+            chunk.prompt_logprobs.extend(out.prompt_logprobs)
+            chunk.prompt_top_logprobs.extend(top_logprobs_to_proto(out.prompt_top_logprobs))
         if out.finished:
             chunk.finish_reason = finish_reason_to_wire(out.finish_reason)
             chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=out.num_prompt_tokens,

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from functools import cached_property
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from baton.engine.model_source import is_hub_id, resolve_model, served_name
@@ -41,6 +42,10 @@ class RouterConfig(ProcessSettings):
     max_attempts: int = Field(3, ge=1, description="tries per request across prefill/decode workers before failing")
     worker_suspect_s: float = Field(10.0, ge=0, description="how long a worker that refused a connection is skipped")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request on a decode worker")
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: SecretStr(os.environ["BATON_API_KEY"]) if os.environ.get("BATON_API_KEY") else None,
+        description="clients must send 'Authorization: Bearer <key>' (401 otherwise); prefer env BATON_API_KEY or "
+                    "BATON_ROUTER_API_KEY, as argv is visible to other users")
 
     @field_validator("policy")
     @classmethod
@@ -76,6 +81,11 @@ class RouterConfig(ProcessSettings):
     def routing(self) -> RoutingConfig:
         return RoutingConfig(policy=self.policy, weights=self.weights, block_size=self.block_size,
                              local_prefill_threshold_tokens=self.local_prefill_threshold, seed=self.routing_seed)
+
+    @property
+    def api_key_value(self) -> str | None:
+        """The key; None when unset or empty (an empty env var is no key)."""
+        return self.api_key.get_secret_value() or None if self.api_key is not None else None
 
     @property
     def model_name(self) -> str:

@@ -113,7 +113,10 @@ class Dispatcher:
                        sampling: inference_pb2.SamplingParams) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """Yields D's chunks; the last has finish_reason set. Raises NoWorkerAvailable / WorkerFailed."""
         block_size = self._config.block_size
-        routing_request = RoutingRequest(token_ids, hash_blocks(token_ids, block_size), block_size)
+        # Prompt logprobs and the first token's alternatives exist only on the engine that prefills.
+        local = sampling.HasField("prompt_logprobs") or sampling.top_logprobs > 0
+        routing_request = RoutingRequest(token_ids, hash_blocks(token_ids, block_size), block_size,
+                                         local_prefill=local)
         excluded_decode: set[str] = set()
         excluded_prefill: set[str] = set()
         emitted = False

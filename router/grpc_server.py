@@ -1,5 +1,8 @@
-"""gRPC front of the router: the public `baton.v1.Inference` service over the same core as HTTP."""
+"""gRPC front of the router: the public `baton.v1.Inference` service over the same core as HTTP. With an API
+key, Generate and Models need `authorization: Bearer <key>` metadata."""
 from __future__ import annotations
+
+import hmac
 
 import grpc
 
@@ -9,8 +12,8 @@ from baton.router.dispatch import new_request_id
 from baton.router.openai_protocol import APIError
 from baton.router.service import RouterService
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-          503: grpc.StatusCode.UNAVAILABLE}
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}
 ROUTE = "grpc"
 
 
@@ -19,11 +22,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._service = service
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: APIError) -> None:
-        self._service.metrics.requests.labels(ROUTE, str(exc.status)).inc()
+        self._service.metrics.request_done(ROUTE, exc.status)
         await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
 
-    def _prepare(self, request: inference_pb2.GenerateRequest):
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        key = self._service.config.api_key_value
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'authorization: Bearer <key>' metadata")
+
+    def _prepare(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         service = self._service
+        self._authorize(context)
         service.check_model(request.model)
         which = request.WhichOneof("input")
         if which == "text":
@@ -40,29 +50,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         s = request.sampling
         if s.temperature < 0 or not 0 <= s.top_p <= 1:
             raise APIError(400, "temperature must be >= 0 and top_p in [0, 1]", param="sampling")
-        return service.prepare(
-            request.request_id or new_request_id("grpc"), ROUTE, prompt_ids,
-            max_tokens=s.max_tokens or None, temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-            seed=s.seed if s.HasField("seed") else None, stop=list(s.stop), ignore_eos=s.ignore_eos,
-            logprobs=s.logprobs)
+        # Fields are taken as sent (proto3 cannot tell an unset 0 from a chosen one): max_tokens 0 means
+        # what the context leaves, top_p 0 and repetition_penalty 0 mean off.
+        return service.prepare(request.request_id or new_request_id("grpc"), ROUTE, prompt_ids, s)
 
     async def Generate(self, request, context):
         try:
-            prepared = self._prepare(request)
+            prepared = self._prepare(request, context)
         except APIError as exc:
             await self._abort(context, exc)
             return
+        status = 499  # unless it finishes or fails first
         try:
             async for delta in self._service.stream(prepared):
                 yield inference_pb2.GenerateResponse(
                     request_id=prepared.request_id, text=delta.text, token_ids=delta.token_ids,
                     logprobs=delta.logprobs, finish_reason=finish_reason_to_wire(delta.finish_reason),
-                    usage=delta.usage)
+                    usage=delta.usage, top_logprobs=delta.top_logprobs, prompt_logprobs=delta.prompt_logprobs,
+                    prompt_top_logprobs=delta.prompt_top_logprobs)
+            status = 200
         except APIError as exc:
-            # The stream's own metrics already counted this request.
+            status = exc.status
             await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+        finally:
+            self._service.metrics.request_done(ROUTE, status)
 
     async def Models(self, request, context):
+        try:
+            self._authorize(context)
+        except APIError as exc:
+            await self._abort(context, exc)
         return inference_pb2.ModelsResponse(models=[inference_pb2.ModelInfo(
             id=self._service.model_name, max_model_len=self._service.max_model_len, owned_by="baton")])
 

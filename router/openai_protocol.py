@@ -1,10 +1,25 @@
-"""OpenAI-compatible request/response shapes for /v1/completions and /v1/chat/completions."""
+"""OpenAI-compatible request/response shapes for /v1/completions, /v1/chat/completions, /tokenize and /detokenize.
+
+Every request field is applied or refused: an unknown field is a 400 naming it, except the few that clients send
+routinely and that cannot change the output (`user`, `metadata`, ...), which are logged at debug. An explicit
+null means the field's default, as in OpenAI's API."""
 from __future__ import annotations
 
+import logging
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from baton.proto.v1 import inference_pb2
+from baton.router.generation_defaults import GenerationDefaults
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+MAX_CHOICES = 128
+# Sent by stock clients and SDKs; none of them can change what the model generates.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
 
 
 class APIError(Exception):
@@ -19,107 +34,239 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class FieldError(ValueError):
+    """A check across fields, raised in a model validator; the 400 names `param` (pydantic cannot)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _drop_nulls(data: Any) -> Any:
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _Request(BaseModel):
+    # Unknown fields are refused (http_server turns pydantic's "extra_forbidden" into "'x' is not supported").
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_ignored_fields(cls, data: Any) -> Any:
+        data = _drop_nulls(data)
+        if isinstance(data, dict):
+            ignored = [k for k in data if k in IGNORED_FIELDS and k not in cls.model_fields]
+            if ignored:
+                log.debug("ignoring request fields that cannot change the output: %s", ", ".join(ignored))
+                data = {k: v for k, v in data.items() if k not in ignored}
+        return data
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = True  # `stream_options: {}` asks for usage (as vLLM)
 
 
-class _Common(BaseModel):
-    # Unknown fields (frequency_penalty, user, ...) are accepted and ignored, as vLLM does,
-    # so stock clients and load generators work unchanged.
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+TokenId = Annotated[int, Field(ge=0)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+
+
+class _Sampling(_Request):
+    """Fields shared by completions and chat; None means the model's generation_config.json or OpenAI's default."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[TokenId, Bias] = Field(default_factory=dict)  # JSON keys are token ids as strings
     seed: int | None = Field(None, ge=0, lt=2**64)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    stop: str | list[str] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_Common":
+    def _consistent(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        limit = self.output_limit
+        if limit is not None and self.min_tokens > limit:
+            raise FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
         return self
 
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
     def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def sampling(self, defaults: GenerationDefaults, *, logprobs: bool, top_logprobs: int,
+                 prompt_logprobs: int | None = None) -> inference_pb2.SamplingParams:
+        """The wire parameters; max_tokens 0 means as many as the context leaves (RouterService.prepare)."""
+        params = inference_pb2.SamplingParams(
+            max_tokens=self.output_limit or 0,
+            temperature=_or(self.temperature, defaults.temperature),
+            top_p=_or(self.top_p, defaults.top_p),
+            top_k=_or(self.top_k, defaults.top_k),
+            min_p=_or(self.min_p, defaults.min_p),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=_or(self.repetition_penalty, defaults.repetition_penalty),
+            logit_bias=self.logit_bias,
+            stop=self.stop_strings(),
+            stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+        if self.seed is not None:
+            params.seed = self.seed
+        if prompt_logprobs is not None:
+            params.prompt_logprobs = prompt_logprobs
+        return params
 
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=1)  # only the sampled token's log-probability exists
+
+Prompt = str | list[TokenId]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with alternatives: how many
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            if isinstance(prompt[0], (str, list)):
-                if len(prompt) != 1:
-                    raise ValueError("only one prompt per request is supported")
-                prompt = prompt[0]
-        if isinstance(prompt, str) and not prompt:
-            raise ValueError("prompt must not be empty")
-        if isinstance(prompt, list) and (not prompt or any(t < 0 for t in prompt)):
-            raise ValueError("prompt token ids must be a non-empty list of non-negative integers")
-        return prompt
+    @model_validator(mode="after")
+    def _prompts_and_best_of(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise FieldError("prompt", "prompt must not be empty")
+        if self.best_of is not None and self.best_of < self.n:
+            raise FieldError("best_of", f"best_of ({self.best_of}) must be >= n ({self.n})")
+        if self.stream and self.num_samples > self.n:
+            raise FieldError("best_of", "best_of > n cannot be streamed")
+        return self
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
+    def prompts(self) -> list[Prompt]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated per prompt: best_of of them, of which the n most likely are returned."""
+        return self.best_of or self.n
+
+    def wire_sampling(self, defaults: GenerationDefaults) -> inference_pb2.SamplingParams:
+        k = self.logprobs or 0
+        # best_of ranks samples by their cumulative logprob, so they need logprobs even when the client doesn't.
+        return self.sampling(defaults, logprobs=self.logprobs is not None or self.num_samples > self.n,
+                             top_logprobs=k, prompt_logprobs=k if self.echo and self.logprobs is not None else None)
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Every field reaches the chat template (`name`, `tool_calls`, `tool_call_id`, ...): a template that uses a
+    # field applies it, and one that does not cannot change the prompt with it.
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def template_dict(self) -> dict[str, Any]:
+        out = self.model_dump(exclude_none=True)
+        content = self.text()
+        out["content"] = content if content is not None or self.tool_calls else ""
+        return out
 
-class ChatCompletionRequest(_Common):
+
+class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # alternatives are not computed
+    top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
+        return self
 
     @property
-    def max_new_tokens(self) -> int | None:
+    def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def wire_sampling(self, defaults: GenerationDefaults) -> inference_pb2.SamplingParams:
+        return self.sampling(defaults, logprobs=self.logprobs, top_logprobs=self.top_logprobs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_dict() for m in self.messages]
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt", "give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -131,37 +278,26 @@ def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
     }
 
 
-def completion_json(request_id: str, model: str, text: str, finish_reason: str | None,
-                    logprobs: dict | None, usage: dict | None, *, chunk: bool) -> dict:
-    body = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if usage is not None or not chunk:
-        body["usage"] = usage
-    return body
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_json(request_id: str, model: str, text: str, finish_reason: str | None,
-              logprobs: dict | None, usage: dict | None, *, chunk: bool, first: bool = False) -> dict:
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None, *, chunk: bool,
+                first: bool = False) -> dict:
     if chunk:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        obj = "chat.completion.chunk"
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def response_json(request_id: str, model: str, choices: list[dict], usage: dict | None, *, chat: bool,
+                  chunk: bool) -> dict:
+    if chat:
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
-        obj = "chat.completion"
-    body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+        obj = "text_completion"
+    body = {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
     if usage is not None or not chunk:
         body["usage"] = usage
     return body
-
-
-def usage_chunk_json(request_id: str, model: str, usage: dict, *, chat: bool) -> dict:
-    """The final stream chunk of `include_usage`: no choices, only usage."""
-    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": usage}

@@ -12,6 +12,7 @@ from baton.proto.finish_reason import finish_reason_name
 from baton.proto.v1 import inference_pb2
 from baton.router.config import RouterConfig
 from baton.router.dispatch import Dispatcher, WorkerFailed
+from baton.router.generation_defaults import GenerationDefaults
 from baton.router.metrics import RouterMetrics
 from baton.router.openai_protocol import APIError
 from baton.router.prefix_index import PrefixIndex
@@ -35,6 +36,10 @@ class TextDelta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[inference_pb2.TopLogprobs] = field(default_factory=list)
+    # On the first delta when sampling.prompt_logprobs is set: entry i scores prompt token i + 1.
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[inference_pb2.TopLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     usage: inference_pb2.Usage | None = None  # set on the last delta
 
@@ -51,6 +56,7 @@ class RouterService:
         self.model_name = config.model_name
         self.max_model_len = config.context_length()
         self.vocab_size = tokenizer.vocab_size
+        self.defaults = GenerationDefaults.from_dir(config.model_dir)
 
     # -- validation -------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -58,24 +64,28 @@ class RouterService:
             raise APIError(404, f"The model '{model}' does not exist; this router serves '{self.model_name}'.",
                            param="model", code="model_not_found", type="not_found_error")
 
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                           param="prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        self._check_ids(prompt, "prompt")
         return list(prompt)
 
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+    def tokenize_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         try:
-            return self.tokenizer.encode_chat(messages)
-        except ValueError as exc:  # roles out of order, no template: the client can't chat with this model
+            return self.tokenizer.encode_chat(messages, add_generation_prompt, **template_kwargs)
+        except (ValueError, TypeError) as exc:  # roles out of order, no template: the client can't chat with this model
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
 
-    def prepare(self, request_id: str, route: str, prompt_ids: list[int], *, max_tokens: int | None,
-                temperature: float, top_p: float, top_k: int, seed: int | None, stop: list[str],
-                ignore_eos: bool, logprobs: bool) -> Prepared:
+    def _check_ids(self, ids, param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                           param=param)
+
+    def prepare(self, request_id: str, route: str, prompt_ids: list[int],
+                sampling: inference_pb2.SamplingParams) -> Prepared:
+        """Checks the request against the context and vocabulary; max_tokens 0 becomes what the context leaves
+        (capped by the model's max_new_tokens)."""
         n = len(prompt_ids)
         if n == 0:
             raise APIError(400, "the prompt is empty after tokenization", param="prompt")
@@ -83,28 +93,32 @@ class RouterService:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"your prompt has {n} tokens; it must leave room for at least one new token.",
                            param="prompt", code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = self.max_model_len - n
-        elif n + max_tokens > self.max_model_len:
+        sampling, given = inference_pb2.SamplingParams(), sampling
+        sampling.CopyFrom(given)
+        if sampling.max_tokens == 0:
+            sampling.max_tokens = min(self.max_model_len - n, self.defaults.max_tokens or self.max_model_len)
+        elif n + sampling.max_tokens > self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                f"you requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} "
-                                "for the completion).", param="max_tokens", code="context_length_exceeded")
-        if any(not s for s in stop):
+                                f"you requested {n + sampling.max_tokens} tokens ({n} in the prompt, "
+                                f"{sampling.max_tokens} for the completion).", param="max_tokens",
+                           code="context_length_exceeded")
+        if sampling.min_tokens > sampling.max_tokens:
+            raise APIError(400, f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens "
+                                f"({sampling.max_tokens})", param="min_tokens")
+        if any(not s for s in sampling.stop):
             raise APIError(400, "stop strings must be non-empty", param="stop")
-        sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                top_k=top_k, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs)
-        if seed is not None:
-            sampling.seed = seed
+        self._check_ids(sampling.stop_token_ids, "stop_token_ids")
+        self._check_ids(sampling.logit_bias.keys(), "logit_bias")
         return Prepared(request_id, prompt_ids, sampling, route)
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, prepared: Prepared) -> AsyncIterator[TextDelta]:
-        """Text deltas of one request; raises APIError (503/500/400) if it cannot complete."""
+        """Text deltas of one sequence; raises APIError (503/500/400) if it cannot complete. The caller counts
+        the request (one HTTP request may run several sequences)."""
         start = time.perf_counter()
         last_token_at: float | None = None
         completion_tokens = 0
         cached = 0
-        status = "499"  # overwritten unless the client leaves first
         chunks = self.dispatcher.generate(prepared.request_id, prepared.prompt_ids, prepared.sampling)
         try:
             async for chunk in chunks:
@@ -128,7 +142,9 @@ class RouterService:
                 # The decode worker detokenizes and applies stop strings (it must stop generating anyway).
                 completion_tokens += len(chunk.token_ids)
                 delta = TextDelta(text=chunk.text, token_ids=list(chunk.token_ids),
-                                  logprobs=list(chunk.logprobs) if prepared.sampling.logprobs else [])
+                                  logprobs=list(chunk.logprobs) if prepared.sampling.logprobs else [],
+                                  top_logprobs=list(chunk.top_logprobs), prompt_logprobs=list(chunk.prompt_logprobs),
+                                  prompt_top_logprobs=list(chunk.prompt_top_logprobs))
                 if chunk.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
                     yield delta
                     continue
@@ -137,20 +153,16 @@ class RouterService:
                 delta.finish_reason = finish_reason_name(chunk.finish_reason)
                 delta.usage = inference_pb2.Usage(prompt_tokens=len(prepared.prompt_ids),
                                                   completion_tokens=completion_tokens, cached_prompt_tokens=cached)
-                status = "200"
+                self.metrics.e2e.observe(time.perf_counter() - start)
+                self.metrics.finished(delta.finish_reason)
                 yield delta
                 return
         except NoWorkerAvailable as exc:
-            status = "503"
             raise APIError(503, str(exc), type="service_unavailable", code="no_worker_available") from None
         except WorkerFailed as exc:
-            status = "400" if exc.invalid_request else "500"
-            raise APIError(int(status), str(exc), type="invalid_request_error" if exc.invalid_request
-                           else "server_error", code="worker_failed") from None
+            raise APIError(400 if exc.invalid_request else 500, str(exc), type="invalid_request_error"
+                           if exc.invalid_request else "server_error", code="worker_failed") from None
         finally:
             # Closing the worker stream here (not at garbage collection) makes a stop string or a
             # client disconnect abort the request on the workers right away.
             await chunks.aclose()
-            self.metrics.requests.labels(prepared.route, status).inc()
-            if status == "200":
-                self.metrics.e2e.observe(time.perf_counter() - start)

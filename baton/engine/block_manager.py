@@ -55,6 +55,9 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.cached_lru: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[int, int] = {}
+        # Prompt tokens looked up in the prefix cache and found there, over every admission (as vLLM counts).
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     # ---- queries -------------------------------------------------------------------------
     def stats(self) -> BlockStats:
@@ -76,10 +79,11 @@ class BlockManager:
             block_id = None
         return h, block_id
 
-    def _prefix_hits(self, token_ids: list[int]) -> list[tuple[int, int]]:
+    def _prefix_hits(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block id) of the leading cached blocks; never the whole prompt (its last token must run)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
+        token_ids = seq.token_ids
         hits: list[tuple[int, int]] = []
         parent = ROOT_HASH
         bs = self.block_size
@@ -95,7 +99,7 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._prefix_hits(seq.token_ids)
+        hits = self._prefix_hits(seq)
         in_use_hits = sum(1 for _, b in hits if self.blocks[b].ref_count > 0)
         return self.num_blocks_for(seq.num_tokens) - in_use_hits <= self.num_available
 
@@ -110,7 +114,7 @@ class BlockManager:
             raise RuntimeError(f"request {seq.request_id} already holds blocks")
         if not self.can_allocate(seq):
             raise NoFreeBlocksError(f"not enough free KV blocks for request {seq.request_id}")
-        hits = self._prefix_hits(seq.token_ids)
+        hits = self._prefix_hits(seq)
         for h, block_id in hits:
             self._ref(block_id)
             seq.block_table.append(block_id)
@@ -119,6 +123,9 @@ class BlockManager:
             seq.block_table.append(self._take_free())
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
+        if self.enable_prefix_caching and seq.reads_prefix_cache:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_cached_tokens
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Makes sure blocks cover the next num_new_tokens positions to compute."""

@@ -79,9 +79,10 @@ class StopChecker:
     `find(text)` answers for a whole text. For streaming, `push(delta)` returns only text that can
     no longer become part of a stop string; after a stop, `stopped` is set and nothing more is
     returned. `flush()` releases the held-back tail when generation ends for another reason.
+    With `include_stop` the output ends after the stop string instead of before it.
     """
 
-    def __init__(self, stop_strings: Iterable[str] | None) -> None:
+    def __init__(self, stop_strings: Iterable[str] | None, include_stop: bool = False) -> None:
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         stops = list(stop_strings or ())
@@ -90,9 +91,11 @@ class StopChecker:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.stop_strings: tuple[str, ...] = tuple(dict.fromkeys(stops))
         self._longest = max((len(s) for s in self.stop_strings), default=0)
+        self._include = include_stop
         self.text = ""  # accumulated output, cut at the stop string once one is found
         self._emitted = 0
         self._scanned = 0  # text[:_scanned] holds no complete stop string
+        self._floor = 0  # text emitted unchecked (before min_tokens) is never searched again
         self.match: StopMatch | None = None
 
     @property
@@ -118,18 +121,20 @@ class StopChecker:
                     break
         return longest
 
-    def push(self, delta: str) -> str:
-        """Add newly decoded text; returns the part that is safe to stream now."""
+    def push(self, delta: str, check: bool = True) -> str:
+        """Add newly decoded text; returns the part that is safe to stream now. With `check` false the
+        text is not searched for stop strings and is all released."""
         if self.stopped:
             return ""
         self.text += delta
-        if not self.stop_strings:
+        if not self.stop_strings or not check:
             out, self._emitted = self.text[self._emitted:], len(self.text)
+            self._floor = self._scanned = len(self.text)
             return out
         # A new match can only begin where the last scan could not yet see a whole stop string.
-        self.match = self.find(self.text, max(0, self._scanned - self._longest + 1))
+        self.match = self.find(self.text, max(self._floor, self._scanned - self._longest + 1))
         if self.match is not None:
-            self.text = self.text[:self.match.index]
+            self.text = self.text[:self.match.index + (len(self.match.stop) if self._include else 0)]
             safe = len(self.text)
         else:
             self._scanned = len(self.text)

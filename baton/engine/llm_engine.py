@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.engine.attention import allocate_kv_cache
@@ -12,7 +14,7 @@ from baton.engine.errors import InvalidRequestError, NoCapacityError
 from baton.engine.loader import load_model
 from baton.engine.model_runner import ModelRunner
 from baton.engine.output_text import TextTracker
-from baton.engine.sampler import Sampler
+from baton.engine.sampler import PromptScoring, Sampler, TopLogprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
 from baton.engine.sequence import SeqStatus, Sequence
@@ -27,6 +29,10 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[float]
+    new_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # when params.top_logprobs
+    # On a request's first output when it asked for prompt logprobs: entry p scores prompt token p + 1.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
@@ -46,6 +52,19 @@ class RemoteReservation:
 
 
 @dataclass(frozen=True)
+class FinishedRequest:
+    """What metrics need of a request that left the engine; a time is None where its phase ran elsewhere
+    (a remotely prefilled request has no queue or prefill time on the decode engine)."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    queue_s: float | None  # arrival -> first scheduled
+    prefill_s: float | None  # first scheduled -> first token
+    decode_s: float | None  # first token -> last token
+
+
+@dataclass(frozen=True)
 class EngineStats:
     blocks: BlockStats
     running: int
@@ -57,6 +76,8 @@ class EngineStats:
     generated_tokens: int
     preemptions: int
     queued_prefill_tokens: int  # prompt tokens admitted but not yet computed
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
 
 
 class LLMEngine:
@@ -89,12 +110,14 @@ class LLMEngine:
                                   self.max_model_len, cuda_graphs=not config.enforce_eager)
         if self.runner.graphs is not None:
             self.runner.graphs.capture()
-        self.sampler = Sampler(config.seed)
         # Published checkpoints often pad the embedding past the tokenizer; such ids can never be decoded.
         self._sample_vocab = min(mc.vocab_size, tokenizer.vocab_size) if tokenizer is not None else mc.vocab_size
         self.eos_token_ids = set(mc.eos_token_ids)
         if tokenizer is not None:
             self.eos_token_ids |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.sampler = Sampler(config.seed, self.eos_token_ids)
+        # Called on the engine thread for every request that finishes, is aborted or is handed off (metrics).
+        self.finish_listeners: list[Callable[[FinishedRequest], None]] = []
         self._seqs: dict[str, Sequence] = {}
         self._text: dict[str, TextTracker] = {}
         self._prefilled: dict[str, Sequence] = {}
@@ -113,6 +136,10 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self._sample_vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name}: token id {bad!r} is outside the vocabulary [0, {self._sample_vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt_ids)} "
@@ -132,17 +159,21 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Stops a request wherever it is and frees its blocks; False if it is unknown (already done)."""
         seq = self._seqs.pop(request_id, None)
+        handed_off = False  # a prefilled request was reported when its prompt was done
         if seq is not None:
             self.scheduler.remove(seq)
             if seq.block_table:
                 self.block_manager.free(seq)
         else:
+            handed_off = request_id in self._prefilled
             seq = self._prefilled.pop(request_id, None) or self._pending_remote.pop(request_id, None)
             if seq is None:
                 return False
             self.block_manager.free(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
         self._forget(request_id)
+        if not handed_off:
+            self._report(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -153,32 +184,51 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)
-        logits = logits[:, : self._sample_vocab]
+        now = time.monotonic()
+        for item in scheduled:
+            if item.seq.scheduled_time is None:
+                item.seq.scheduled_time = now
+        logits = self.runner.run(scheduled)[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
-        tokens, logprobs = self.sampler.sample(logits, [(s.seq.request_id, s.seq.params) for s in sampling])
+        scoring = [(s.seq, s.prompt_positions) for s in scheduled if s.prompt_positions]
+        prompt = None
+        if scoring:
+            prompt = PromptScoring(logits[len(sampling):], [seq.prompt_ids[p + 1] for seq, ps in scoring for p in ps],
+                                   max(seq.params.prompt_logprobs for seq, _ in scoring))
+        result = self.sampler.sample(logits[: len(sampling)], [s.seq for s in sampling], prompt)
+        row = 0
+        for seq, positions in scoring:
+            k = seq.params.prompt_logprobs
+            seq.prompt_logprobs += result.prompt_logprobs[row:row + len(positions)]
+            seq.prompt_top_logprobs += [top[:k] for top in result.prompt_top_logprobs[row:row + len(positions)]]
+            row += len(positions)
         for item in scheduled:
             seq = item.seq
             in_prompt = max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_tokens)
                             - seq.num_computed_tokens)
-            seq.num_prefill_computed += in_prompt
             self._prefill_computed += in_prompt
             seq.num_computed_tokens += item.num_tokens
             self.block_manager.register_computed(seq)
         outputs = []
-        for item, token, logprob in zip(sampling, tokens, logprobs):
+        for i, item in enumerate(sampling):
             seq = item.seq
             if seq.num_preemptions == 0 and seq.num_tokens == seq.num_prompt_tokens:
                 self._prefill_cached += seq.num_cached_tokens
-            outputs.append(self._append_token(seq, token, logprob))
+            outputs.append(self._append_token(seq, result.tokens[i], result.logprobs[i], result.top_logprobs[i]))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs | None = None
+                      ) -> RequestOutput:
         seq.token_ids.append(token)
         seq.output_logprobs.append(logprob)
         self._generated += 1
-        text, stopped = self._text[seq.request_id].push(token) if seq.request_id in self._text else ("", False)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         params = seq.params
+        tracker = self._text.get(seq.request_id)
+        # Before min_tokens, a stop string does not end the request either (as vLLM).
+        text, stopped = tracker.push(token, check_stop=len(seq.output_ids) > params.min_tokens) \
+            if tracker is not None else ("", False)
         reason = None
         if stopped:
             reason = "stop"
@@ -192,11 +242,14 @@ class LLMEngine:
             request_id=seq.request_id,
             new_token_ids=[token],
             new_logprobs=[logprob],
+            new_top_logprobs=[top] if top is not None and params.top_logprobs else [],
             text=text,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_ids),
             num_cached_tokens=seq.num_cached_tokens,
         )
+        if params.prompt_logprobs is not None and len(seq.output_ids) == 1:
+            out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
         if seq.prefill_only:
             # Prefill-only: pin the prompt's blocks for the KV transfer; release() frees them.
             self.scheduler.remove(seq)
@@ -206,6 +259,7 @@ class LLMEngine:
             self._forget(seq.request_id)
             out.block_ids = list(seq.block_table)
             out.finished, out.finish_reason = True, reason or "prefilled"
+            self._report(seq, out.finish_reason)
             return out
         if reason is not None:
             self._finish(seq, reason)
@@ -218,10 +272,25 @@ class LLMEngine:
         self.block_manager.free(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         self._seqs.pop(seq.request_id, None)
+        self._report(seq, reason)
+
+    def _report(self, seq: Sequence, reason: str) -> None:
+        if not self.finish_listeners:
+            return
+        now = time.monotonic()
+        first, scheduled = seq.first_token_time, seq.scheduled_time
+        done = FinishedRequest(
+            finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_ids),
+            queue_s=None if scheduled is None else scheduled - seq.arrival_time,
+            prefill_s=None if scheduled is None or first is None else first - scheduled,
+            decode_s=None if first is None or seq.prefill_only else now - first)
+        for listener in self.finish_listeners:
+            listener(done)
 
     def _track_text(self, seq: Sequence) -> None:
         if self.tokenizer is not None and not seq.prefill_only:
-            self._text[seq.request_id] = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop)
+            self._text[seq.request_id] = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop,
+                                                     include_stop=seq.params.include_stop_str_in_output)
 
     def _forget(self, request_id: str) -> str:
         """Drops the request's text and sampler state; returns the text its detokenizer still held back."""
@@ -288,6 +357,8 @@ class LLMEngine:
             generated_tokens=self._generated,
             preemptions=self.scheduler.num_preemptions,
             queued_prefill_tokens=sum(max(0, q.num_prompt_tokens - q.num_computed_tokens) for q in queued),
+            prefix_cache_queries=self.block_manager.prefix_queries,
+            prefix_cache_hits=self.block_manager.prefix_hits,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:

@@ -33,22 +33,25 @@ class ModelRunner:
         positions: list[int] = []
         queries: list[tuple[int, int, list[int]]] = []
         logits_indices: list[int] = []
+        prompt_indices: list[int] = []
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             queries.append((start, n, seq.block_table))
+            first = len(ids)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-        return ids, positions, queries, logits_indices
+            prompt_indices.extend(first + p - start for p in item.prompt_positions)
+        return ids, positions, queries, logits_indices, prompt_indices
 
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Computes every scheduled token; returns logits [n_sampling, vocab] (float32, on the model's device)
-        for requests that sample."""
-        ids, positions, queries, logits_indices = self._inputs(scheduled)
+        """Computes every scheduled token; returns logits (float32, on the model's device): one row per request
+        that samples, then one per `prompt_positions` of each request in order (prompt logprobs)."""
+        ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
         if self.graphs is not None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
-                and len(logits_indices) == len(ids):
+                and len(logits_indices) == len(ids) and not prompt_indices:
             return self.graphs.replay(ids, positions, queries)
         if self.device.type == "cuda":
             from baton.engine.attention_triton import build_triton_batch
@@ -58,7 +61,8 @@ class ModelRunner:
         else:
             batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch, as_tensor(logits_indices))
+        return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch,
+                          as_tensor(logits_indices + prompt_indices))
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:

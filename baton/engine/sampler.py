@@ -1,56 +1,169 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs of the chosen token."""
+"""Token sampling where the logits are (the GPU too): logit bias, min_tokens, presence/frequency/repetition
+penalties, greedy, temperature, min-p, top-k, top-p, per-request seeds; logprobs of the chosen token with the
+top alternatives, and prompt logprobs. Everything a step returns comes back in one device-to-host copy."""
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import Sequence
+
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class PromptScoring:
+    """Logits of prompt positions to score (prompt logprobs): row i scores token targets[i]."""
+
+    logits: torch.Tensor  # [m, vocab]
+    targets: list[int]
+    top_k: int  # alternatives per position, the largest any request asked for
+
+
+@dataclass
+class SampleResult:
+    tokens: list[int]
+    logprobs: list[float]  # of the chosen tokens under the model's raw distribution (as vLLM's default)
+    top_logprobs: list[TopLogprobs]  # per row, as many as that request asked for
+    prompt_logprobs: list[float]
+    prompt_top_logprobs: list[TopLogprobs]  # top_k per prompt row; callers cut to each request's own k
 
 
 class Sampler:
-    """Samples where the logits are (the GPU too) and brings back ids and logprobs in one device-to-host copy."""
-
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, eos_token_ids: Iterable[int] = ()) -> None:
         self._seed = seed
+        self._eos = sorted(set(eos_token_ids))
         self._defaults: dict[torch.device, torch.Generator] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._prompt_masks: dict[str, torch.Tensor] = {}  # repetition penalty: which ids the prompt holds
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._prompt_masks.pop(request_id, None)
 
-    def _generator(self, request_id: str, params: SamplingParams, device: torch.device) -> torch.Generator:
+    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+        params = seq.params
         if params.seed is None:
             gen = self._defaults.get(device)
             if gen is None:
                 gen = self._defaults[device] = torch.Generator(device).manual_seed(self._seed)
             return gen
-        gen = self._generators.get(request_id)
+        gen = self._generators.get(seq.request_id)
         if gen is None:
-            gen = self._generators[request_id] = torch.Generator(device).manual_seed(params.seed)
+            gen = self._generators[seq.request_id] = torch.Generator(device).manual_seed(params.seed)
         return gen
 
-    def sample(
-        self, logits: torch.Tensor, requests: list[tuple[str, SamplingParams]]
-    ) -> tuple[list[int], list[float]]:
-        """logits: [n, vocab] float32, one row per request. Returns chosen ids and their logprobs."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], prompt: PromptScoring | None = None) -> SampleResult:
+        """logits: [n, vocab], one row per sequence that samples now."""
         logits = logits.float()
+        raw = torch.log_softmax(logits, dim=-1)
+        logits = self._process(logits, seqs)
         tokens = logits.argmax(dim=-1)
-        for row, (request_id, params) in enumerate(requests):
-            if not params.greedy:
-                probs = _filtered_probs(logits[row], params)
-                tokens[row] = torch.multinomial(probs, 1, generator=self._generator(request_id, params,
-                                                                                     logits.device))[0]
-        chosen = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-        # float64 holds every token id exactly: ids and logprobs come back in a single copy (one host sync).
-        both = torch.stack((tokens.double(), chosen.double())).tolist()
-        return [int(t) for t in both[0]], both[1]
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                probs = _filtered_probs(logits[row], seq.params)
+                tokens[row] = torch.multinomial(probs, 1, generator=self._generator(seq, logits.device))[0]
+        parts = [tokens.double(), raw.gather(1, tokens[:, None])[:, 0].double()]
+        k = max((s.params.top_logprobs for s in seqs), default=0)
+        if k:
+            top = raw.topk(k, dim=-1)
+            parts += [top.indices.double().flatten(), top.values.double().flatten()]
+        if prompt is not None:
+            scored = torch.log_softmax(prompt.logits.float(), dim=-1)
+            targets = torch.tensor(prompt.targets, dtype=torch.long, device=scored.device)
+            parts.append(scored.gather(1, targets[:, None])[:, 0].double())
+            if prompt.top_k:
+                ptop = scored.topk(prompt.top_k, dim=-1)
+                parts += [ptop.indices.double().flatten(), ptop.values.double().flatten()]
+        # float64 holds every token id exactly, so one copy (one host sync) brings everything back.
+        flat = torch.cat(parts).tolist()
+        n = len(seqs)
+        out = SampleResult([int(t) for t in flat[:n]], flat[n:2 * n], [[] for _ in seqs], [], [])
+        at = 2 * n
+        if k:
+            ids, values = flat[at:at + n * k], flat[at + n * k:at + 2 * n * k]
+            at += 2 * n * k
+            for row, seq in enumerate(seqs):
+                want = seq.params.top_logprobs
+                out.top_logprobs[row] = [(int(ids[row * k + j]), values[row * k + j]) for j in range(want)]
+        if prompt is not None:
+            m, pk = len(prompt.targets), prompt.top_k
+            out.prompt_logprobs = flat[at:at + m]
+            at += m
+            ids, values = flat[at:at + m * pk], flat[at + m * pk:at + 2 * m * pk]
+            out.prompt_top_logprobs = [[(int(ids[i * pk + j]), values[i * pk + j]) for j in range(pk)]
+                                       for i in range(m)]
+        return out
+
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logit bias, min_tokens and penalties, batched over the rows that ask for them."""
+        vocab, device = logits.shape[1], logits.device
+        rows, cols, values = [], [], []
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            for token, bias in p.logit_bias.items():
+                if token < vocab:
+                    rows.append(row), cols.append(token), values.append(bias)
+            if len(seq.output_ids) < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self._eos))
+                for token in banned:
+                    if token < vocab:
+                        rows.append(row), cols.append(token), values.append(float("-inf"))
+        penalized = [row for row, seq in enumerate(seqs) if seq.params.penalized]
+        if not rows and not penalized:
+            return logits
+        logits = logits.clone()
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.long, device=device)
+            logits.index_put_((index[0], index[1]), torch.tensor(values, dtype=logits.dtype, device=device),
+                              accumulate=True)
+        if penalized:
+            logits[penalized] = self._penalize(logits[penalized], [seqs[r] for r in penalized])
+        return logits
+
+    def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties as vLLM (and OpenAI for presence/frequency) define them, over output (and prompt) tokens."""
+        m, vocab = logits.shape
+        device = logits.device
+        outputs = [seq.output_ids for seq in seqs]
+        longest = max(1, max(len(o) for o in outputs))
+        # Pad with an id one past the vocabulary, into a column that is dropped again.
+        padded = torch.tensor([o + [vocab] * (longest - len(o)) for o in outputs], dtype=torch.long, device=device)
+        counts = torch.zeros(m, vocab + 1, device=device).scatter_add_(1, padded, torch.ones_like(padded,
+                                                                                                   dtype=torch.float))
+        counts = counts[:, :vocab]
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(s.params, name) for s in seqs], device=device)[:, None]
+
+        repetition = column("repetition_penalty")
+        seen = counts > 0
+        if (repetition != 1).any():
+            seen = seen | torch.stack([self._prompt_mask(seq, vocab, device) for seq in seqs])
+            logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        return logits - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)
+
+    def _prompt_mask(self, seq: Sequence, vocab: int, device: torch.device) -> torch.Tensor:
+        mask = self._prompt_masks.get(seq.request_id)
+        if mask is None:
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            ids = torch.tensor([t for t in seq.prompt_ids if t < vocab], dtype=torch.long, device=device)
+            mask[ids] = True
+            self._prompt_masks[seq.request_id] = mask
+        return mask
 
 
-def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
     scaled = logits / params.temperature
     if params.top_k > 0 and params.top_k < scaled.numel():
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)

@@ -23,6 +23,17 @@ class ScheduledSeq:
         """True when this step reaches the request's last known token, so a new token is sampled."""
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def prompt_positions(self) -> range:
+        """Positions in this chunk whose logits score the next prompt token and are not scored yet: only for
+        requests that asked for prompt logprobs (position p scores prompt token p + 1)."""
+        seq = self.seq
+        if seq.params.prompt_logprobs is None:
+            return range(0)
+        start = max(seq.num_computed_tokens, len(seq.prompt_logprobs))  # a recompute after preemption skips them
+        end = min(seq.num_computed_tokens + self.num_tokens, seq.num_prompt_tokens - 1)
+        return range(start, max(start, end))
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:

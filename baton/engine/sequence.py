@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from baton.engine.sampling_params import SamplingParams
@@ -25,11 +26,17 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
-    num_prefill_computed: int = 0  # prompt tokens this engine actually computed, over all admissions
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     output_logprobs: list[float] = field(default_factory=list)
+    # Prompt logprobs: entry p scores prompt token p + 1 (logprob, then the top alternatives).
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
+    # Monotonic times for the queue / prefill / decode histograms.
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # first admitted to a batch
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -46,6 +53,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        # Cached prompt blocks have no logits left to score, so prompt logprobs compute the whole prompt (as vLLM).
+        return self.params.prompt_logprobs is None
 
     @property
     def num_uncomputed(self) -> int:

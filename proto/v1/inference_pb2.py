@@ -24,39 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/proto/v1/inference.proto\x12\x08\x62\x61ton.v1\"\xbf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x07\n\x05_seed\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.baton.v1.ChatMessagesH\x00\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.baton.v1.SamplingParamsB\x07\n\x05input\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\"\x0f\n\rModelsRequest\"@\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"5\n\x0eModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x0f\n\rHealthRequest\"/\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xca\x01\n\tInference\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12;\n\x06Models\x12\x17.baton.v1.ModelsRequest\x1a\x18.baton.v1.ModelsResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/proto/v1/inference.proto\x12\x08\x62\x61ton.v1\"\x8e\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\r\n\x05min_p\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\r \x01(\x02\x12;\n\nlogit_bias\x18\x0e \x03(\x0b\x32\'.baton.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x11 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x12\n\x10_prompt_logprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.baton.v1.ChatMessagesH\x00\x12*\n\x08sampling\x18\x06 \x01(\x0b\x32\x18.baton.v1.SamplingParamsB\x07\n\x05input\"\xa2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.baton.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\x08 \x03(\x02\x12\x32\n\x13prompt_top_logprobs\x18\t \x03(\x0b\x32\x15.baton.v1.TopLogprobs\"\x0f\n\rModelsRequest\"@\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"5\n\x0eModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x0f\n\rHealthRequest\"/\n\x0eHealthResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xca\x01\n\tInference\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12;\n\x06Models\x12\x17.baton.v1.ModelsRequest\x1a\x18.baton.v1.ModelsResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.proto.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1036
-  _globals['_FINISHREASON']._serialized_end=1181
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1545
+  _globals['_FINISHREASON']._serialized_end=1690
   _globals['_SAMPLINGPARAMS']._serialized_start=45
-  _globals['_SAMPLINGPARAMS']._serialized_end=236
-  _globals['_USAGE']._serialized_start=238
-  _globals['_USAGE']._serialized_end=325
-  _globals['_CHATMESSAGE']._serialized_start=327
-  _globals['_CHATMESSAGE']._serialized_end=371
-  _globals['_CHATMESSAGES']._serialized_start=373
-  _globals['_CHATMESSAGES']._serialized_end=428
-  _globals['_TOKENIDS']._serialized_start=430
-  _globals['_TOKENIDS']._serialized_end=453
-  _globals['_GENERATEREQUEST']._serialized_start=456
-  _globals['_GENERATEREQUEST']._serialized_end=658
-  _globals['_GENERATERESPONSE']._serialized_start=661
-  _globals['_GENERATERESPONSE']._serialized_end=829
-  _globals['_MODELSREQUEST']._serialized_start=831
-  _globals['_MODELSREQUEST']._serialized_end=846
-  _globals['_MODELINFO']._serialized_start=848
-  _globals['_MODELINFO']._serialized_end=912
-  _globals['_MODELSRESPONSE']._serialized_start=914
-  _globals['_MODELSRESPONSE']._serialized_end=967
-  _globals['_HEALTHREQUEST']._serialized_start=969
-  _globals['_HEALTHREQUEST']._serialized_end=984
-  _globals['_HEALTHRESPONSE']._serialized_start=986
-  _globals['_HEALTHRESPONSE']._serialized_end=1033
-  _globals['_INFERENCE']._serialized_start=1184
-  _globals['_INFERENCE']._serialized_end=1386
+  _globals['_SAMPLINGPARAMS']._serialized_end=571
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=494
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=542
+  _globals['_TOPLOGPROBS']._serialized_start=573
+  _globals['_TOPLOGPROBS']._serialized_end=623
+  _globals['_USAGE']._serialized_start=625
+  _globals['_USAGE']._serialized_end=712
+  _globals['_CHATMESSAGE']._serialized_start=714
+  _globals['_CHATMESSAGE']._serialized_end=758
+  _globals['_CHATMESSAGES']._serialized_start=760
+  _globals['_CHATMESSAGES']._serialized_end=815
+  _globals['_TOKENIDS']._serialized_start=817
+  _globals['_TOKENIDS']._serialized_end=840
+  _globals['_GENERATEREQUEST']._serialized_start=843
+  _globals['_GENERATEREQUEST']._serialized_end=1045
+  _globals['_GENERATERESPONSE']._serialized_start=1048
+  _globals['_GENERATERESPONSE']._serialized_end=1338
+  _globals['_MODELSREQUEST']._serialized_start=1340
+  _globals['_MODELSREQUEST']._serialized_end=1355
+  _globals['_MODELINFO']._serialized_start=1357
+  _globals['_MODELINFO']._serialized_end=1421
+  _globals['_MODELSRESPONSE']._serialized_start=1423
+  _globals['_MODELSRESPONSE']._serialized_end=1476
+  _globals['_HEALTHREQUEST']._serialized_start=1478
+  _globals['_HEALTHREQUEST']._serialized_end=1493
+  _globals['_HEALTHRESPONSE']._serialized_start=1495
+  _globals['_HEALTHRESPONSE']._serialized_end=1542
+  _globals['_INFERENCE']._serialized_start=1693
+  _globals['_INFERENCE']._serialized_end=1895
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,8 @@ class ConditionalDisaggregation:
 
     def decide(self, request: RoutingRequest, decode: Selection, *, prefill_available: bool = True) -> PrefillDecision:
         uncached = request.prompt_tokens - decode.predicted_cached_tokens
+        if request.local_prefill:
+            return PrefillDecision(False, uncached, "the request needs a local prefill (prompt or top logprobs)")
         if uncached <= self.threshold:
             return PrefillDecision(False, uncached, f"{uncached} uncached tokens <= threshold {self.threshold}")
         if not prefill_available:

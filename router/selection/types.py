@@ -43,6 +43,7 @@ class RoutingRequest:
     token_ids: Sequence[int]
     block_hashes: Sequence[int]
     block_size: int
+    local_prefill: bool = False  # the decode worker must prefill (the request needs the prefilling engine's output)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

@@ -120,13 +120,16 @@ async def test_meta_endpoints(redis_url, model_dir, script) -> None:
         await http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2, "stream": True})
         await http.post("/v1/completions", json={"model": "nope", "prompt": "a"})
         text = (await http.get("/metrics")).text
-        assert 'baton_router_requests_total{route="/v1/completions",status="200"} 1.0' in text
-        assert 'baton_router_requests_total{route="/v1/completions",status="404"} 1.0' in text
+        m = f'model_name="{MODEL}"'
+        assert 'baton_router_requests_total{' + m + ',route="/v1/completions",status="200"} 1.0' in text
+        assert 'baton_router_requests_total{' + m + ',route="/v1/completions",status="404"} 1.0' in text
+        assert 'baton_router_request_success_total{finished_reason="length",' + m + '} 1.0' in text
         assert 'baton_router_decisions_total{policy="kv_aware",pool="decode"} 1.0' in text
         assert 'baton_router_decision_latency_seconds_count{step="decision"} 2.0' in text  # decode + prefill
-        assert "baton_router_time_to_first_token_seconds_count 1.0" in text
-        assert "baton_router_inter_token_latency_seconds_count 1.0" in text  # 2 tokens: one gap
-        assert "baton_router_e2e_request_latency_seconds_count 1.0" in text
+        assert "baton_router_time_to_first_token_seconds_count{" + m + "} 1.0" in text
+        assert "baton_router_inter_token_latency_seconds_count{" + m + "} 1.0" in text  # 2 tokens: one gap
+        assert "baton_router_e2e_request_latency_seconds_count{" + m + "} 1.0" in text
+        assert 'baton_router_e2e_request_latency_seconds_bucket{le="3600.0",' + m + '} 1.0' in text
         assert "baton_router_prefix_index_blocks 0.0" in text
 
 

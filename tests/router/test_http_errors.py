@@ -27,11 +27,33 @@ CASES = [
     (CMPL, {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
     (CMPL, {"model": MODEL, "prompt": 12}, 400, "prompt", None),
     (CMPL, {"model": MODEL, "prompt": ""}, 400, "prompt", "empty"),
-    (CMPL, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    (CMPL, {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt", "empty"),
     (CMPL, {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", "outside the vocabulary"),
-    (CMPL, {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "only n=1"),
-    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "only n=1"),
-    (CMPL, {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream"),
+    (CMPL, {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
+    (CMPL, {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "stream"),
+    # Fields that are not applied are refused by name, never silently dropped.
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     400, "response_format", "not supported"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
+     "not supported"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
+     "tool_choice", "not supported"),
+    (CMPL, {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    (CMPL, {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}}, 400,
+     "stream_options.continuous_usage_stats", "not supported"),
+    (CMPL, {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias.5", "less than or equal"),
+    (CMPL, {"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    (CMPL, {"model": MODEL, "prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids", "outside the vocab"),
+    (CMPL, {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    (CMPL, {"model": MODEL, "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty", "less than or equal"),
+    (CMPL, {"model": MODEL, "prompt": "x", "min_tokens": 20}, 400, "min_tokens", "must not exceed max_tokens"),
+    (CMPL, {"model": MODEL, "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", "must be >= n"),
+    (CMPL, {"model": MODEL, "prompt": "x", "best_of": 2, "stream": True}, 400, "best_of", "cannot be streamed"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "requires logprobs"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", "less than or equal to 20"),
     (CMPL, {"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
     (CHAT, {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model", "does not exist"),
     (CMPL, {"model": MODEL, "prompt": LONG}, 400, "prompt", "maximum context length is 256"),
@@ -73,17 +95,23 @@ async def test_openai_client_raises_typed_errors(redis_url, model_dir) -> None:
         client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=10)
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="gpt-9", prompt="x")
-        with pytest.raises(openai.BadRequestError, match="only n=1"):
-            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        with pytest.raises(openai.BadRequestError, match="'response_format' is not supported"):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 response_format={"type": "json_object"})
+        with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
         await client.close()
 
 
 async def test_ignore_eos_and_sampling_reach_the_worker(redis_url, model_dir) -> None:
-    # aiperf sends ignore_eos; unknown OpenAI fields (frequency_penalty) are accepted and ignored.
+    # aiperf sends ignore_eos; `user` cannot change the output and is ignored; explicit nulls are defaults.
     async with Cluster(redis_url, model_dir, [5, 6]) as c, httpx.AsyncClient(base_url=c.url) as http:
         r = await http.post(CMPL, json={"model": MODEL, "prompt": "x", "ignore_eos": True, "top_k": 5, "seed": 7,
-                                        "top_p": 0.5, "temperature": 0.7, "frequency_penalty": 0.0})
+                                        "top_p": 0.5, "temperature": 0.7, "frequency_penalty": 0.5, "user": "u1",
+                                        "max_tokens": None, "stop": None, "logprobs": None})
         assert r.status_code == 200, r.text
         s = c.decodes[0].requests[0].sampling
         assert s.ignore_eos and s.top_k == 5 and s.seed == 7 and s.top_p == pytest.approx(0.5)
-        assert s.temperature == pytest.approx(0.7) and s.max_tokens == 256 - len(c.decodes[0].requests[0].token_ids)
+        assert s.temperature == pytest.approx(0.7) and s.frequency_penalty == pytest.approx(0.5)
+        assert s.max_tokens == 16 and not s.logprobs and not s.stop  # completions default max_tokens: 16
