@@ -101,14 +101,17 @@ def generate_cmd(
 
 
 def fetch_model_cmd(
-    name: str = typer.Argument("smollm2", help="A known model: smollm2 (SmolLM2-135M-Instruct)."),
+    model: str = typer.Argument("smollm2", help="smollm2 (SmolLM2-135M-Instruct) or a Hugging Face Hub id."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit of a Hub id."),
 ) -> None:
-    """Download a known model and convert it into the cache directory (once); prints the directory."""
-    from baton.devtools.fetch_model import fetch_model
+    """Download a model once and print its directory: smollm2 is converted into ~/.cache/baton/models, a Hub id goes
+    into the Hugging Face cache (HF_HOME), where --model ID then finds it, offline too."""
+    from baton.devtools.fetch_model import resolve_any_model
+    from baton.engine.errors import ModelFilesError
 
     try:
-        path = fetch_model(name)
-    except (ValueError, RuntimeError) as exc:
+        path, _ = resolve_any_model(model, revision)
+    except (ModelFilesError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
     typer.echo(str(path))

@@ -11,6 +11,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+from baton.engine.model_source import resolve_model, served_name
+
 
 @dataclass(frozen=True)
 class KnownModel:
@@ -58,6 +60,15 @@ def fetch_model(name: str, *, show_progress: bool = True) -> pathlib.Path:
             out = convert_gguf(gguf_path, work / "model", show_progress=show_progress)
             out.rename(target)
     return target
+
+
+def resolve_any_model(model: str, revision: str | None = None) -> tuple[pathlib.Path, str]:
+    """The directory and default served name of a --model value: a known short name (fetched and converted on first
+    use), a model directory, or a Hugging Face Hub id (downloaded into the Hub cache unless there)."""
+    if model in KNOWN_MODELS and not pathlib.Path(model).exists():
+        path = fetch_model(model)
+        return path, path.name
+    return resolve_model(model, revision).resolve(), served_name(model)
 
 
 def _download_member(known: KnownModel, work: pathlib.Path, quiet: bool) -> pathlib.Path:

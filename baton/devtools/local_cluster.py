@@ -23,8 +23,7 @@ from redis.retry import Retry
 from baton.contracts.keys import WORKER_KEY_PREFIX
 from baton.contracts.worker_registry import POOLS, WorkerRecord
 from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
-from baton.devtools.fetch_model import DEFAULT_MODEL, KNOWN_MODELS, fetch_model, models_cache_dir
-from baton.engine.model_source import resolve_model, served_name
+from baton.devtools.fetch_model import DEFAULT_MODEL, models_cache_dir, resolve_any_model
 
 # Benchmarks that measure serving, not the model, use a small random-weight Llama.
 TINY_MODEL = dict(arch="llama", layers=4, hidden=256, heads=8, kv_heads=4, vocab=4096, max_position=4096)
@@ -38,15 +37,6 @@ def ensure_tiny_model() -> pathlib.Path:
         print(f"[baton] making a small random-weight model at {path} (first run only)", flush=True)
         make_model(path, **TINY_MODEL)
     return path
-
-
-def resolve_up_model(model: str, revision: str | None = None) -> tuple[pathlib.Path, str]:
-    """The directory and default served name of `baton up --model`: a known short name (fetched and converted
-    into the cache on first use), a model directory, or a Hugging Face Hub id."""
-    if model in KNOWN_MODELS and not pathlib.Path(model).exists():
-        path = fetch_model(model)
-        return path, path.name
-    return resolve_model(model, revision).resolve(), served_name(model)
 
 
 def free_port() -> int:
@@ -143,7 +133,7 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._commands: dict[str, tuple[list[str], dict | None]] = {}
-        self.model_dir, name = resolve_up_model(str(opts.model), opts.revision)
+        self.model_dir, name = resolve_any_model(str(opts.model), opts.revision)
         self.model_name = opts.served_model_name or name
         self.redis_url = opts.redis_url
         self.admin_token = secrets.token_urlsafe(24)

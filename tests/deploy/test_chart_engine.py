@@ -1,6 +1,7 @@
 """The chart's engine values, PodDisruptionBudgets and scrape labels, on rendered manifests: GPU pools run the engine
 on the GPU with a memory share, typed values reach router and workers alike (parsed by the real `baton` commands),
-budgets select exactly one component's pods, and the ServiceMonitor adds no label a component exports itself."""
+budgets select exactly one component's pods, the ServiceMonitor adds no label a component exports itself, and a Hub
+model is fetched by an init container and served offline from the model volume."""
 from __future__ import annotations
 
 import re
@@ -124,3 +125,40 @@ def test_documented_env_prefixes_are_the_ones_the_code_reads():
     documented = set(re.findall(r"\b(BATON_[A-Z_]+?_)\*", text))
     prefixes = {c.model_config["env_prefix"] for c in (RouterConfig, WorkerSettings, ControlPlaneSettings)}
     assert documented == prefixes
+
+
+HUB = {"model": {"hub": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "v1", "tokenSecret": "hf"},
+                 "volume": {"persistentVolumeClaim": None, "emptyDir": {}}}}
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_a_hub_model_is_fetched_by_an_init_container_and_served_offline_from_the_volume():
+    release = Release.render(HUB)
+    for component in ("router", "prefill", "decode"):
+        pod = release.workload(component)["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        fetch = parsed(init)  # the real `baton fetch-model` command
+        assert (fetch["model"], fetch["revision"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "v1")
+        main = pod["containers"][0]
+        serve = parsed(main)
+        assert (serve["model"], serve["revision"]) == (fetch["model"], fetch["revision"])
+        # The same Hub cache on the same volume: written by the init container, read offline by the server.
+        assert _env(init)["HF_HOME"] == _env(main)["HF_HOME"] == "/models/huggingface"
+        assert _env(main)["HF_HUB_OFFLINE"] == "1" and "HF_HUB_OFFLINE" not in _env(init)
+        assert _env(init)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+        assert "HF_TOKEN" not in _env(main)
+        assert init["volumeMounts"] == [{"name": "model", "mountPath": "/models"}]  # writable
+        assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    assert chart_check.validate([("hub", d) for d in release.docs]) == []
+    assert "initContainers" not in Release.render({}).workload("decode")["spec"]["template"]["spec"]
+
+
+def test_a_hub_model_needs_a_writable_model_volume():
+    with pytest.raises(helm_python.HelmRenderError, match="model.hub.id is set: .*readOnly is true"):
+        chart_check.render({"model": {"hub": {"id": "org/name"}}})  # the default claim is mounted read-only
+    claim = Release.render({"model": {"hub": {"id": "org/name"}, "createPVC": {"enabled": True}}})
+    volumes = claim.workload("prefill")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "baton-models", "readOnly": False}} in volumes

@@ -96,9 +96,8 @@ def hub_cache(tmp_path_factory):
     env["HF_HOME"] = str(tmp_path / "hf")
     env["HF_ENDPOINT"] = hub.url
     try:
-        # Our own resolver, online: it downloads what serving reads (not the .bin copy).
-        fetched = run_python(env, "-c", "import sys; from baton.engine.model_source import resolve_model; "
-                             "print(resolve_model(sys.argv[1]))", "org/tiny")
+        # Online: Baton downloads what serving reads (not the .bin copy), as the chart's init container does.
+        fetched = baton(env, "fetch-model", "org/tiny")
     finally:
         hub.shutdown()
         hub.server_close()

@@ -77,7 +77,7 @@ imagePullPolicy: {{ .image.pullPolicy }}
 {{- if .Values.model.createPVC.enabled }}
   persistentVolumeClaim:
     claimName: {{ include "baton.fullname" . }}-models
-    readOnly: true
+    readOnly: {{ not .Values.model.hub.id }}
 {{- else }}
 {{- toYaml .Values.model.volume | nindent 2 }}
 {{- end }}
@@ -104,6 +104,63 @@ lifecycle:
 {{- end }}
 {{- $_ := set $policy "clusters" $clusters }}
 {{- toYaml $policy }}
+{{- end -}}
+
+{{/* --model: the Hub id (and --revision) when model.hub.id is set, else the directory on the model volume. */}}
+{{- define "baton.modelArgs" -}}
+- --model
+{{- if .Values.model.hub.id }}
+- {{ .Values.model.hub.id | quote }}
+{{- with .Values.model.hub.revision }}
+- --revision
+- {{ . | quote }}
+{{- end }}
+{{- else }}
+- {{ .Values.model.dir | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* With a Hub id, the Hub cache lives on the model volume; serving containers read it offline. */}}
+{{- define "baton.hubHome" -}}
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" (trimSuffix "/" .Values.model.mountPath) | quote }}
+{{- end -}}
+
+{{- define "baton.hubEnv" -}}
+{{- if .Values.model.hub.id }}
+{{ include "baton.hubHome" . }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+{{- end -}}
+
+{{/* An init container that downloads model.hub.id into the model volume before the pod starts serving;
+     call with (dict "root" $ "image" ... "suffix" ...). Renders nothing without a Hub id. */}}
+{{- define "baton.fetchModel" -}}
+{{- $hub := .root.Values.model.hub }}
+{{- if $hub.id }}
+initContainers:
+  - name: fetch-model
+    {{- include "baton.image" (dict "root" .root "image" .image "suffix" .suffix) | nindent 4 }}
+    command: ["baton"]
+    args:
+      - fetch-model
+      - {{ $hub.id | quote }}
+      {{- with $hub.revision }}
+      - --revision
+      - {{ . | quote }}
+      {{- end }}
+    env:
+      {{- include "baton.hubHome" .root | nindent 6 }}
+      {{- with $hub.tokenSecret }}
+      - name: HF_TOKEN
+        valueFrom: {secretKeyRef: {name: {{ . }}, key: token}}
+      {{- end }}
+    securityContext:
+      {{- toYaml .root.Values.securityContext | nindent 6 }}
+    volumeMounts:
+      - {name: model, mountPath: {{ .root.Values.model.mountPath | quote }}}
+{{- end }}
 {{- end -}}
 
 {{/* Engine flags the router and every worker must agree on. */}}
