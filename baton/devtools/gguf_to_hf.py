@@ -7,6 +7,7 @@ import json
 import pathlib
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
@@ -45,8 +46,6 @@ class GGUFError(ValueError):
 
 def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path, *, show_progress: bool = True) -> pathlib.Path:
     """Writes the converted checkpoint into `out_dir` (created) and returns it."""
-    import gguf  # imported here: only conversion needs it
-
     reader = gguf.GGUFReader(str(gguf_path))
     meta = _Metadata(reader, gguf_path)
     arch = meta.get("general.architecture")
