@@ -70,8 +70,9 @@ class RouterConfig(ProcessSettings):
 
     @cached_property
     def model_dir(self) -> pathlib.Path:
-        """The model's directory; a Hub id is downloaded into the Hub cache first (raises ModelFilesError)."""
-        return resolve_model(self.model, self.revision)
+        """The model's directory; of a Hub id, the configs and tokenizer are downloaded into the Hub cache first
+        (raises ModelFilesError)."""
+        return resolve_model(self.model, self.revision, weights=False)
 
     def chat_template_text(self) -> str | None:
         if self.chat_template is None or not pathlib.Path(self.chat_template).is_file():

@@ -30,9 +30,10 @@ def served_name(model: str) -> str:
     return model if is_hub_id(model) else pathlib.Path(model).expanduser().resolve().name
 
 
-def resolve_model(model: str, revision: str | None = None) -> pathlib.Path:
+def resolve_model(model: str, revision: str | None = None, *, weights: bool = True) -> pathlib.Path:
     """The directory holding `model`'s files: the path itself, or the Hub snapshot of `revision` (default: the
-    main branch), downloaded into the Hub cache unless it is there already."""
+    main branch), downloaded into the Hub cache unless it is there already; without `weights`, only the configs
+    and tokenizer (what the router reads)."""
     path = pathlib.Path(model).expanduser()
     if path.exists():
         return path
@@ -42,7 +43,8 @@ def resolve_model(model: str, revision: str | None = None) -> pathlib.Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return pathlib.Path(snapshot_download(model, revision=revision, allow_patterns=HUB_FILES))
+        patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
+        return pathlib.Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise ModelFilesError(f"{model!r} (revision {revision or 'main'}) is not in the Hugging Face cache and the "
                               "Hub cannot be reached (HF_HUB_OFFLINE set, or no network)") from None

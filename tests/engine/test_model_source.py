@@ -95,14 +95,20 @@ def hub_cache(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HOME"] = str(tmp_path / "hf")
     env["HF_ENDPOINT"] = hub.url
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / SHA
     try:
-        # Online: Baton downloads what serving reads (not the .bin copy), as the chart's init container does.
+        # Online. The router takes configs and tokenizer only; then what serving reads (not the .bin copy), as the
+        # chart's init container does.
+        router = run_python(env, "-c", "from baton.router.config import RouterConfig; "
+                                       "print(RouterConfig.load(model='org/tiny').model_dir)")
+        assert router.returncode == 0, router.stderr
+        assert router.stdout.strip() == str(snapshot) and (snapshot / "tokenizer.json").is_file()
+        assert not (snapshot / "model.safetensors").exists()
         fetched = baton(env, "fetch-model", "org/tiny")
     finally:
         hub.shutdown()
         hub.server_close()
     assert fetched.returncode == 0, fetched.stderr
-    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / SHA
     assert fetched.stdout.strip() == str(snapshot)
     assert (tmp_path / "hf" / "hub" / "models--org--tiny" / "refs" / "main").read_text() == SHA
     assert not (snapshot / "pytorch_model.bin").exists() and (snapshot / "model.safetensors").is_file()
