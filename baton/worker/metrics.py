@@ -1,17 +1,76 @@
-"""Prometheus view of a worker's engine, read at scrape time (names follow docs/architecture.md)."""
+"""Prometheus view of a worker's engine: gauges and counters read at scrape time, request histograms fed as
+requests leave the engine. Every name after `baton_worker_` is vLLM's with vLLM's meaning (docs/metrics.md)."""
 from __future__ import annotations
 
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from baton.engine.llm_engine import FinishedRequest
+
+# vLLM's buckets for the request phase histograms, so dashboards built for it read these unchanged.
+PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                 480.0, 960.0, 1920.0, 7680.0)
+
+
+def token_buckets(max_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (vLLM's build_1_2_5_buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_len:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
 
 class EngineCollector:
     def __init__(self, runtime) -> None:
         self.runtime = runtime
+        s = runtime.settings
+        self._labels = ["model_name", "worker_id", "pool"]
+        self._values = [s.served_model_name, s.worker_id, s.pool]
+        # Not registered anywhere: collect() yields them with the scrape-time families.
+        self._families: list = []
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            family = Histogram(name, doc, self._labels, buckets=buckets, registry=None)
+            self._families.append(family)
+            return family.labels(*self._values)
+
+        self.queue = histogram("baton_worker_request_queue_time_seconds",
+                               "Time a request waited before its first step (WAITING phase).", PHASE_BUCKETS)
+        self.prefill = histogram("baton_worker_request_prefill_time_seconds",
+                                 "First step to first token (PREFILL phase).", PHASE_BUCKETS)
+        self.decode = histogram("baton_worker_request_decode_time_seconds",
+                                "First token to last token (DECODE phase).", PHASE_BUCKETS)
+        self.inference = histogram("baton_worker_request_inference_time_seconds",
+                                   "First step to last token (prefill + decode on this worker).", PHASE_BUCKETS)
+        tokens = token_buckets(runtime.engine.max_model_len)
+        self.prompt_tokens = histogram("baton_worker_request_prompt_tokens", "Prompt tokens per finished request.",
+                                       tokens)
+        self.generation_tokens = histogram("baton_worker_request_generation_tokens",
+                                           "Tokens generated per finished request.", tokens)
+        self._success = Counter("baton_worker_request_success", "Requests that left the engine, by finish reason "
+                                "(prefilled: handed to a decode worker)", [*self._labels, "finished_reason"],
+                                registry=None)
+        self._families.append(self._success)
+        runtime.engine.finish_listeners.append(self.observe)
+
+    def observe(self, done: FinishedRequest) -> None:
+        """Called on the engine thread as each request leaves it (prometheus_client is thread-safe)."""
+        for child, seconds in ((self.queue, done.queue_s), (self.prefill, done.prefill_s),
+                               (self.decode, done.decode_s)):
+            if seconds is not None:
+                child.observe(seconds)
+        if done.prefill_s is not None or done.decode_s is not None:
+            self.inference.observe((done.prefill_s or 0.0) + (done.decode_s or 0.0))
+        self.prompt_tokens.observe(done.num_prompt_tokens)
+        self.generation_tokens.observe(done.num_output_tokens)
+        self._success.labels(*self._values, done.finish_reason).inc()
 
     def collect(self):
         s = self.runtime.engine.stats()
-        labels = ["worker_id", "pool"]
-        values = [self.runtime.settings.worker_id, self.runtime.settings.pool]
+        labels, values = self._labels, self._values
 
         def gauge(name, doc, value):
             g = GaugeMetricFamily(name, doc, labels=labels)
@@ -26,16 +85,17 @@ class EngineCollector:
         yield gauge("baton_worker_num_requests_running", "Requests decoding or prefilling now.",
                     s.running + s.prefilled + s.pending_remote)
         yield gauge("baton_worker_num_requests_waiting", "Requests queued for KV blocks or batch room.", s.waiting)
-        yield gauge("baton_worker_kv_cache_usage_ratio", "Fraction of KV blocks referenced by live requests.",
+        yield gauge("baton_worker_kv_cache_usage_perc", "Fraction (0-1) of KV blocks referenced by live requests.",
                     s.blocks.usage)
         yield gauge("baton_worker_kv_blocks_cached", "Unreferenced KV blocks still holding a reusable prefix.",
                     s.blocks.cached)
-        total_prompt = s.prefill_tokens_computed + s.prefill_tokens_cached
-        yield gauge("baton_worker_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache / all.",
-                    s.prefill_tokens_cached / total_prompt if total_prompt else 0.0)
-        yield counter("baton_worker_prompt_tokens", "Prompt tokens computed by this worker.",
-                      s.prefill_tokens_computed)
-        yield counter("baton_worker_prompt_tokens_cached", "Prompt tokens served from the prefix cache.",
-                      s.prefill_tokens_cached)
+        yield counter("baton_worker_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queries)
+        yield counter("baton_worker_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                      s.prefix_cache_hits)
+        yield counter("baton_worker_prompt_tokens", "Prompt tokens prefilled here, computed or from the prefix cache.",
+                      s.prefill_tokens_computed + s.prefill_tokens_cached)
         yield counter("baton_worker_generation_tokens", "Tokens sampled by this worker.", s.generated_tokens)
-        yield counter("baton_worker_preemptions", "Requests preempted for KV blocks.", s.preemptions)
+        yield counter("baton_worker_num_preemptions", "Requests preempted for KV blocks.", s.preemptions)
+        for family in self._families:
+            yield from family.collect()

@@ -205,7 +205,7 @@ def test_metrics_of_every_component_after_traffic(client, cluster_1p1d):
         pools[rec["pool"]] = _samples(httpx.get(f"http://{rec['http_address']}/metrics", timeout=5).text)
     decode, prefill = pools["decode"], pools["prefill"]
     assert _total(decode, "baton_worker_generation_tokens_total") >= 16
-    assert 0 <= _total(decode, "baton_worker_kv_cache_usage_ratio") <= 1
+    assert 0 <= _total(decode, "baton_worker_kv_cache_usage_perc") <= 1
     assert _total(decode, "baton_worker_num_requests_running") >= 0
     assert _total(prefill, "baton_worker_prompt_tokens_total") >= len(LONG.split()) // 2
     assert _total(prefill, "baton_kv_transfer_bytes_total") > 0  # the long prompt's KV went to decode

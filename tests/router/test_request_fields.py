@@ -184,3 +184,15 @@ async def test_raw_http_streams_n_choices_with_usage(router, model_dir):
             streamed[choice["index"]] += choice["text"]
             assert all(not math.isnan(v) for v in choice["logprobs"]["token_logprobs"])
     assert streamed == {c["index"]: c["text"] for c in whole["choices"]}
+
+
+async def test_worker_metrics_carry_the_model_and_the_request_phases(router, model_dir, decode_worker):
+    _, client = router
+    await client.completions.create(model=name(model_dir), prompt=PROMPT, max_tokens=3)
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"http://127.0.0.1:{decode_worker.http_port}/metrics")).text
+    labels = f'model_name="{name(model_dir)}",pool="decode",worker_id="d-fields"'
+    for metric in ("request_queue_time_seconds_count", "request_prefill_time_seconds_count",
+                   "request_decode_time_seconds_count", "prefix_cache_queries_total"):
+        line = next(x for x in text.splitlines() if x.startswith(f"baton_worker_{metric}{{{labels}}}"))
+        assert float(line.rsplit(" ", 1)[1]) > 0, line
