@@ -183,7 +183,7 @@ class _Renderer:
                 members = sorted(members, key=lambda i: self.choices[i].cumulative_logprob, reverse=True)[:how.n]
             for rank, i in enumerate(members):
                 choice = self.choices[i]
-                parts = [self._logprobs(i, d) for d in choice.deltas]
+                parts = [self._logprobs(i, d, first=k == 0) for k, d in enumerate(choice.deltas)]
                 text = (choice.echo or "") + "".join(d.text for d in choice.deltas)
                 finish = choice.deltas[-1].finish_reason
                 index = group * how.n + rank
@@ -212,17 +212,17 @@ class _Renderer:
             out.append(chat_choice(index, "", None, None, chunk=True, first=True))
         text = (choice.echo or "") + delta.text if first else delta.text
         if text or delta.finish_reason or delta.logprobs:
-            logprobs = self._logprobs(index, delta) if how.logprobs else None
+            logprobs = self._logprobs(index, delta, first) if how.logprobs else None
             out.append(chat_choice(index, text, delta.finish_reason, logprobs, chunk=True) if how.chat
                        else completion_choice(index, text, delta.finish_reason, logprobs))
         return [response_json(request_id, self.service.model_name, [c], None, chat=how.chat, chunk=True) for c in out]
 
     # -- logprobs ---------------------------------------------------------------------------
-    def _logprobs(self, index: int, delta: TextDelta) -> dict | None:
+    def _logprobs(self, index: int, delta: TextDelta, first: bool) -> dict | None:
         """One delta's logprobs; the first delta of an echoed completion also scores the prompt."""
         choice, how = self.choices[index], self.how
         entries: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
-        if choice.echo is not None and delta.prompt_logprobs:  # only the first delta carries them
+        if choice.echo is not None and first:
             prompt = choice.prepared.prompt_ids
             entries.append((prompt[0], None, None))
             for token, lp, top in zip(prompt[1:], delta.prompt_logprobs, delta.prompt_top_logprobs):

@@ -138,9 +138,9 @@ class Sampler:
         def column(name: str) -> torch.Tensor:
             return torch.tensor([getattr(s.params, name) for s in seqs], device=device)[:, None]
 
-        repetition = column("repetition_penalty")
         seen = counts > 0
-        if (repetition != 1).any():
+        if any(seq.params.repetition_penalty != 1 for seq in seqs):  # decided on the host: no device sync
+            repetition = column("repetition_penalty")
             seen = seen | torch.stack([self._prompt_mask(seq, vocab, device) for seq in seqs])
             logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
         return logits - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0)

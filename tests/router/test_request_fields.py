@@ -143,6 +143,9 @@ async def test_echo_with_prompt_logprobs_for_a_list_of_prompts(router, model_dir
         assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
         assert all(len(t) >= 1 for t in lp.top_logprobs[1:])
     assert done.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    single = await client.completions.create(model=name(model_dir), prompt=[5], echo=True, logprobs=1, max_tokens=1)
+    lp = single.choices[0].logprobs
+    assert lp.tokens[0] == tok.decode([5]) and lp.token_logprobs[0] is None and len(lp.tokens) == 2
 
 
 async def test_min_tokens_stop_token_ids_and_stop_strings(router, model_dir, tok):
