@@ -156,3 +156,21 @@ async def test_message_fields_and_template_kwargs_reach_the_chat_template(redis_
         assert r.status_code == 200, r.text
         prompt = Tokenizer.from_dir(own).decode(c.decodes[0].requests[0].token_ids)
         assert prompt == "user(alice): hi|assistant:  call lookup|tool: 42 [c1]|ahoy"
+
+
+async def test_sampling_defaults_come_from_generation_config(redis_url, model_dir, tmp_path, script) -> None:
+    import json
+
+    own = tmp_path / MODEL
+    shutil.copytree(model_dir, own)
+    (own / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "max_new_tokens": 5,
+         "eos_token_id": 2}))
+    async with Cluster(redis_url, own, script) as c, httpx.AsyncClient(base_url=c.url) as http:
+        await http.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        await http.post(CMPL, json={"model": MODEL, "prompt": "x", "temperature": 0, "top_p": None, "top_k": 3})
+        defaults, explicit = (r.sampling for r in c.decodes[0].requests)
+        assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (pytest.approx(0.6), 20, 5)
+        assert defaults.top_p == pytest.approx(0.9) and defaults.repetition_penalty == pytest.approx(1.1)
+        assert (explicit.temperature, explicit.top_k, explicit.max_tokens) == (0, 3, 16)
+        assert explicit.top_p == pytest.approx(0.9), "an explicit null is the default"
