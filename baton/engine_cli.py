@@ -45,7 +45,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def generate_cmd(
-    model: str = typer.Argument(..., help="Hugging Face-format model directory, or a Hugging Face Hub id."),
+    model: str = typer.Argument(..., help="A model directory, a Hugging Face Hub id, or smollm2."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (tokenized with BOS as the model does)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Comma-separated token ids, fed as given."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens to generate."),
@@ -64,7 +64,7 @@ def generate_cmd(
     from baton.engine.config import EngineConfig
     from baton.engine.errors import InvalidRequestError, ModelFilesError
     from baton.engine.llm_engine import LLMEngine
-    from baton.engine.model_source import resolve_model
+    from baton.devtools.fetch_model import resolve_any_model
     from baton.engine.sampling_params import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
@@ -72,7 +72,7 @@ def generate_cmd(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=list(stop), ignore_eos=ignore_eos)
-        model_dir = resolve_model(model)
+        model_dir, _ = resolve_any_model(model)
         engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, show_progress=not as_json))
         if prompt_ids is not None:
             ids = _parse_ids(prompt_ids)
