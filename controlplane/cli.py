@@ -70,31 +70,38 @@ def check(files: list[pathlib.Path] = typer.Argument(..., help="policy YAML file
 def simulate(
     policy: pathlib.Path = typer.Argument(..., help="policy YAML"),
     trace: pathlib.Path = typer.Option(..., "--trace", help="CSV(.gz): timestamp,region,prompt_tokens,output_tokens"),
-    capacity_json: pathlib.Path = typer.Option(None, "--capacity-json",
-                                               help="measured {prefill,decode}_tokens_per_s per replica"),
+    capacity_json: pathlib.Path = typer.Option(
+        None, "--capacity-json", help="a capacity profile (bench/capacity_profile.py) to plan every model on"),
     plot_path: pathlib.Path = typer.Option(pathlib.Path("simulation.png"), "--plot", help="PNG to write"),
+    json_path: pathlib.Path = typer.Option(None, "--json", help="also write the results as JSON"),
 ) -> None:
-    """Replay a trace through the live planner; print GPU-hours and SLO attainment against an oracle."""
+    """Replay a trace through the live planner; GPU-hours, SLO attainment and scale events against the oracle
+    and static peak provisioning."""
     import json
 
-    from baton.controlplane.policy import PolicyError, load_policy
-    from baton.controlplane.simulator import TraceError, load_trace, plot, report
+    from baton.controlplane.capacity import ProfileError, read_profile
+    from baton.controlplane.policy import PolicyError, load_policy, with_profile
+    from baton.controlplane.simulator import plot, report
     from baton.controlplane.simulator import simulate as run
+    from baton.controlplane.trace import TraceError, load_trace
 
     try:
         pol = load_policy(policy)
-        requests = load_trace(trace, pol.models[0].name)
-        capacity = json.loads(capacity_json.read_text()) if capacity_json else None
+        if capacity_json is not None:
+            pol = with_profile(pol, read_profile(capacity_json), str(capacity_json))
+        requests = load_trace(trace, pol)
     except PolicyError as exc:
         typer.echo("\n".join(exc.errors), err=True)
         raise typer.Exit(1) from None
-    except (TraceError, OSError, ValueError) as exc:
+    except (TraceError, ProfileError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    result = run(pol, requests, capacity)
+    result = run(pol, requests)
     typer.echo(report(result))
     plot(result, pol, plot_path)
     typer.echo(f"plot: {plot_path}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
 
 
 def register(app: typer.Typer) -> None:

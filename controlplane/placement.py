@@ -1,4 +1,5 @@
-"""Multi-cluster placement: regional demand onto clusters by free GPUs, overflow spilled to the nearest region.
+"""Multi-cluster placement: regional demand onto clusters by the GPUs each reports free (capped by the policy's
+`gpus`), overflow spilled to the nearest region.
 
 Pure: the spill of the previous tick comes in, the new one goes out. Spilled replicas are kept while the
 origin's own replacements are not ready yet, so traffic drains back only onto ready capacity.
@@ -22,6 +23,10 @@ class ClusterState:
     healthy: bool = True
     ready: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (model, pool) -> ready replicas
     error: str | None = None
+    # GPUs Baton could hold there now, its own replicas included, as the cluster reports them (Kubernetes:
+    # allocatable minus other workloads' requests on the pools' nodes; Ray: available plus ours). None: not
+    # reported, so the policy's `gpus` alone bounds the cluster.
+    free_gpus: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,13 @@ def _spilled(spill: Mapping[SpillKey, int], model: str, pool: str, origin: str) 
 
 def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str, ClusterState],
           prev_spill: Mapping[SpillKey, int]) -> Placement:
-    # A cluster we cannot read gets no new replicas: its region spills until it answers again.
-    free: dict[str, float] = {
-        c.name: (c.gpus if clusters.get(c.name, ClusterState()).healthy else 0) for c in policy.clusters}
+    # A cluster we cannot read gets no new replicas: its region spills until it answers again. A full one
+    # (other workloads took its GPUs) likewise, and it takes replicas back as soon as it reports them free.
+    free: dict[str, float] = {}
+    for c in policy.clusters:
+        state = clusters.get(c.name, ClusterState())
+        free[c.name] = 0 if not state.healthy else (
+            c.gpus if state.free_gpus is None else min(c.gpus, max(0, state.free_gpus)))
     by_region: dict[str, list[str]] = defaultdict(list)
     for c in policy.clusters:
         by_region[c.region].append(c.name)

@@ -1,17 +1,22 @@
 """The planner core, with zero I/O: TickInput -> desired replicas per region/pool, placement and reasons.
 
-The live service and the what-if simulator both call `Planner.tick`, so a replay exercises the same code.
+Per pool and tick: forecast the load over the start-up time (forecast.py), turn its upper band into replicas
+with the pool's capacity model (capacity.py), add what drains a queue, then HPA-style hysteresis,
+stabilisation, step limits, cooldowns and clamps (replica_math.py). The live service and the what-if simulator
+both call `Planner.tick`, so a replay exercises the same code.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from baton.controlplane import replica_math as rm
+from baton.controlplane.capacity import CapacityCorrection, CapacityModel, Load
+from baton.controlplane.forecast import LoadForecaster
 from baton.controlplane.placement import ClusterState, Placement, PoolKey, SpillKey, place
 from baton.controlplane.policy import DecodePool, Policy
 from baton.controlplane.signals import SignalWindow
-from baton.controlplane.sla import CapacityEstimate, HoltForecaster, replicas_for_load
 
 
 @dataclass(frozen=True)
@@ -47,20 +52,29 @@ class TickOutput:
     decisions: list[Decision]
 
 
+# How far above the forecast the planner provisions, in sigmas of its one-step error (one-sided, about 98%):
+# a window that far above the level is taken as a change in load rather than noise.
+NOISE_Z = 2.0
+
+
 @dataclass
 class _PoolState:
     spec: int
     history: rm.PoolHistory
-    forecaster: HoltForecaster = field(default_factory=HoltForecaster)
-    capacity: CapacityEstimate | None = None
+    forecaster: LoadForecaster = field(default_factory=LoadForecaster)
+    correction: CapacityCorrection = field(default_factory=CapacityCorrection)
+    ready: int = -1
+    ready_since: float = 0.0
+    queue: tuple[float, float] | None = None  # (time, queue depth) of the last tick
 
 
 class Planner:
-    """Holds per-pool memory (recommendations, forecaster, capacity estimate, last spill) between ticks."""
+    """Holds per-pool memory (recommendations, forecaster, capacity correction, last spill) between ticks."""
 
     def __init__(self) -> None:
         self._pools: dict[PoolKey, _PoolState] = {}
         self._spill: dict[SpillKey, int] = {}
+        self._models: dict[PoolKey, tuple[tuple, CapacityModel]] = {}
 
     def tick(self, inp: TickInput) -> TickOutput:
         desired: dict[PoolKey, int] = {}
@@ -82,15 +96,23 @@ class Planner:
         n = sum(inp.clusters.get(c, ClusterState()).ready.get((model, pool), 0) for c in names)
         return n + sum(k for (m, p, o, _h), k in self._spill.items() if (m, p, o) == (model, pool, region))
 
+    def _capacity(self, policy: Policy, key: PoolKey) -> CapacityModel:
+        """The pool's capacity model, kept while its profile and hint are unchanged (the decode model caches)."""
+        model, region, pool = key
+        stamp = (policy.model(model).profile, policy.pool(model, region, pool).capacity_tokens_per_s)
+        cached = self._models.get(key)
+        if cached is None or cached[0][0] is not stamp[0] or cached[0][1] != stamp[1]:
+            cached = self._models[key] = (stamp, policy.capacity_model(model, region, pool))
+        return cached[1]
+
     def _decide(self, inp: TickInput, key: PoolKey) -> Decision:
         model, region, pool_name = key
-        pol = inp.policy.pool(model, region, pool_name)
+        policy = inp.policy
+        pol = policy.pool(model, region, pool_name)
         now = inp.now
         st = self._pools.get(key)
         if st is None:
             st = self._pools[key] = _PoolState(spec=self._ready(inp, key), history=rm.PoolHistory([]))
-        if st.capacity is None or st.capacity.hint != pol.capacity_tokens_per_s:
-            st.capacity = CapacityEstimate(hint=pol.capacity_tokens_per_s)
         current = st.spec
         sig = inp.signals.get(key)
         proposals: dict[str, int] = {}
@@ -105,34 +127,62 @@ class Planner:
             reason = f"signals missing or stale; holding at {desired}"
             return self._commit(st, key, now, current, desired, reason, proposals, limits, inputs)
 
-        load = sig.load(pool_name)
-        st.forecaster.update(now, load)
-        predicted = max(load, st.forecaster.forecast(pol.startup_s))
-        latency = sig.latency_p90_s(pool_name)
-        ready = self._ready(inp, key)
-        if ready > 0:
-            st.capacity.observe(load / ready, latency, pol.slo_ms / 1000)
-        inputs = {"load_tokens_per_s": round(load, 3), "predicted_tokens_per_s": round(predicted, 3),
-                  "capacity_per_replica": round(st.capacity.value, 3), "request_rate": round(sig.request_rate, 4),
-                  "queue_depth": sig.queue_depth, "latency_p90_s": latency, "kv_utilization": sig.kv_utilization,
-                  "ready": ready, "signal_age_s": round(sig.age_s, 3)}
-
-        proposals["sla"] = rm.absolute(
-            current, replicas_for_load(predicted, st.capacity.value, pol.target_utilization), pol.tolerance)
-        # Guards scale what is serving now (HPA counts ready pods), so replicas still starting do not
-        # compound the same breach tick after tick; they only ever push up.
-        base = ready if ready > 0 else max(current, 1)
-        if sig.queue_depth / base > pol.max_queue_per_replica:
-            proposals["queue"] = rm.proportional(base, sig.queue_depth / base, pol.max_queue_per_replica, 0.0)
+        capacity = self._capacity(policy, key)
         slo_s = pol.slo_ms / 1000
-        if latency is not None and latency > slo_s * (1 + pol.tolerance) and ready > 0:
-            proposals["latency"] = rm.proportional(base, latency, slo_s, pol.tolerance)
-        if isinstance(pol, DecodePool) and sig.kv_utilization is not None and ready > 0 \
-                and sig.kv_utilization > pol.kv_target_utilization * (1 + pol.tolerance):
-            proposals["kv"] = rm.proportional(base, sig.kv_utilization, pol.kv_target_utilization, pol.tolerance)
-        raw = max(proposals.values())
+        ready = self._ready(inp, key)
+        if ready != st.ready:
+            st.ready, st.ready_since = ready, now
+        latency = sig.latency_p90_s(pool_name)
+        measured = Load(sig.request_rate, sig.prompt_tokens_per_s, sig.output_tokens_per_s)
+        # The window's latency speaks for the ready count only once that count has held for a whole window.
+        settled = now - st.ready_since >= policy.signals.window_s
+        queued = sig.queue_depth > max(1, ready)
+        if settled:
+            st.correction.observe(capacity.replicas(measured, slo_s), ready, latency, slo_s, queued)
+        st.forecaster.update(now, sig, policy.signals.window_s)
+        # A replica asked for now serves from startup_s on, and the next decision comes a tick later.
+        fc = st.forecaster.forecast(pol.startup_s + policy.tick_s, NOISE_Z, policy.signals.window_s)
+        headroom = 1 / (pol.target_utilization * st.correction.value)
+        plan = fc.upper.scaled(headroom)
+        needs = {"forecast": capacity.replicas(plan, slo_s)}
+        base = ready if ready > 0 else max(current, 1)
+        growth = 0.0
+        if st.queue is not None and now > st.queue[0]:
+            growth = max(0.0, (sig.queue_depth - st.queue[1]) / (now - st.queue[0]))
+        st.queue = (now, sig.queue_depth)
+        breached = latency is None or latency > slo_s
+        if breached and sig.queue_depth / base > pol.max_queue_per_replica and sig.request_rate > 0:
+            # A queue that breaks the SLO (the capacity model already allows for the ordinary one): replicas
+            # asked for now arrive after startup_s, so drain the queue they will find (growing meanwhile at the
+            # rate it grew over the last tick) within another startup_s.
+            drain_s = max(pol.startup_s, policy.tick_s)
+            queued_then = sig.queue_depth + growth * pol.startup_s
+            drain = measured.scaled(queued_then / (drain_s * sig.request_rate))
+            needs["queue"] = capacity.replicas(plan.plus(drain.scaled(headroom)), slo_s)
+        # A profile's decode model already bounds concurrency by the KV pool; a flat capacity knows no KV.
+        if isinstance(pol, DecodePool) and policy.model(model).profile is None and sig.kv_utilization is not None \
+                and ready > 0 and sig.kv_utilization > pol.kv_target_utilization * (1 + pol.tolerance):
+            needs["kv"] = float(rm.proportional(base, sig.kv_utilization, pol.kv_target_utilization, pol.tolerance))
+        proposals = {k: (math.ceil(v - 1e-9) if math.isfinite(v) else pol.max_replicas + 1) for k, v in needs.items()}
+        needed = max(needs.values())
+        inputs = {"load_tokens_per_s": round(measured.tokens(pool_name), 3),
+                  "forecast_tokens_per_s": round(fc.expected.tokens(pool_name), 3),
+                  "upper_tokens_per_s": round(fc.upper.tokens(pool_name), 3), "noise": round(fc.noise, 4),
+                  "needed_replicas": round(needed, 3) if math.isfinite(needed) else None,
+                  "capacity_factor": round(st.correction.value, 3), "request_rate": round(sig.request_rate, 4),
+                  "queue_depth": sig.queue_depth, "queue_growth_per_s": round(growth, 4), "latency_p90_s": latency,
+                  "kv_utilization": sig.kv_utilization, "ready": ready, "signal_age_s": round(sig.age_s, 3)}
+        if not all(math.isfinite(v) for v in needs.values()):
+            limits.append("slo-unreachable")
+        # Load-driven needs go through hysteresis and the stabilisation window; the queue's drain replicas are
+        # added on top and leave as soon as the queue is gone, instead of being held for a window.
+        load_need = min(float(pol.max_replicas), max(v for k, v in needs.items() if k != "queue"))
+        raw = rm.with_hysteresis(current, load_need, pol.tolerance)
+        if raw == current and math.ceil(load_need - 1e-9) < current:
+            limits.append("hysteresis")
+        drain_raw = math.ceil(min(float(pol.max_replicas), needs.get("queue", 0.0)) - 1e-9)
 
-        busy = load > 0 or sig.queue_depth > 0 or sig.request_rate > 0
+        busy = measured.request_rate > 0 or measured.tokens(pool_name) > 0 or sig.queue_depth > 0
         if busy:
             st.history.idle_since = None
         elif st.history.idle_since is None:
@@ -146,9 +196,10 @@ class Planner:
                 reason = f"idle for {idle_for:.0f}s >= idle_timeout_s {pol.idle_timeout_s:.0f}; scale to zero"
                 return self._commit(st, key, now, current, 0, reason, proposals, ["idle"], inputs)
             raw = max(raw, 1 if current > 0 else 0)
-        if current == 0 and raw > 0 and pol.max_replicas > 0:
+        raw_all = max(raw, drain_raw)
+        if current == 0 and raw_all > 0 and pol.max_replicas > 0:
             # Cold start: requests are waiting on nothing, so skip stabilisation and cooldown.
-            desired = rm.clamp(rm.step_limit(current, raw, pol.scale_up, pol.scale_down), 1, pol.max_replicas)
+            desired = rm.clamp(rm.step_limit(current, raw_all, pol.scale_up, pol.scale_down), 1, pol.max_replicas)
             desired = max(desired, pol.min_replicas)
             st.history.remember(now, raw, self._horizon(pol))
             reason = f"scale from zero: {_why(proposals)}"
@@ -160,6 +211,7 @@ class Planner:
         n = rm.stabilize(now, current, raw, st.history, pol.scale_up, pol.scale_down)
         if n != raw:
             limits.append("stabilization")
+        n = max(n, drain_raw)
         stepped = rm.step_limit(current, n, pol.scale_up, pol.scale_down)
         if stepped != n:
             limits.append("step")

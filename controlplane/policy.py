@@ -1,13 +1,15 @@
 """Autoscaling policy: pydantic models parsed from YAML; every error names file, line and field."""
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from baton.contracts.worker_registry import POOLS
+from baton.controlplane.capacity import CapacityModel, CapacityProfile, model_for
 
 
 class _Strict(BaseModel):
@@ -44,13 +46,19 @@ class PoolPolicy(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(8, ge=0)
     gpus_per_replica: int = Field(1, ge=0)
-    capacity_tokens_per_s: float = Field(
-        gt=0, description="per-replica throughput at the SLO (prompt tokens for prefill, output for decode)")
-    target_utilization: float = Field(0.7, gt=0, le=1)
-    tolerance: float = Field(0.1, ge=0, lt=1)
+    capacity_tokens_per_s: float | None = Field(
+        None, gt=0, description="per-replica throughput at the SLO (prompt tokens for prefill, output for decode); "
+        "needed when the model has no measured `profile`, which takes precedence")
+    target_utilization: float = Field(
+        0.7, gt=0, le=1, description="plan for this share of what the capacity model says meets the SLO at the "
+        "forecast's upper band: the stated headroom (0.9 = 11% spare)")
+    tolerance: float = Field(
+        0.1, ge=0, lt=1, description="hysteresis: scale down only when the smaller pool keeps this margin")
     max_queue_per_replica: float = Field(4.0, gt=0)
     idle_timeout_s: float = Field(300.0, ge=0, description="scale to zero after this long idle (min_replicas 0)")
-    startup_s: float = Field(60.0, ge=0, description="time for a new replica to become ready")
+    startup_s: float = Field(
+        60.0, ge=0, description="time for a new replica to become ready (model load); the planner forecasts "
+        "this far ahead and drains queues over it")
     scale_up: ScaleBehavior = ScaleBehavior(stabilization_s=0, max_step=4, max_step_percent=100, cooldown_s=0)
     scale_down: ScaleBehavior = ScaleBehavior(stabilization_s=300, max_step=1, cooldown_s=60)
 
@@ -80,7 +88,24 @@ class RegionDeployment(_Strict):
 class ModelDeployment(_Strict):
     name: str = Field(min_length=1)
     model_dir: str | None = None
+    profile: CapacityProfile | None = Field(
+        None, description="measured capacity (bench/capacity_profile.py): a JSON path relative to the policy file, "
+        "or the profile inline")
     regions: dict[str, RegionDeployment] = Field(min_length=1)
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _read_profile(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        base = pathlib.Path((info.context or {}).get("base_dir", "."))
+        path = base / value
+        try:
+            return json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read profile {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"profile {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
 
 
 class SpilloverRule(_Strict):
@@ -109,6 +134,9 @@ class Policy(_Strict):
 
     def pool(self, model: str, region: str, pool: str) -> PrefillPool | DecodePool:
         return getattr(self.model(model).regions[region], pool)
+
+    def capacity_model(self, model: str, region: str, pool: str) -> CapacityModel:
+        return model_for(pool, self.model(model).profile, self.pool(model, region, pool).capacity_tokens_per_s)
 
     def pool_keys(self) -> list[tuple[str, str, str]]:
         return [(m.name, r, p) for m in self.models for r in m.regions for p in POOLS]
@@ -153,6 +181,13 @@ def _semantic_errors(policy: Policy) -> list[tuple[tuple, str]]:
                 if pool.min_replicas > pool.max_replicas:
                     errors.append((("models", i, "regions", r, p, "max_replicas"),
                                    f"max_replicas {pool.max_replicas} < min_replicas {pool.min_replicas}"))
+                if m.profile is None and pool.capacity_tokens_per_s is None:
+                    errors.append((("models", i, "regions", r, p),
+                                   "capacity_tokens_per_s is required when the model has no profile"))
+                if m.profile is not None and pool.gpus_per_replica != m.profile.gpus_per_replica:
+                    errors.append((("models", i, "regions", r, p, "gpus_per_replica"),
+                                   f"gpus_per_replica {pool.gpus_per_replica} but the profile was measured on "
+                                   f"{m.profile.gpus_per_replica} GPU(s) per replica"))
     for i, s in enumerate(policy.spillover):
         if s.from_region not in regions:
             errors.append((("spillover", i, "from"), f"unknown region {s.from_region!r}"))
@@ -189,8 +224,9 @@ def _field(loc: tuple) -> str:
     return out or "(document)"
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Parses YAML text into a Policy, or raises PolicyError listing every problem."""
+def parse_policy(text: str, source: str = "<policy>", base_dir: str | pathlib.Path = ".") -> Policy:
+    """Parses YAML text into a Policy, or raises PolicyError listing every problem. Profile paths are relative
+    to `base_dir` (the policy file's folder)."""
     try:
         root = yaml.compose(text)
         data: Any = yaml.safe_load(text)
@@ -201,7 +237,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError([f"{source}:1: (document): expected a mapping of policy fields"])
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={"base_dir": str(base_dir)})
     except ValidationError as exc:
         raise PolicyError([
             f"{source}:{_line_of(root, tuple(e['loc']))}: {_field(tuple(e['loc']))}: {e['msg']}"
@@ -219,7 +255,22 @@ def load_policy(path: str | pathlib.Path) -> Policy:
         text = path.read_text()
     except OSError as exc:
         raise PolicyError([f"{path}:0: (document): cannot read: {exc.strerror}"]) from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path), path.parent)
+
+
+def with_profile(policy: Policy, profile: CapacityProfile, source: str = "<profile>") -> Policy:
+    """The policy with every model planned on `profile` (what-if runs of `baton policy simulate`)."""
+    data = policy.model_dump(by_alias=True, exclude_none=True)
+    for m in data["models"]:
+        m["profile"] = profile.model_dump()
+    try:
+        out = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError([f"{source}: {_field(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    problems = _semantic_errors(out)
+    if problems:
+        raise PolicyError([f"{source}: {_field(loc)}: {msg}" for loc, msg in problems])
+    return out
 
 
 class PolicyFile:

@@ -17,11 +17,13 @@ def proportional(current: int, metric: float, target: float, tolerance: float) -
     return math.ceil(current * ratio - 1e-9)
 
 
-def absolute(current: int, needed: float, tolerance: float) -> int:
-    """ceil(needed) replicas, unchanged when `needed` is within the tolerance band of `current`."""
-    if current > 0 and abs(needed / current - 1.0) <= tolerance:
-        return current
-    return math.ceil(needed - 1e-9)
+def with_hysteresis(current: int, needed: float, margin: float) -> int:
+    """Up to ceil(needed) at once (the SLO needs it); down only to a size that still has `margin` to spare, so a
+    load hovering at a replica boundary does not add and remove that replica tick after tick."""
+    up = math.ceil(needed - 1e-9)
+    if up >= current:
+        return up
+    return min(current, math.ceil(needed * (1 + margin) - 1e-9))
 
 
 @dataclass

@@ -93,9 +93,16 @@ class ControlPlane:
     def _read_cluster(self, name: str, pairs: list[tuple[str, str]]) -> ClusterState:
         try:
             backend = self._backend(name)
-            return ClusterState(ready={pair: backend.get_replicas(*pair).ready for pair in pairs})
+            ready = {pair: backend.get_replicas(*pair).ready for pair in pairs}
         except (BackendError, OSError) as exc:
             return ClusterState(healthy=False, error=str(exc))
+        try:
+            free = backend.free_gpus(pairs)
+        except (BackendError, OSError) as exc:
+            # Replicas are readable, so the cluster is up; plan on the policy's `gpus` until free GPUs are too.
+            log.warning("cluster %s: free GPUs unknown, using the policy's gpus: %s", name, exc)
+            free = None
+        return ClusterState(ready=ready, free_gpus=free)
 
     def _act(self, name: str, targets: dict[tuple[str, str], int]) -> str | None:
         try:

@@ -1,83 +1,94 @@
-"""What-if simulator: replays a request trace through the live `Planner` and a fluid queueing model.
+"""What-if simulator: replays a trace through the live `Planner`, the oracle and static peak provisioning, each
+in the same physical model of the pools, and reports GPU-hours, SLO attainment and scale events side by side.
 
-Prefill is a FIFO of prompt tokens served at ready replicas x per-replica tokens/s; TTFT = wait + own prefill.
-Decode ITL rises with utilisation and with admission wait spread over the request's tokens. New replicas
-become ready `startup_s` after they are asked for and use GPUs from that moment. The oracle knows each tick's
-load in advance and has exactly enough replicas, ready at once.
+Physics per region, from the capacity profile (or the flat `capacity_tokens_per_s`):
+- prefill is one FIFO of prompts served at ready replicas x the profile's busy throughput; TTFT = the wait
+  plus the request's own prompt at the profile's rate for its size;
+- decode runs, each tick, the concurrency that serves the tick's output tokens (Little's law) at the profile's
+  ITL for that concurrency and the requests' context; what the KV pools cannot hold waits for admission, and
+  that wait is spread over the request's tokens.
+Replicas hold GPUs from the moment they are asked for and serve `startup_s` later. The oracle has, each tick,
+the fewest replicas the capacity model says meet the SLO at that tick's own load, ready at once; static
+provisioning holds the oracle's peak all the time.
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import math
 import pathlib
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from baton.contracts.worker_registry import POOLS
+from baton.controlplane.capacity import DecodeModel, Load
 from baton.controlplane.placement import ClusterState
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import Policy
 from baton.controlplane.signals import SignalWindow, p90
-from baton.controlplane.sla import replicas_for_load
+from baton.controlplane.trace import Trace
+
+WORLDS = ("planner", "oracle", "static")
 
 
-class TraceError(Exception):
-    """A trace row that cannot be read; the message names file and line."""
+class _Prefill:
+    """Prompt throughput of one replica: busy (the FIFO's drain rate) and per prompt size (its own prefill)."""
+
+    def __init__(self, policy: Policy, model: str, region: str) -> None:
+        profile = policy.model(model).profile
+        if profile is not None:
+            self.sizes = np.asarray(profile.prefill.batch_tokens, dtype=np.float64)
+            self.rates = np.asarray(profile.prefill.tokens_per_s, dtype=np.float64)
+            self.busy = profile.prefill.busy_throughput
+        else:
+            self.busy = float(policy.pool(model, region, "prefill").capacity_tokens_per_s)
+            self.sizes, self.rates = np.asarray([1.0]), np.asarray([self.busy])
+
+    def own_s(self, prompt: np.ndarray) -> np.ndarray:
+        return prompt / np.interp(prompt, self.sizes, self.rates)
 
 
-@dataclass(frozen=True)
-class Request:
-    t: float
-    region: str
-    prompt_tokens: int
-    output_tokens: int
-    model: str
+class _Decode:
+    """Decode of one replica: ITL at the concurrency that carries a given output load, and its ceiling."""
 
+    def __init__(self, policy: Policy, model: str, region: str) -> None:
+        profile = policy.model(model).profile
+        self.slo_s = policy.pool(model, region, "decode").slo_ms / 1000
+        self.profile = profile.decode if profile is not None else None
+        self.flat = float(policy.pool(model, region, "decode").capacity_tokens_per_s or 0)
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-def load_trace(path: str | pathlib.Path, default_model: str) -> list[Request]:
-    """CSV (or .csv.gz) with header timestamp,region,prompt_tokens,output_tokens[,model]; times in seconds."""
-    path = pathlib.Path(path)
-    try:
-        handle = (io.TextIOWrapper(gzip.open(path), newline="") if path.suffix == ".gz"
-                  else path.open(newline=""))
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
-    out = []
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = {"timestamp", "region", "prompt_tokens", "output_tokens"} - set(reader.fieldnames or ())
-        if missing:
-            raise TraceError(f"{path}:1: header lacks {', '.join(sorted(missing))}")
-        for row in reader:
-            try:
-                out.append(Request(float(row["timestamp"]), row["region"], int(row["prompt_tokens"]),
-                                   int(row["output_tokens"]), row.get("model") or default_model))
-            except (TypeError, ValueError):
-                raise TraceError(f"{path}:{reader.line_num}: bad row {row}") from None
-    if not out:
-        raise TraceError(f"{path}: no requests")
-    out.sort(key=lambda r: r.t)
-    return out
+    def _table(self, context: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Concurrency grid up to what the KV pool holds, with its ITL and tokens/s, per 256-token context."""
+        key = int(context // 256)
+        if key not in self._tables:
+            ctx = (key + 1) * 256.0
+            c_max = max(1.0, DecodeModel(self.profile).kv_concurrency(ctx))
+            c = np.geomspace(0.05, c_max, 160)
+            itl = np.asarray([self.profile.itl_s(x, ctx) for x in c])
+            self._tables[key] = (c, itl, c / itl)
+        return self._tables[key]
+
+    def step(self, tokens_per_s: float, replicas: int, context: float) -> tuple[float, float, float]:
+        """(ITL, tokens/s served, KV utilisation) of `replicas` asked to decode `tokens_per_s`."""
+        if replicas <= 0:
+            return math.inf, 0.0, 1.0
+        per = tokens_per_s / replicas
+        if self.profile is None:  # flat: ITL reaches the SLO at the stated capacity, beyond it in proportion
+            rho = per / self.flat
+            served = min(per, self.flat) * replicas
+            return self.slo_s * (0.5 + 0.5 * min(rho, 1.0)), served, min(1.0, rho)
+        c, itl, thr = self._table(context)
+        if per >= thr[-1]:
+            return float(itl[-1]), float(thr[-1]) * replicas, 1.0
+        conc = float(np.interp(per, thr, c))
+        return float(np.interp(conc, c, itl)), tokens_per_s, conc / c[-1]
 
 
 @dataclass
-class _Queue:
-    """Fluid FIFO of one pool in one region: `backlog` tokens drain at the region's ready capacity."""
-
-    backlog: float = 0.0
-    t: float = 0.0
-
-    def advance(self, t: float, rate: float) -> None:
-        self.backlog = max(0.0, self.backlog - rate * max(0.0, t - self.t))
-        self.t = t
-
-
-@dataclass
-class _Replicas:
+class _Fleet:
     ready: int = 0
-    pending: list[tuple[float, int]] = field(default_factory=list)
+    pending: list[tuple[float, int]] = field(default_factory=list)  # (ready at, replicas)
 
     @property
     def provisioned(self) -> int:
@@ -101,191 +112,277 @@ class _Replicas:
 
 
 @dataclass
+class _Region:
+    """One world's state of one (model, region): queues carried between ticks."""
+
+    prefill_backlog: float = 0.0  # prompt tokens
+    decode_backlog: float = 0.0  # output tokens waiting for admission
+    kv_utilization: float = 0.0
+
+    def prefill(self, t: np.ndarray, prompt: np.ndarray, own: np.ndarray, rate: float, t0: float,
+                dt: float) -> np.ndarray:
+        """TTFT of each arrival (times t, sorted) and the backlog left at t0 + dt (Lindley's recursion)."""
+        if rate <= 0:
+            self.prefill_backlog += float(prompt.sum())
+            return np.full(len(t), math.inf)
+        if len(t) == 0:
+            self.prefill_backlog = max(0.0, self.prefill_backlog - rate * dt)
+            return np.empty(0)
+        times = np.concatenate(([0.0], t - t0))
+        sizes = np.concatenate(([self.prefill_backlog], prompt))
+        arrivals = np.cumsum(sizes) - rate * times
+        after = arrivals - np.minimum.accumulate(arrivals - sizes)  # work in the queue after each arrival
+        self.prefill_backlog = max(0.0, float(after[-1]) - rate * (dt - float(times[-1])))
+        return (after[1:] - prompt) / rate + own
+
+    def decode(self, physics: _Decode, output: np.ndarray, context: float, replicas: int, dt: float) -> np.ndarray:
+        """ITL of each arrival: the tick's ITL plus its wait for admission spread over its tokens."""
+        demand = (self.decode_backlog + float(output.sum())) / dt
+        itl, served, self.kv_utilization = physics.step(demand, replicas, context)
+        wait = self.decode_backlog / served if served > 0 else math.inf
+        self.decode_backlog = max(0.0, (demand - served) * dt)
+        return itl + wait / output if len(output) else np.empty(0)
+
+
+@dataclass
 class PoolResult:
-    gpu_hours: float = 0.0
-    met: int = 0
+    gpu_hours: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WORLDS, 0.0))
+    met: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORLDS, 0))
     total: int = 0
-    oracle_gpu_hours: float = 0.0
-    oracle_met: int = 0
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORLDS, 0))
+    peak: int = 0  # static provisioning: the oracle's largest count
+    max_replicas: int = 0  # the planner's largest count
 
-    @property
-    def attainment(self) -> float:
-        return self.met / self.total if self.total else 1.0
+    def attainment(self, world: str = "planner") -> float:
+        return self.met[world] / self.total if self.total else 1.0
 
-    @property
-    def oracle_attainment(self) -> float:
-        return self.oracle_met / self.total if self.total else 1.0
+    def ratio(self, world: str) -> float:
+        return self.gpu_hours["planner"] / self.gpu_hours[world] if self.gpu_hours[world] else math.nan
+
+    def add(self, other: PoolResult) -> None:
+        for w in WORLDS:
+            self.gpu_hours[w] += other.gpu_hours[w]
+            self.met[w] += other.met[w]
+            self.events[w] += other.events[w]
+        self.total += other.total
+        self.peak += other.peak
+        self.max_replicas += other.max_replicas
 
 
 @dataclass
 class SimResult:
     pools: dict[tuple[str, str, str], PoolResult]
-    series: dict[str, list]  # t, and per "region/pool" replicas and load for the plot
+    hours: float
+    series: dict[str, list]  # t, and per "region/pool" replicas, oracle and requests/s, for the plot
 
     def total(self) -> PoolResult:
         out = PoolResult()
         for r in self.pools.values():
-            out.gpu_hours += r.gpu_hours
-            out.oracle_gpu_hours += r.oracle_gpu_hours
-            out.met += r.met
-            out.total += r.total
-            out.oracle_met += r.oracle_met
+            out.add(r)
         return out
 
-
-class _World:
-    """The physical side: replicas per cluster, queues per region, for either the planner or the oracle."""
-
-    def __init__(self, policy: Policy, capacity: dict[str, float]) -> None:
-        self.policy = policy
-        self.capacity = capacity
-        self.replicas: dict[tuple[str, str, str], _Replicas] = defaultdict(_Replicas)
-        self.queues: dict[tuple[str, str, str], _Queue] = defaultdict(_Queue)
-
-    def region_ready(self, model: str, region: str, pool: str) -> int:
-        return sum(self.replicas[(c.name, model, pool)].ready for c in self.policy.clusters if c.region == region)
-
-    def prefill(self, req: Request, host: str) -> float:
-        """TTFT of one request: FIFO wait behind the region's prompt backlog plus its own prefill."""
-        cap = self.capacity["prefill"]
-        q = self.queues[(req.model, host, "prefill")]
-        rate = self.region_ready(req.model, host, "prefill") * cap
-        q.advance(req.t, rate)
-        ttft = (q.backlog / rate + req.prompt_tokens / cap) if rate > 0 else math.inf
-        q.backlog += req.prompt_tokens
-        return ttft
-
-    def decode_tick(self, model: str, host: str, tokens: float, dt: float) -> float:
-        """Decode utilisation of one tick, backlog included; what exceeds capacity carries over."""
-        q = self.queues[(model, host, "decode")]
-        capacity = self.region_ready(model, host, "decode") * self.capacity["decode"] * dt
-        work = q.backlog + tokens
-        q.backlog = max(0.0, work - capacity)
-        if work == 0:
-            return 0.0
-        return work / capacity if capacity > 0 else math.inf
+    def to_dict(self) -> dict:
+        def one(r: PoolResult) -> dict:
+            return {**asdict(r), "attainment": {w: r.attainment(w) for w in WORLDS},
+                    "over_oracle": r.ratio("oracle"), "over_static": r.ratio("static"),
+                    "events_per_hour": r.events["planner"] / self.hours if self.hours else 0.0}
+        return {"hours": self.hours, "pools": {"/".join(k): one(r) for k, r in sorted(self.pools.items())},
+                "total": one(self.total())}
 
 
-def _itl(slo_s: float, rho: float) -> float:
-    """ITL grows with batch occupancy up to the SLO at full capacity, and beyond it in proportion."""
-    return slo_s * (0.5 + 0.5 * min(rho, 1.0)) * max(1.0, rho)
+def _tick_load(sel: np.ndarray, trace: Trace, dt: float) -> Load:
+    return Load(float(sel.sum()) / dt, float(trace.prompt[sel].sum()) / dt, float(trace.output[sel].sum()) / dt)
 
 
-def _capacity(policy: Policy, override: dict[str, float] | None) -> dict[str, float]:
-    first = policy.models[0]
-    region = next(iter(first.regions))
-    cap = {p: policy.pool(first.name, region, p).capacity_tokens_per_s for p in POOLS}
-    for p in POOLS:
-        if override and f"{p}_tokens_per_s" in override:
-            cap[p] = float(override[f"{p}_tokens_per_s"])
-    return cap
+def _oracle_counts(policy: Policy, trace: Trace, bounds: np.ndarray, dt: float) -> dict[tuple, list[int]]:
+    """Per tick and pool: the fewest replicas the capacity model says meet the SLO at that tick's load."""
+    out: dict[tuple, list[int]] = {}
+    for mi, m in enumerate(trace.models):
+        for r in policy.model(m).regions:
+            ri = trace.regions.index(r) if r in trace.regions else -1
+            mine = (trace.model == mi) & (trace.region == ri)
+            for p in POOLS:
+                pol, cap = policy.pool(m, r, p), policy.capacity_model(m, r, p)
+                counts = []
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    need = cap.replicas(_tick_load(mine[a:b], _Slice(trace, a, b), dt), pol.slo_ms / 1000)
+                    n = pol.max_replicas if not math.isfinite(need) else math.ceil(need - 1e-9)
+                    counts.append(max(pol.min_replicas, min(pol.max_replicas, n)))
+                out[(m, r, p)] = counts
+    return out
 
 
-def simulate(policy: Policy, trace: list[Request], capacity: dict[str, float] | None = None) -> SimResult:
-    """Runs the planner (every tick_s) and the oracle side by side over the trace."""
-    cap = _capacity(policy, capacity)
+class _Slice:
+    """Trace columns between two indices, so a boolean mask over that range selects from them."""
+
+    def __init__(self, trace: Trace, a: int, b: int) -> None:
+        self.prompt, self.output = trace.prompt[a:b], trace.output[a:b]
+
+
+def simulate(policy: Policy, trace: Trace) -> SimResult:
+    """Ticks every `tick_s` over the trace: the planner sees the signals of its own world; all three worlds
+    serve the same requests."""
     dt = policy.tick_s
-    planner = Planner()
-    live, oracle = _World(policy, cap), _World(policy, cap)
-    keys = policy.pool_keys()
-    results = {k: PoolResult() for k in keys}
-    series: dict[str, list] = defaultdict(list)
-    recent: list[tuple[Request, float, float]] = []  # (request, ttft, itl) within the signal window
-    spill_acc: dict[tuple[str, str], float] = defaultdict(float)
+    start = float(trace.t[0])
+    ticks = max(1, math.ceil((float(trace.t[-1]) - start) / dt + 1e-9))
+    bounds = np.searchsorted(trace.t, start + dt * np.arange(ticks + 1), side="left")
+    bounds[-1] = len(trace.t)
+    keys = [k for k in policy.pool_keys() if k[0] in trace.models]
+    pairs = sorted({(m, r) for m, r, _p in keys})
+    oracle = _oracle_counts(policy, trace, bounds, dt)
+    results = {k: PoolResult(peak=max(oracle[k])) for k in keys}
+    prefill = {(m, r): _Prefill(policy, m, r) for m, r in pairs}
+    decode = {(m, r): _Decode(policy, m, r) for m, r in pairs}
+    state = {w: {pair: _Region() for pair in pairs} for w in WORLDS}
+    fleets: dict[tuple[str, str, str], _Fleet] = defaultdict(_Fleet)  # planner: (cluster, model, pool)
+    home = {r: next(c.name for c in policy.clusters if c.region == r) for r in policy.regions()}
+    region_of = {c.name: c.region for c in policy.clusters}
+    window = max(1, round(policy.signals.window_s / dt))
+    recent: dict[tuple[str, str], list[tuple[int, float, float, np.ndarray, np.ndarray]]] = defaultdict(list)
+    spill_carry: dict[tuple[str, str, str], float] = defaultdict(float)
     shares: dict[str, dict[str, dict[str, float]]] = {}
-    start, end = trace[0].t, trace[-1].t
-    # Queue depth is reported in requests, as workers do: backlog tokens over the trace's mean request size.
-    mean_tokens = {"prefill": max(1.0, sum(q.prompt_tokens for q in trace) / len(trace)),
-                   "decode": max(1.0, sum(q.output_tokens for q in trace) / len(trace))}
-    # Start warm: the first tick's right-sized fleet, so the comparison is about reacting, not cold start.
+    series: dict[str, list] = defaultdict(list)
+    planner = Planner()
+
+    # Start warm: the first window's fleet at the policy's headroom, so the run is about reacting, not booting.
+    first = bounds[min(ticks, window)]
     for m, r, p in keys:
+        mine = (trace.model[:first] == trace.models.index(m)) & (trace.region[:first] == _index(trace.regions, r))
+        span = max(dt, min(policy.signals.window_s, float(trace.t[first - 1]) - start))
+        load = _tick_load(mine, _Slice(trace, 0, first), span)
         pol = policy.pool(m, r, p)
-        tokens = sum(q.prompt_tokens if p == "prefill" else q.output_tokens
-                     for q in trace if q.t < start + policy.signals.window_s and (q.model, q.region) == (m, r))
-        need = math.ceil(replicas_for_load(tokens / policy.signals.window_s, cap[p], pol.target_utilization))
-        home = next(c.name for c in policy.clusters if c.region == r)
-        live.replicas[(home, m, p)].ready = max(pol.min_replicas, min(pol.max_replicas, need))
-    i = 0
-    t = start
-    while t <= end:
-        batch = []
-        while i < len(trace) and trace[i].t < t + dt:
-            batch.append(trace[i])
-            i += 1
-        for w in (live, oracle):
-            for rep in w.replicas.values():
-                rep.advance(t)
-        # Oracle: exactly enough replicas for this tick's own traffic, ready now.
-        for m, r, p in keys:
-            pol = policy.pool(m, r, p)
-            tokens = sum(q.prompt_tokens if p == "prefill" else q.output_tokens
-                         for q in batch if q.region == r and q.model == m)
-            need = math.ceil(tokens / (dt * cap[p]) - 1e-9)
-            need = max(pol.min_replicas, min(pol.max_replicas, need))
-            home = next(c.name for c in policy.clusters if c.region == r)
-            oracle.replicas[(home, m, p)] = _Replicas(ready=need)
-            results[(m, r, p)].oracle_gpu_hours += need * pol.gpus_per_replica * dt / 3600
-        # Live: route with the spillover shares of the last tick, then serve.
-        routed = []
-        for q in batch:
-            host = q.region
-            for h, s in shares.get(q.model, {}).get(q.region, {}).items():
-                spill_acc[(q.region, h)] += s
-                if spill_acc[(q.region, h)] >= 1.0:
-                    spill_acc[(q.region, h)] -= 1.0
-                    host = h
-                    break
-            routed.append((q, host))
-        rho_live, rho_oracle = {}, {}
-        for m, r, _p in keys:
-            rho_live[(m, r)] = live.decode_tick(m, r, sum(q.output_tokens for q, h in routed if (q.model, h) == (m, r)), dt)
-            rho_oracle[(m, r)] = oracle.decode_tick(
-                m, r, sum(q.output_tokens for q in batch if (q.model, q.region) == (m, r)), dt)
-        for q, host in routed:
-            slo_d = policy.pool(q.model, q.region, "decode").slo_ms / 1000
-            ttft, itl = live.prefill(q, host), _itl(slo_d, rho_live[(q.model, host)])
-            o_ttft, o_itl = oracle.prefill(q, q.region), _itl(slo_d, rho_oracle[(q.model, q.region)])
-            recent.append((q, ttft, itl))
-            for p, lat, o_lat in (("prefill", ttft, o_ttft), ("decode", itl, o_itl)):
-                res = results[(q.model, q.region, p)]
-                slo = policy.pool(q.model, q.region, p).slo_ms / 1000
-                res.total += 1
-                res.met += lat <= slo + 1e-9
-                res.oracle_met += o_lat <= slo + 1e-9
-        t += dt
-        window = policy.signals.window_s
-        recent = [x for x in recent if x[0].t >= t - window]
+        need = policy.capacity_model(m, r, p).replicas(load.scaled(1 / pol.target_utilization), pol.slo_ms / 1000)
+        n = pol.max_replicas if not math.isfinite(need) else math.ceil(need - 1e-9)
+        fleets[(home[r], m, p)].ready = max(pol.min_replicas, min(pol.max_replicas, n))
+
+    for k in range(ticks):
+        t0 = start + k * dt
+        a, b = int(bounds[k]), int(bounds[k + 1])
+        for fleet in fleets.values():
+            fleet.advance(t0)
+        t, rg, md = trace.t[a:b], trace.region[a:b], trace.model[a:b]
+        _account(policy, keys, fleets, oracle, results, series, k, dt, rg, trace)
+        prompt, output = trace.prompt[a:b], trace.output[a:b]
+        host = _route(rg, md, trace, shares, spill_carry)
+        counts = {
+            "planner": {(m, r, p): sum(fleets[(c.name, m, p)].ready for c in policy.clusters if c.region == r)
+                        for m, r, p in keys},
+            "oracle": {key: oracle[key][k] for key in keys},
+            "static": {key: results[key].peak for key in keys},
+        }
+        for m, r in pairs:
+            mi, ri = trace.models.index(m), _index(trace.regions, r)
+            origin = (md == mi) & (rg == ri)
+            for w in WORLDS:
+                served = ((md == mi) & (host == ri)) if w == "planner" else origin
+                ttft, itl = _serve(state[w][(m, r)], prefill[(m, r)], decode[(m, r)], t[served], prompt[served],
+                                   output[served], counts[w][(m, r, "prefill")], counts[w][(m, r, "decode")],
+                                   t0, dt)
+                # Results belong to the requests' own region, wherever they were served.
+                for (origin_r, pool), lat in _by_origin(policy, m, trace, rg[served], ttft, itl).items():
+                    res = results[(m, origin_r, pool)]
+                    slo = policy.pool(m, origin_r, pool).slo_ms / 1000
+                    res.met[w] += int(np.count_nonzero(lat <= slo + 1e-9))
+                    if w == "planner":
+                        res.total += len(lat)
+                if w == "planner":
+                    recent[(m, r)].append((int(origin.sum()), float(prompt[origin].sum()),
+                                           float(output[origin].sum()), *_origin_latency(origin, served, ttft, itl)))
+                    del recent[(m, r)][:-window]
+
+        now = t0 + dt
         signals = {}
         for m, r, p in keys:
-            mine = [x for x in recent if x[0].region == r and x[0].model == m]
-            ready_d = live.region_ready(m, r, "decode")
-            span = min(window, t - start)
+            entries = recent[(m, r)]
+            span = min(policy.signals.window_s, now - start)
+            n_req = sum(e[0] for e in entries)
+            world = state["planner"][(m, r)]
+            mean = (sum(e[1] for e in entries) if p == "prefill" else sum(e[2] for e in entries)) / max(1, n_req)
+            backlog = world.prefill_backlog if p == "prefill" else world.decode_backlog
             signals[(m, r, p)] = SignalWindow(
-                request_rate=len(mine) / span,
-                prompt_tokens_per_s=sum(x[0].prompt_tokens for x in mine) / span,
-                output_tokens_per_s=sum(x[0].output_tokens for x in mine) / span,
-                queue_depth=live.queues[(m, r, p)].backlog / mean_tokens[p],
-                ttft_p90_s=p90([min(x[1], 3600.0) for x in mine]),
-                itl_p90_s=p90([min(x[2], 3600.0) for x in mine]),
-                kv_utilization=min(1.0, rho_live[(m, r)]) if ready_d else None,
-            )
-        clusters = {c.name: ClusterState(ready={(m, p): live.replicas[(c.name, m, p)].ready for m, _r, p in keys})
+                request_rate=n_req / span, prompt_tokens_per_s=sum(e[1] for e in entries) / span,
+                output_tokens_per_s=sum(e[2] for e in entries) / span,
+                queue_depth=backlog / mean if mean > 0 else 0.0,
+                ttft_p90_s=p90(np.minimum(np.concatenate([e[3] for e in entries]), 3600.0).tolist()),
+                itl_p90_s=p90(np.minimum(np.concatenate([e[4] for e in entries]), 3600.0).tolist()),
+                kv_utilization=world.kv_utilization if counts["planner"][(m, r, "decode")] else None)
+        clusters = {c.name: ClusterState(ready={(m, p): fleets[(c.name, m, p)].ready for m, _r, p in keys})
                     for c in policy.clusters}
-        out = planner.tick(TickInput(now=t, policy=policy, signals=signals, clusters=clusters))
+        out = planner.tick(TickInput(now=now, policy=policy, signals=signals, clusters=clusters))
         shares = out.placement.shares
+        for d in out.decisions:
+            if (d.model, d.region, d.pool) in results and d.direction != "hold":
+                results[(d.model, d.region, d.pool)].events["planner"] += 1
         for (cname, m, p), n in out.placement.targets.items():
-            region = next(c.region for c in policy.clusters if c.name == cname)
-            live.replicas[(cname, m, p)].set_target(t, n, policy.pool(m, region, p).startup_s)
-        series["t"].append(t - start)
-        for m, r, p in keys:
-            pol = policy.pool(m, r, p)
-            provisioned = sum(live.replicas[(c.name, m, p)].provisioned for c in policy.clusters if c.region == r)
-            results[(m, r, p)].gpu_hours += provisioned * pol.gpus_per_replica * dt / 3600
-            series[f"{r}/{p}"].append(provisioned)
-            series[f"{r}/{p}/oracle"].append(oracle.region_ready(m, r, p))
-        for r in policy.regions():
-            series[f"{r}/rps"].append(sum(1 for q in batch if q.region == r) / dt)
-    return SimResult(pools=results, series=dict(series))
+            if (cname, m, p) in fleets or n:
+                fleets[(cname, m, p)].set_target(now, n, policy.pool(m, region_of[cname], p).startup_s)
+
+    return SimResult(pools=results, hours=ticks * dt / 3600, series=dict(series))
+
+
+def _account(policy: Policy, keys, fleets, oracle, results, series, k: int, dt: float, rg, trace: Trace) -> None:
+    """GPU-hours of this tick's interval in each world (replicas still starting hold their GPUs), and the plot."""
+    series["t"].append(k * dt)
+    for m, r, p in keys:
+        g = policy.pool(m, r, p).gpus_per_replica * dt / 3600
+        res = results[(m, r, p)]
+        provisioned = sum(fleets[(c.name, m, p)].provisioned for c in policy.clusters if c.region == r)
+        res.gpu_hours["planner"] += provisioned * g
+        res.gpu_hours["oracle"] += oracle[(m, r, p)][k] * g
+        res.gpu_hours["static"] += res.peak * g
+        res.max_replicas = max(res.max_replicas, provisioned)
+        if k and oracle[(m, r, p)][k] != oracle[(m, r, p)][k - 1]:
+            res.events["oracle"] += 1
+        series[f"{r}/{p}"].append(provisioned)
+        series[f"{r}/{p}/oracle"].append(oracle[(m, r, p)][k])
+    for r in policy.regions():
+        series[f"{r}/rps"].append(int(np.count_nonzero(rg == _index(trace.regions, r))) / dt)
+
+
+def _index(names: tuple[str, ...], name: str) -> int:
+    return names.index(name) if name in names else -1
+
+
+def _route(region: np.ndarray, model: np.ndarray, trace: Trace, shares: dict, carry: dict) -> np.ndarray:
+    """Host region of each request: its own, except every 1/share-th one spilled where the placement says."""
+    host = region.copy()
+    for m, origins in shares.items():
+        if m not in trace.models:
+            continue
+        for origin, hosts in origins.items():
+            idx = np.flatnonzero((model == trace.models.index(m)) & (region == _index(trace.regions, origin)))
+            for h, share in hosts.items():
+                if h not in trace.regions or not len(idx):
+                    continue
+                acc = carry[(m, origin, h)] + share * np.arange(1, len(idx) + 1)
+                moved = np.floor(acc) > np.floor(np.concatenate(([carry[(m, origin, h)]], acc[:-1])))
+                carry[(m, origin, h)] = float(acc[-1] % 1.0)
+                host[idx[moved]] = trace.regions.index(h)
+                idx = idx[~moved]
+    return host
+
+
+def _serve(world: _Region, pre: _Prefill, dec: _Decode, t, prompt, output, n_prefill: int, n_decode: int,
+           t0: float, dt: float) -> tuple[np.ndarray, np.ndarray]:
+    ttft = world.prefill(t, prompt, pre.own_s(prompt), n_prefill * pre.busy, t0, dt)
+    context = float((prompt + output / 2).mean()) if len(prompt) else 0.0
+    itl = world.decode(dec, output, context, n_decode, dt)
+    return ttft, itl
+
+
+def _by_origin(policy: Policy, model: str, trace: Trace, origin: np.ndarray, ttft, itl) -> dict:
+    out = {}
+    for r in policy.model(model).regions:
+        mask = origin == _index(trace.regions, r)
+        if mask.any():
+            out[(r, "prefill")], out[(r, "decode")] = ttft[mask], itl[mask]
+    return out
+
+
+def _origin_latency(origin: np.ndarray, served: np.ndarray, ttft: np.ndarray, itl: np.ndarray):
+    """Latencies of the requests served here that also come from here (routers report by origin region)."""
+    mine = origin[served]
+    return ttft[mine], itl[mine]
 
 
 def plot(result: SimResult, policy: Policy, path: str | pathlib.Path) -> None:
@@ -314,15 +411,22 @@ def plot(result: SimResult, policy: Policy, path: str | pathlib.Path) -> None:
 
 
 def report(result: SimResult) -> str:
-    """The table `baton policy simulate` prints, ending with the totals and the ratio to the oracle."""
-    lines = [f"{'model':<14} {'region':<10} {'pool':<8} {'GPU-h':>8} {'SLO met':>8} {'oracle GPU-h':>13} "
-             f"{'oracle SLO':>10} {'GPU-h/oracle':>12}"]
+    """The table `baton policy simulate` prints: planner against oracle and static peak, per pool and total."""
+    lines = [f"{'model':<12} {'region':<9} {'pool':<8} {'GPU-h':>8} {'oracle':>8} {'static':>8} {'/oracle':>8} "
+             f"{'/static':>8} {'SLO':>8} {'oracle':>8} {'static':>8} {'events':>7} {'/hour':>6} {'max':>4} "
+             f"{'peak':>4}"]
     rows = [(*k, r) for k, r in sorted(result.pools.items())] + [("total", "", "", result.total())]
     for model, region, pool, r in rows:
-        ratio = r.gpu_hours / r.oracle_gpu_hours if r.oracle_gpu_hours else float("nan")
-        lines.append(f"{model:<14} {region:<10} {pool:<8} {r.gpu_hours:>8.2f} {r.attainment:>8.2%} "
-                     f"{r.oracle_gpu_hours:>13.2f} {r.oracle_attainment:>10.2%} {ratio:>12.2f}")
+        g = r.gpu_hours
+        lines.append(f"{model:<12} {region:<9} {pool:<8} {g['planner']:>8.2f} {g['oracle']:>8.2f} "
+                     f"{g['static']:>8.2f} {r.ratio('oracle'):>8.3f} {r.ratio('static'):>8.3f} "
+                     f"{r.attainment():>8.2%} {r.attainment('oracle'):>8.2%} {r.attainment('static'):>8.2%} "
+                     f"{r.events['planner']:>7d} {r.events['planner'] / result.hours:>6.2f} "
+                     f"{r.max_replicas:>4d} {r.peak:>4d}")
     t = result.total()
-    lines.append(f"request-pool checks {t.total}  SLO attainment {t.attainment:.4f}  GPU-hours {t.gpu_hours:.2f}  "
-                 f"oracle {t.oracle_gpu_hours:.2f}  ratio {t.gpu_hours / max(1e-9, t.oracle_gpu_hours):.3f}")
+    lines.append(f"{result.hours:.2f} h: GPU-hours {t.gpu_hours['planner']:.2f} = {t.ratio('oracle'):.3f}x oracle "
+                 f"({t.gpu_hours['oracle']:.2f}), {t.ratio('static'):.3f}x static peak ({t.gpu_hours['static']:.2f}); "
+                 f"SLO attainment {t.attainment():.4f} (oracle {t.attainment('oracle'):.4f}, static "
+                 f"{t.attainment('static'):.4f}); scale events {t.events['planner']} "
+                 f"({t.events['planner'] / result.hours:.2f}/h)")
     return "\n".join(lines)

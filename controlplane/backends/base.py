@@ -1,4 +1,5 @@
-"""The `CapacityBackend` seam: read and set the replica count of one pool of one model in one cluster."""
+"""The `CapacityBackend` seam: read and set the replica count of one pool of one model in one cluster, and
+read how many GPUs the cluster has for them."""
 from __future__ import annotations
 
 import importlib
@@ -25,6 +26,11 @@ class CapacityBackend(Protocol):
     def get_replicas(self, model: str, pool: str) -> ReplicaCount: ...
 
     def set_replicas(self, model: str, pool: str, replicas: int) -> None: ...
+
+    def free_gpus(self, pools: list[tuple[str, str]]) -> int | None:
+        """GPUs these (model, pool)s could hold in the cluster now, their own replicas included; None when the
+        cluster does not say (the policy's `gpus` then bounds it)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -1,4 +1,5 @@
-"""Kubernetes backend: each pool is a Deployment; replicas are read and patched through apps/v1 `scale`."""
+"""Kubernetes backend: each pool is a Deployment; replicas are read and patched through apps/v1 `scale`; free
+GPUs are the nodes' allocatable minus other pods' requests on the nodes the pools' nodeSelectors pick."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,28 @@ from baton.controlplane.backends.base import BackendError, ReplicaCount
 from baton.controlplane.policy import ClusterSpec
 
 _RETRYABLE = {429, 500, 502, 503, 504}
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _gpus(resources) -> int:
+    """GPUs one container asks for; an extended resource's request defaults to its limit."""
+    if resources is None:
+        return 0
+    value = (resources.requests or {}).get(GPU_RESOURCE) or (resources.limits or {}).get(GPU_RESOURCE) or 0
+    return int(value)
+
+
+def _pod_gpus(spec) -> int:
+    """A pod's effective GPU request: its containers together, or its largest init container if more."""
+    running = sum(_gpus(c.resources) for c in spec.containers or [])
+    return max([running] + [_gpus(c.resources) for c in spec.init_containers or []])
+
+
+def _node_usable(node) -> bool:
+    if node.spec is not None and node.spec.unschedulable:
+        return False
+    conditions = (node.status.conditions or []) if node.status is not None else []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
 
 
 class KubernetesBackend:
@@ -37,6 +60,7 @@ class KubernetesBackend:
         except (config.ConfigException, OSError) as exc:
             raise BackendError(f"cluster {cluster}: cannot load kubeconfig (context {kube_context!r}): {exc}") from None
         self._api = client.AppsV1Api(self._api_client)
+        self._core = client.CoreV1Api(self._api_client)
 
     @classmethod
     def from_cluster(cls, cluster: ClusterSpec, **options) -> KubernetesBackend:
@@ -83,6 +107,43 @@ class KubernetesBackend:
             return
         self._call(f"patch scale of deployment {name}", self._api.patch_namespaced_deployment_scale,
                    name, self.namespace, {"spec": {"replicas": replicas}})
+
+    def free_gpus(self, pools: list[tuple[str, str]]) -> int | None:
+        """GPUs on the schedulable, ready nodes that the pools' nodeSelectors pick, minus what pods other than
+        the pools' own request there. None when the pools' pods ask for no GPUs. Needs get/list on nodes and
+        pods cluster-wide (a ClusterRole)."""
+        selectors: dict[str, dict[str, str]] = {}
+        ours: list[dict[str, str]] = []
+        asks_gpus = False
+        for model, pool in pools:
+            name = self._name(model, pool)
+            dep = self._call(f"read deployment {name}", self._api.read_namespaced_deployment, name, self.namespace)
+            template = dep.spec.template.spec
+            node_selector = (template.node_selector or {}) if template is not None else {}
+            selectors[",".join(f"{k}={v}" for k, v in sorted(node_selector.items()))] = node_selector
+            ours.append(dict(dep.spec.selector.match_labels or {}))
+            asks_gpus |= template is not None and _pod_gpus(template) > 0
+        if not asks_gpus:
+            return None
+        allocatable: dict[str, int] = {}
+        for label_selector in selectors:
+            nodes = self._call(f"list nodes ({label_selector or 'all'})", self._core.list_node,
+                               label_selector=label_selector)
+            for node in nodes.items:
+                if _node_usable(node):
+                    allocatable[node.metadata.name] = int((node.status.allocatable or {}).get(GPU_RESOURCE, 0))
+        pods = self._call("list pods", self._core.list_pod_for_all_namespaces,
+                          field_selector="status.phase!=Succeeded,status.phase!=Failed")
+        taken = 0
+        for pod in pods.items:
+            if pod.spec is None or pod.spec.node_name not in allocatable:
+                continue
+            labels = pod.metadata.labels or {}
+            mine = pod.metadata.namespace == self.namespace and any(
+                sel and all(labels.get(k) == v for k, v in sel.items()) for sel in ours)
+            if not mine:
+                taken += _pod_gpus(pod.spec)
+        return max(0, sum(allocatable.values()) - taken)
 
     def close(self) -> None:
         self._api_client.close()

@@ -149,6 +149,9 @@ class LocalBackend:
             del alive[replicas:]
         stop_processes([w.proc for w in extra], self.stop_timeout_s)
 
+    def free_gpus(self, pools: list[tuple[str, str]]) -> int | None:
+        return None  # processes on this machine: the policy's `gpus` says how many it has
+
     def close(self) -> None:
         with self._lock:
             everyone = [w for ws in self._workers.values() for w in ws]

@@ -109,6 +109,14 @@ class RayBackend:
         for handle in handles:
             ray.kill(handle)
 
+    def free_gpus(self, pools: list[tuple[str, str]]) -> int | None:
+        """Ray's available GPUs plus those our replicas hold; None when our actors ask for no GPUs."""
+        per_replica = float(self.actor_options.get("num_gpus", 0) or 0)
+        if per_replica <= 0:
+            return None
+        ours = sum(len(self._indices(m, p)) for m, p in pools) * per_replica
+        return int(ray.available_resources().get("GPU", 0.0) + ours)
+
     def close(self) -> None:
         """Leaves detached actors running on a shared Ray cluster: they are its replicas, not this process's.
         On a Ray instance this process started, which ends with it, stops them so no worker is orphaned."""
