@@ -151,7 +151,9 @@ def up_cmd(
     controlplane_port: int = typer.Option(8090, "--controlplane-port", help="Control plane admin HTTP port."),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Use this Redis instead of starting one."),
     routing: str = typer.Option("kv_aware", "--routing", help="kv_aware | least_load | round_robin"),
-    kv_transport: str = typer.Option("tcp", "--kv-transport", help="tcp | nixl"),
+    kv_transport: str = typer.Option("auto", "--kv-transport",
+                                     help="workers' KV transports in order of preference (ipc,tcp,nixl); "
+                                          "auto = ipc on the same host, else tcp"),
     local_prefill_threshold: int = typer.Option(64, "--local-prefill-threshold",
                                                 help="Prompts with fewer uncached tokens prefill on the decode "
                                                      "worker."),

@@ -1,7 +1,9 @@
 """KV hand-off time (expect → send → receiver's wait returns) per transport, against plain in-process copies.
 
-Sender and receiver are separate processes; a 5k-token prompt's blocks go to scattered or consecutive blocks.
-Usage: python bench/kv_transfer.py [--tokens 5000] [--reps 5] [--backends tcp,nixl]
+Sender and receiver are separate processes; a prompt's blocks go to scattered or consecutive blocks.
+CPU: python bench/kv_transfer.py [--tokens 5000] [--reps 5] [--backends tcp,nixl]
+GPU: python bench/kv_transfer.py --device cuda --tokens 5000,32000 --backends ipc  (also times the one-launch
+copy kernel against a bulk device copy of the same bytes; writes kv_transfer_gpu.json)
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
 from baton.engine.kv_transfer import create_transport  # noqa: E402
 from bench.report import emit  # noqa: E402
 
@@ -27,8 +29,13 @@ GEOMETRIES = {
 DTYPE = torch.bfloat16
 
 
-def make_cache(num_blocks: int, block: tuple[int, ...]) -> torch.Tensor:
-    cache = torch.empty((num_blocks, *block), dtype=DTYPE)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_cache(num_blocks: int, block: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
+    cache = torch.empty((num_blocks, *block), dtype=DTYPE, device=device)
     cache.view(torch.int16).random_(-(2 ** 15), 2 ** 15)  # random bits, pages touched before timing
     return cache
 
@@ -45,8 +52,8 @@ def block_ids(layout: str, n: int, num_blocks: int, seed: int) -> tuple[list[int
             torch.randperm(num_blocks, generator=g)[:n].tolist())
 
 
-def sender_process(conn, backend: str, num_blocks: int, block: tuple[int, ...]) -> None:
-    cache = make_cache(num_blocks, block)
+def sender_process(conn, backend: str, num_blocks: int, block: tuple[int, ...], device: str) -> None:
+    cache = make_cache(num_blocks, block, device)
     transport = create_transport(backend)
     transport.register_cache(cache)
     conn.send("ready")
@@ -60,14 +67,16 @@ def sender_process(conn, backend: str, num_blocks: int, block: tuple[int, ...]) 
 LAYOUTS = ("consecutive", "scattered")
 
 
-def time_transport(backend: str, block: tuple[int, ...], num_blocks: int, n: int, reps: int) -> dict[str, dict]:
-    """Per layout: one cold hand-off (connection set-up, first touch of pages), then `reps` timed ones."""
+def time_transport(backend: str, block: tuple[int, ...], num_blocks: int, n: int, reps: int,
+                   device: str = "cpu") -> dict[str, dict]:
+    """Per layout: one cold hand-off (connection set-up, mapping the peer, first touch of pages), then `reps`
+    timed ones, from the receiver's expect() to its wait() returning (the decode worker may run)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=sender_process, args=(child, backend, num_blocks, block), daemon=True)
+    proc = ctx.Process(target=sender_process, args=(child, backend, num_blocks, block, device), daemon=True)
     proc.start()
     receiver = create_transport(backend)
-    dst_cache = torch.zeros((num_blocks, *block), dtype=DTYPE)
+    dst_cache = torch.zeros((num_blocks, *block), dtype=DTYPE, device=device)
     receiver.register_cache(dst_cache)
     endpoint = receiver.endpoint()
     assert parent.recv() == "ready"
@@ -96,8 +105,9 @@ def time_transport(backend: str, block: tuple[int, ...], num_blocks: int, n: int
     return out
 
 
-def time_copies(block: tuple[int, ...], num_blocks: int, n: int, reps: int) -> dict[tuple[str, str], dict]:
-    src_cache, dst_cache = make_cache(num_blocks, block), make_cache(num_blocks, block)
+def time_copies(block: tuple[int, ...], num_blocks: int, n: int, reps: int,
+                device: str = "cpu") -> dict[tuple[str, str], dict]:
+    src_cache, dst_cache = make_cache(num_blocks, block, device), make_cache(num_blocks, block, device)
     nbytes = n * src_cache[0].numel() * src_cache.element_size()
     flat_src, flat_dst = src_cache.view(-1).view(torch.uint8), dst_cache.view(-1).view(torch.uint8)
 
@@ -108,16 +118,26 @@ def time_copies(block: tuple[int, ...], num_blocks: int, n: int, reps: int) -> d
         for s, d in zip(src, dst):
             dst_cache[d].copy_(src_cache[s])
 
+    def kernel(src, dst):
+        from baton.kernels.kv_block_copy import copy_kv_blocks
+
+        ids = torch.tensor([src, dst], dtype=torch.int32, device=device)
+        copy_kv_blocks(src_cache, dst_cache, ids[0], ids[1])
+
     # The bulk reference ignores block ids, so it is timed once.
     methods = [("consecutive", "bulk memcpy (reference)", bulk)] + [
         (layout, "per-block torch copies", per_block) for layout in LAYOUTS]
+    if device == "cuda":
+        methods += [(layout, "copy kernel (1 launch)", kernel) for layout in LAYOUTS]
     out = {}
     for layout, name, fn in methods:
         times = []
         for rep in range(reps + 1):
             src, dst = block_ids(layout, n, num_blocks, seed=rep)
+            sync(device)
             started = time.perf_counter()
             fn(src, dst)
+            sync(device)
             times.append(time.perf_counter() - started)
         out[layout, name] = summarize(times)
     return out
@@ -129,16 +149,20 @@ def summarize(times: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--tokens", default="5000", help="prompt lengths, comma-separated")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--backends", default="tcp,nixl")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kv_transfer.json"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.device == "cuda":
+        return gpu_main(args)
 
     rows = []
+    tokens = int(args.tokens)
     for geometry, block in GEOMETRIES.items():
         block_nbytes = torch.empty(block, dtype=DTYPE).nbytes
-        n = -(-args.tokens // block[2])
+        n = -(-tokens // block[2])
         num_blocks = n + n // 2
         results = time_copies(block, num_blocks, n, args.reps)
         for backend in args.backends.split(","):
@@ -151,7 +175,7 @@ def main() -> None:
                          "cold_ms": r["cold_s"] * 1e3, "gb_per_s": n * block_nbytes / r["median_s"] / 1e9})
 
     load = os.getloadavg()
-    print(f"KV hand-off of a {args.tokens}-token prompt, bfloat16, median and best of {args.reps} after one cold "
+    print(f"KV hand-off of a {tokens}-token prompt, bfloat16, median and best of {args.reps} after one cold "
           f"run; {os.cpu_count()} CPUs, load average {load[0]:.1f} (other work on the machine adds noise)")
     print(f"{'geometry':<28}{'layout':<13}{'method':<26}{'MB':>7}{'median ms':>11}{'GB/s':>7}{'best ms':>9}"
           f"{'cold ms':>9}")
@@ -165,8 +189,43 @@ def main() -> None:
     headline = {f"{key}_{g}_ms": round(pick(g, m)["median_ms"], 2) for g in ("small", "large")
                 for key, m in [("memcpy", "bulk"), ("per_block", "per-block")]
                 + [(b, b) for b in args.backends.split(",")]}
-    emit("kv_transfer", headline, {"tokens": args.tokens, "dtype": "bfloat16", "reps": args.reps,
+    emit("kv_transfer", headline, {"tokens": tokens, "dtype": "bfloat16", "reps": args.reps,
                                    "cpus": os.cpu_count(), "load_average": load, "rows": rows}, args.out)
+
+
+def gpu_main(args) -> None:
+    """Per geometry and prompt length: bulk device copy of the bytes (reference), the copy kernel on scattered
+    blocks, per-block copies, and the hand-off between two processes through each backend (ipc: CUDA IPC)."""
+    rows = []
+    for geometry, block in GEOMETRIES.items():
+        block_nbytes = torch.empty(block, dtype=DTYPE).nbytes
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            n = -(-tokens // block[2])
+            num_blocks = n + n // 2
+            results = time_copies(block, num_blocks, n, args.reps, "cuda")
+            for backend in args.backends.split(","):
+                for layout, r in time_transport(backend, block, num_blocks, n, args.reps, "cuda").items():
+                    results[layout, f"{backend} hand-off (2 processes)"] = r
+            bulk = results["consecutive", "bulk memcpy (reference)"]["median_s"]
+            for (layout, method), r in results.items():
+                rows.append({"geometry": geometry, "tokens": tokens, "layout": layout, "method": method,
+                             "bytes": n * block_nbytes, "median_ms": r["median_s"] * 1e3, "best_ms": r["best_s"] * 1e3,
+                             "cold_ms": r["cold_s"] * 1e3, "over_bulk": r["median_s"] / bulk})
+    print(f"{'geometry':<28}{'tokens':>7} {'layout':<12}{'method':<30}{'MB':>8}{'median ms':>10}{'x bulk':>8}"
+          f"{'cold ms':>9}")
+    for r in rows:
+        print(f"{r['geometry']:<28}{r['tokens']:>7} {r['layout']:<12}{r['method']:<30}{r['bytes'] / 1e6:>8.1f}"
+              f"{r['median_ms']:>10.3f}{r['over_bulk']:>8.2f}{r['cold_ms']:>9.1f}")
+    headline = {}
+    for r in rows:
+        if r["geometry"].startswith("large") and r["layout"] == "scattered":
+            key = "kernel_over_bulk" if r["method"].startswith("copy kernel") else \
+                f"{r['method'].split()[0]}_handoff_ms" if "hand-off" in r["method"] else None
+            if key:
+                headline[f"{key}_{r['tokens']}"] = round(r["over_bulk"] if key == "kernel_over_bulk"
+                                                         else r["median_ms"], 3)
+    emit("kv_transfer_gpu", headline, {"device": torch.cuda.get_device_name(), "dtype": "bfloat16",
+                                       "reps": args.reps, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

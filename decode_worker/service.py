@@ -79,7 +79,11 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         skip = res.num_cached_tokens // rt.block_size
         dst = res.block_ids[skip:]
         transfer_id = f"{rid}-{uuid.uuid4().hex[:12]}"
-        rt.transport.expect(transfer_id, dst)
+        # Every transport of ours expects the transfer; the prefill worker writes through the first it reaches.
+        for transport in rt.transports:
+            transport.expect(transfer_id, dst)
+        used = None
+        called = False  # a prefill worker may be writing only once it has been asked to
         committed = False
         try:
             # A failed first connect leaves a channel in reconnect back-off, where calls fail at once; give
@@ -91,13 +95,15 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                 return _error(DecodeError.KIND_PREFILL_FAILED,
                               f"prefill worker {name} not reachable within {_CONNECT_TIMEOUT_S:.0f}s",
                               retryable=True, prefill_worker_id=target.worker_id)
+            called = True
             call = self._prefill_stub(target.grpc_address).Prefill(
                 worker_pb2.PrefillRequest(
                     request_id=rid, token_ids=prompt, sampling=request.sampling,
                     kv=worker_pb2.KVDestination(
-                        version=worker_pb2.KV_HANDOFF_VERSION_1, transport=rt.transport.name,
-                        endpoint=rt.transport.endpoint(), dst_block_ids=dst, num_cached_tokens=res.num_cached_tokens,
-                        transfer_id=transfer_id, block_size=rt.block_size, decode_worker_id=rt.settings.worker_id)),
+                        version=worker_pb2.KV_HANDOFF_VERSION_2, dst_block_ids=dst,
+                        offers=[worker_pb2.KVOffer(transport=t.name, endpoint=t.endpoint()) for t in rt.transports],
+                        num_cached_tokens=res.num_cached_tokens, transfer_id=transfer_id, block_size=rt.block_size,
+                        decode_worker_id=rt.settings.worker_id)),
                 timeout=rt.settings.transfer_timeout_s + 60)
             try:
                 response = await call
@@ -106,7 +112,15 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                 asyncio.ensure_future(abort(self._prefill_stub(target.grpc_address), rid,
                                             target.worker_id or target.grpc_address))
                 raise
-            result = await asyncio.to_thread(rt.transport.wait, transfer_id, rt.settings.transfer_timeout_s)
+            used = next((t for t in rt.transports if t.name == response.transport), None)
+            if used is None:
+                return _error(DecodeError.KIND_KV_TRANSFER_FAILED,
+                              f"prefill worker wrote through {response.transport!r}, which was not offered",
+                              retryable=True, prefill_worker_id=target.worker_id)
+            for other in rt.transports:
+                if other is not used:
+                    other.cancel(transfer_id)
+            result = await asyncio.to_thread(used.wait, transfer_id, rt.settings.transfer_timeout_s)
             if not result.ok:
                 return _error(DecodeError.KIND_KV_TRANSFER_FAILED, f"KV transfer failed: {result.error}",
                               retryable=True, prefill_worker_id=target.worker_id)
@@ -121,8 +135,10 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                           prefill_worker_id=target.worker_id)
         finally:
             if not committed:
-                rt.transport.cancel(transfer_id)
-                if rt.transport.cancel_stops_writes:
+                for transport in rt.transports:
+                    transport.cancel(transfer_id)
+                # A one-sided writer (ipc, nixl) may still land bytes after a cancel.
+                if not called or all(t.cancel_stops_writes for t in ([used] if used is not None else rt.transports)):
                     await asyncio.shield(rt.aengine.call(lambda e: e.abort(rid)))
                 else:
                     # The prefill worker may still be writing; hold the blocks until its send times out.

@@ -8,6 +8,7 @@ import time
 import grpc
 
 from baton.engine.errors import InvalidRequestError
+from baton.engine.kv_transfer.base import KVTransport
 from baton.proto.v1 import worker_pb2, worker_pb2_grpc
 from baton.worker.proto_convert import sampling_from_proto
 from baton.worker.server import WorkerRPCs, WorkerRuntime
@@ -21,14 +22,21 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         kv, rt, rid = request.kv, self.rt, request.request_id
-        if kv.version != worker_pb2.KV_HANDOFF_VERSION_1:
+        if kv.version == worker_pb2.KV_HANDOFF_VERSION_1:
+            offers = [worker_pb2.KVOffer(transport=kv.transport, endpoint=kv.endpoint)]
+        elif kv.version == worker_pb2.KV_HANDOFF_VERSION_2:
+            offers = list(kv.offers)
+        else:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"unsupported KV hand-off version {kv.version}")
         if kv.block_size != rt.block_size:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"block_size {kv.block_size} != this worker's {rt.block_size}")
-        if kv.transport != rt.transport.name:
+        chosen = pick_transport(rt.transports, offers)
+        if chosen is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"transport {kv.transport!r} != this worker's {rt.transport.name!r}")
+                                f"no common KV transport: the decode worker offers {[o.transport for o in offers]}, "
+                                f"this worker has {[t.name for t in rt.transports]}")
+        transport, endpoint = chosen
         try:
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as exc:
@@ -48,7 +56,7 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{len(dst)} destination blocks for {len(src)} uncached prompt blocks")
             send = asyncio.get_running_loop().run_in_executor(
-                None, rt.transport.send, kv.endpoint, kv.transfer_id, src, dst, rt.settings.transfer_timeout_s)
+                None, transport.send, endpoint, kv.transfer_id, src, dst, rt.settings.transfer_timeout_s)
             try:
                 result = await asyncio.shield(send)
             except asyncio.CancelledError:
@@ -63,13 +71,24 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
         log.info("request %s prefilled and shipped to %s", rid, kv.decode_worker_id, extra={
             "request_id": rid, "decode_worker": kv.decode_worker_id, "prompt_tokens": len(request.token_ids),
             "cached_tokens": first.num_cached_tokens, "kv_bytes": result.nbytes, "prefill_s": round(prefill_s, 4),
-            "transfer_s": round(result.seconds, 4), "transport": kv.transport})
+            "transfer_s": round(result.seconds, 4), "transport": transport.name})
         return worker_pb2.PrefillResponse(
+            transport=transport.name,
             first_token_id=first.new_token_ids[0], first_logprob=first.new_logprobs[0],
             stats=worker_pb2.PrefillStats(
                 computed_tokens=len(request.token_ids) - first.num_cached_tokens,
                 cached_tokens=max(first.num_cached_tokens, kv.num_cached_tokens), kv_bytes=result.nbytes,
                 prefill_seconds=prefill_s, transfer_seconds=result.seconds))
+
+
+def pick_transport(transports: list[KVTransport], offers) -> tuple[KVTransport, bytes] | None:
+    """The decode worker's first offer that one of our transports reaches (its order is its preference)."""
+    ours = {t.name: t for t in transports}
+    for offer in offers:
+        transport = ours.get(offer.transport)
+        if transport is not None and transport.reaches(offer.endpoint):
+            return transport, offer.endpoint
+    return None
 
 
 def add_service(server: grpc.aio.Server, runtime: WorkerRuntime) -> None:

@@ -32,7 +32,6 @@ class RouterConfig(ProcessSettings):
     policy: str = Field("kv_aware", description="worker-selection policy: round_robin / least_load / kv_aware")
     weights: ScorerWeights = Field(default_factory=ScorerWeights, description="kv_aware scorer weights per pool")
     routing_seed: int | None = Field(None, description="seed of the selection tie-breaker (tests, replay)")
-    kv_transport: str = Field("tcp", description="KV transport decode asks prefill workers to use: tcp / nixl")
     local_prefill_threshold: int = Field(
         64, ge=0, description="prompts with at most this many uncached tokens prefill on the decode worker itself"
     )

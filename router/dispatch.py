@@ -12,6 +12,7 @@ import grpc
 
 from baton.contracts.block_hash import hash_blocks
 from baton.contracts.worker_registry import WorkerRecord, WorkerRegistry
+from baton.grpc_channels import ChannelCache, abort
 from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from baton.router.config import RouterConfig
 from baton.router.inflight import InFlight
@@ -33,7 +34,6 @@ DecodeError = worker_pb2.DecodeError
 _PREFILL_KINDS = (DecodeError.KIND_PREFILL_FAILED, DecodeError.KIND_KV_TRANSFER_FAILED)
 # Connection-level failures: the worker never took the request, so another one may.
 _RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE,)
-_ABORT_TIMEOUT_S = 2.0
 
 
 class WorkerFailed(Exception):
@@ -63,7 +63,7 @@ class Dispatcher:
         self._decider = ConditionalDisaggregation(routing.local_prefill_threshold_tokens)
         self.inflight = InFlight()
         self.traffic = traffic
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache()
         self._suspect_until: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
         self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}
@@ -135,8 +135,7 @@ class Dispatcher:
                      extra={"request_id": request_id, "decode_worker": decode.worker_id,
                             "prefill_worker": route.prefill.worker.worker_id if route.prefill else None,
                             "policy": route.decode.policy, "attempt": attempt})
-            request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
-                                               kv_transport=self._config.kv_transport)
+            request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling)
             prefill = route.prefill.worker if route.prefill is not None else None
             if prefill is not None:
                 request.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
@@ -196,19 +195,11 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
     async def _abort(self, worker: WorkerState, request_id: str) -> None:
-        stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.address))
-        try:
-            await stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.info("abort of %s on %s failed: %s", request_id, worker.worker_id, exc.code().name)
+        await abort(worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.address)), request_id, worker.worker_id)
 
     # -- channels ---------------------------------------------------------------------------
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return channel
+        return self._channels.open(address)
 
     def on_worker_added(self, worker_id: str) -> None:
         self._suspect_until.pop(worker_id, None)

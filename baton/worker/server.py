@@ -19,6 +19,7 @@ from baton.contracts.kv_events import KVEventPublisher
 from baton.contracts.worker_registry import WorkerLoad, WorkerRecord, WorkerRegistration
 from baton.embedded_uvicorn import EmbeddedUvicorn
 from baton.engine.async_engine import AsyncEngine
+from baton.engine.kv_transfer.base import KVTransport
 from baton.engine.kv_transfer.registry import create_transport
 from baton.engine.llm_engine import LLMEngine
 from baton.proto.v1 import inference_pb2, worker_pb2
@@ -40,10 +41,15 @@ class WorkerRuntime:
                                        snapshot_source=self.engine.block_manager.cached_hashes)
         self.engine.block_manager.events = self.events
         self.aengine = AsyncEngine(self.engine)
-        # tcp listens where the worker does and advertises the address peers reach it at.
-        options = {"host": settings.host, "advertise_host": settings.public_host} if settings.kv_transport == "tcp" else {}
-        self.transport = create_transport(settings.kv_transport, **options)
-        self.transport.register_cache(self.engine.kv_cache)
+        # In order of preference. ipc registers first: on the CPU it moves the pool into shared memory, where
+        # the others (nixl registers addresses) must then find it. tcp listens where the worker does.
+        self.transports: list[KVTransport] = []
+        for name in sorted(settings.kv_transports, key=lambda n: n != "ipc"):
+            options = {"host": settings.host, "advertise_host": settings.public_host} if name == "tcp" else {}
+            transport = create_transport(name, **options)
+            transport.register_cache(self.engine.kv_cache)
+            self.transports.append(transport)
+        self.transports.sort(key=lambda t: settings.kv_transports.index(t.name))
         self.block_size = settings.block_size
         self.ready = False
         self.draining = False
@@ -189,4 +195,5 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
     await http_task
     runtime.aengine.stop()
     runtime.events.close()
-    runtime.transport.close()
+    for transport in runtime.transports:
+        transport.close()

@@ -57,7 +57,23 @@ class WorkerSettings(ProcessSettings):
     enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
     max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
-    kv_transport: str = Field("tcp", description="tcp | nixl")
+    kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
+                              "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
+
+    @field_validator("kv_transport")
+    @classmethod
+    def _transports(cls, value: str) -> str:
+        from baton.engine.kv_transfer.registry import TRANSPORTS
+
+        names = [n.strip() for n in value.split(",") if n.strip()] if value != "auto" else ["ipc", "tcp"]
+        unknown = [n for n in names if n not in TRANSPORTS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"{value!r}: give distinct names of {', '.join(sorted(TRANSPORTS))}, or auto")
+        return ",".join(names)
+
+    @property
+    def kv_transports(self) -> list[str]:
+        return self.kv_transport.split(",")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV hand-off")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long running requests may finish on shutdown")

@@ -12,11 +12,21 @@ class KVHandoffVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KV_HANDOFF_VERSION_UNSPECIFIED: _ClassVar[KVHandoffVersion]
     KV_HANDOFF_VERSION_1: _ClassVar[KVHandoffVersion]
+    KV_HANDOFF_VERSION_2: _ClassVar[KVHandoffVersion]
 KV_HANDOFF_VERSION_UNSPECIFIED: KVHandoffVersion
 KV_HANDOFF_VERSION_1: KVHandoffVersion
+KV_HANDOFF_VERSION_2: KVHandoffVersion
+
+class KVOffer(_message.Message):
+    __slots__ = ("transport", "endpoint")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    transport: str
+    endpoint: bytes
+    def __init__(self, transport: _Optional[str] = ..., endpoint: _Optional[bytes] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("version", "transport", "endpoint", "dst_block_ids", "num_cached_tokens", "transfer_id", "block_size", "decode_worker_id")
+    __slots__ = ("version", "transport", "endpoint", "dst_block_ids", "num_cached_tokens", "transfer_id", "block_size", "decode_worker_id", "offers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +35,7 @@ class KVDestination(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
     version: KVHandoffVersion
     transport: str
     endpoint: bytes
@@ -33,7 +44,8 @@ class KVDestination(_message.Message):
     transfer_id: str
     block_size: int
     decode_worker_id: str
-    def __init__(self, version: _Optional[_Union[KVHandoffVersion, str]] = ..., transport: _Optional[str] = ..., endpoint: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., block_size: _Optional[int] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
+    offers: _containers.RepeatedCompositeFieldContainer[KVOffer]
+    def __init__(self, version: _Optional[_Union[KVHandoffVersion, str]] = ..., transport: _Optional[str] = ..., endpoint: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., transfer_id: _Optional[str] = ..., block_size: _Optional[int] = ..., decode_worker_id: _Optional[str] = ..., offers: _Optional[_Iterable[_Union[KVOffer, _Mapping]]] = ...) -> None: ...
 
 class PrefillStats(_message.Message):
     __slots__ = ("computed_tokens", "cached_tokens", "kv_bytes", "prefill_seconds", "transfer_seconds")
@@ -58,18 +70,16 @@ class PrefillTarget(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., grpc_address: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "prefill", "kv_transport")
+    __slots__ = ("request_id", "token_ids", "sampling", "prefill")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
-    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParams
     prefill: PrefillTarget
-    kv_transport: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PrefillTarget, _Mapping]] = ...) -> None: ...
 
 class DecodeError(_message.Message):
     __slots__ = ("kind", "message", "prefill_worker_id", "retryable")
@@ -134,14 +144,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., kv: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "stats")
+    __slots__ = ("first_token_id", "first_logprob", "stats", "transport")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: float
     stats: PrefillStats
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., stats: _Optional[_Union[PrefillStats, _Mapping]] = ...) -> None: ...
+    transport: str
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., stats: _Optional[_Union[PrefillStats, _Mapping]] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

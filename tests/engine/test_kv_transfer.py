@@ -28,7 +28,7 @@ from baton.engine.kv_transfer.tcp import _STATUS, encode_header
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_NIXL = importlib.util.find_spec("nixl") is not None
-BACKENDS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="nixl is not installed"))]
+BACKENDS = ["tcp", "ipc", pytest.param("nixl", marks=pytest.mark.skipif(not HAS_NIXL, reason="nixl is not installed"))]
 # [num_layers, 2, block_size, num_kv_heads, head_dim]: 4 * 2 * 16 * 2 * 32 * 4 B = 32 KiB per float32 block
 BLOCK = (4, 2, 16, 2, 32)
 SRC = [5, 6, 7, 30, 2, 11, 12]
@@ -169,7 +169,7 @@ def test_sender_writing_other_blocks_than_expected_fails_the_receiver(pair, back
     sent = sender.send(receiver.endpoint(), "req", [0, 1], [2, 3], timeout_s=5)
     got = receiver.wait("req", timeout_s=5)
     assert not got.ok and "differ" in got.error
-    if backend == "tcp":  # tcp refuses before any byte moves; a one-sided nixl WRITE cannot be refused
+    if backend == "tcp":  # tcp refuses before any byte moves; one-sided nixl / ipc writes cannot be refused
         assert not sent.ok and "differ" in sent.error
 
 
@@ -203,7 +203,7 @@ def test_bad_input_is_rejected_with_clear_errors(pair, backend):
 
 
 def test_unknown_transport_lists_the_known_ones():
-    with pytest.raises(KVTransferError, match="unknown KV transport 'carrier-pigeon'; known: nixl, tcp"):
+    with pytest.raises(KVTransferError, match="unknown KV transport 'carrier-pigeon'; known: ipc, nixl, tcp"):
         create_transport("carrier-pigeon")
 
 
@@ -287,8 +287,9 @@ CHILD = r"""
 import sys, threading, torch
 from baton.engine.kv_transfer import create_transport
 backend, endpoint, mode = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
-shape = [int(x) for x in sys.argv[4].split(",")]
+shape, device = [int(x) for x in sys.argv[4].split(",")], sys.argv[5]
 src = torch.randn(shape, generator=torch.Generator().manual_seed(11)) if mode == "ok" else torch.ones(shape)
+src = src.to(device)
 t = create_transport(backend)
 t.register_cache(src)
 ids = list(range(shape[0]))
@@ -301,28 +302,34 @@ else:
 """
 
 
-def _spawn_sender(backend: str, endpoint: bytes, mode: str, shape: tuple[int, ...]) -> subprocess.Popen:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-c", CHILD, backend, endpoint.hex(), mode, ",".join(map(str, shape))],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+def _spawn_sender(backend: str, endpoint: bytes, mode: str, shape: tuple[int, ...],
+                  device: str = "cpu") -> subprocess.Popen:
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+    return subprocess.Popen([sys.executable, "-c", CHILD, backend, endpoint.hex(), mode, ",".join(map(str, shape)),
+                             device],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONPATH": path})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_process_transfer_is_bit_exact(backend):
-    dst = cache(16)
+@pytest.mark.parametrize("backend,device", [
+    ("tcp", "cpu"), ("ipc", "cpu"),
+    pytest.param("nixl", "cpu", marks=pytest.mark.skipif(not HAS_NIXL, reason="nixl is not installed")),
+    pytest.param("ipc", "cuda", marks=[pytest.mark.gpu,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_cross_process_transfer_is_bit_exact(backend, device):
+    dst = cache(16).to(device)
     receiver = create_transport(backend)
     try:
         receiver.register_cache(dst)
         src_ids, dst_ids = list(range(16))[::-2], list(range(16))[1::2]
         receiver.expect("xproc", dst_ids)
-        child = _spawn_sender(backend, receiver.endpoint(), "ok", tuple(dst.shape))
+        child = _spawn_sender(backend, receiver.endpoint(), "ok", tuple(dst.shape), device)
         got = receiver.wait("xproc", timeout_s=20)
         out, _ = child.communicate(timeout=20)
         assert got.ok, got
         assert "RESULT True" in out
         src = torch.randn(dst.shape, generator=torch.Generator().manual_seed(11))
-        assert_moved(src, dst, src_ids, dst_ids)
+        assert_moved(src, dst.cpu(), src_ids, dst_ids)
     finally:
         receiver.close()
 

@@ -70,7 +70,7 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
         self.prefill_calls.append(target.worker_id)
         async with grpc.aio.insecure_channel(target.grpc_address) as channel:
             kv = worker_pb2.KVDestination(
-                version=worker_pb2.KV_HANDOFF_VERSION_1, transport=request.kv_transport, endpoint=b"double",
+                version=worker_pb2.KV_HANDOFF_VERSION_2, offers=[worker_pb2.KVOffer(transport="tcp", endpoint=b"double")],
                 dst_block_ids=list(range(len(request.token_ids) // 16 + 1)), block_size=16,
                 transfer_id=f"{request.request_id}-{len(self.prefill_calls)}", decode_worker_id=self.worker_id)
             return await worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(
@@ -148,7 +148,7 @@ class PrefillDouble(worker_pb2_grpc.PrefillWorkerServicer):
         await self.server.start()
 
     async def Prefill(self, request, context):
-        if request.kv.version != worker_pb2.KV_HANDOFF_VERSION_1:
+        if request.kv.version != worker_pb2.KV_HANDOFF_VERSION_2:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown KV hand-off version")
         self.requests.append(request)
         return worker_pb2.PrefillResponse(first_token_id=self.first_token, stats=worker_pb2.PrefillStats(
@@ -217,13 +217,13 @@ async def test_decode_double_prefills_through_prefill_double(model_dir: Path) ->
     try:
         async with grpc.aio.insecure_channel(d.address) as channel:
             stub = worker_pb2_grpc.DecodeWorkerStub(channel)
-            req = worker_pb2.DecodeRequest(request_id="r", token_ids=[1, 2, 3, 4], kv_transport="tcp",
+            req = worker_pb2.DecodeRequest(request_id="r", token_ids=[1, 2, 3, 4],
                                            sampling=inference_pb2.SamplingParams(max_tokens=2),
                                            prefill=worker_pb2.PrefillTarget(worker_id="p0", grpc_address=p.address))
             chunks = [c async for c in stub.Generate(req)]
         assert [t for c in chunks for t in c.token_ids] == [5, 6]
         assert chunks[0].prefill.cached_tokens == 2 and chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-        assert p.requests[0].kv.version == worker_pb2.KV_HANDOFF_VERSION_1
+        assert p.requests[0].kv.version == worker_pb2.KV_HANDOFF_VERSION_2
     finally:
         await d.server.stop(None)
         await p.server.stop(None)

@@ -21,7 +21,7 @@ def script(model_dir) -> list[int]:
     return Tokenizer.from_dir(model_dir).encode(SCRIPT_TEXT * 4, add_special_tokens=False)
 
 
-async def _eventually(predicate, timeout_s: float = 3.0) -> bool:
+async def _eventually(predicate, timeout_s: float = 10.0) -> bool:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:

@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 
 import grpc
+import httpx
 import pytest
 
 from baton.devtools.make_model import make_model
@@ -28,11 +29,11 @@ def reference(model_dir, prompt, max_tokens=12):
     return engine.generate([prompt], params)[0].output_ids
 
 
-async def decode(address, rid, prompt, prefill=None, transport="tcp", max_tokens=12):
+async def decode(address, rid, prompt, prefill=None, max_tokens=12):
     async with grpc.aio.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         req = worker_pb2.DecodeRequest(
-            request_id=rid, token_ids=prompt, kv_transport=transport,
+            request_id=rid, token_ids=prompt,
             sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         if prefill is not None:
             req.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
@@ -42,13 +43,24 @@ async def decode(address, rid, prompt, prefill=None, transport="tcp", max_tokens
     return chunks, stats
 
 
+def metric(worker, name: str) -> dict[str, float]:
+    """Samples of one metric on a worker's /metrics, by label set."""
+    text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics", timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            out[labels.strip("{}")] = float(value)
+    return out
+
+
 async def prefill_stats(address):
     async with grpc.aio.insecure_channel(address) as channel:
         return await worker_pb2_grpc.PrefillWorkerStub(channel).Stats(worker_pb2.StatsRequest())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["tcp", "nixl"])
+@pytest.mark.parametrize("transport", ["tcp", "ipc", "nixl"])
 def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
     # find_spec, not import: loading UCX into this long-lived test process is what the workers must do, not us.
     if transport == "nixl" and importlib.util.find_spec("nixl") is None:
@@ -57,7 +69,7 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
     d = start_worker("decode", model_dir, redis_url, f"d-{transport}", "--kv-transport", transport)
     try:
         for i, prompt in enumerate(PROMPTS):
-            chunks, stats = asyncio.run(decode(d.grpc_address, f"r{i}", prompt, prefill=p, transport=transport))
+            chunks, stats = asyncio.run(decode(d.grpc_address, f"r{i}", prompt, prefill=p))
             assert not any(c.HasField("error") for c in chunks), chunks[-1]
             tokens = [t for c in chunks for t in c.token_ids]
             assert tokens == reference(model_dir, prompt), f"prompt {i}"
@@ -68,6 +80,10 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
         pstats = asyncio.run(prefill_stats(p.grpc_address))
         assert pstats.kv_blocks_used == 0
         assert pstats.prompt_tokens_computed_total >= sum(map(len, PROMPTS)) - 16
+        sent = metric(p, "baton_kv_transfer_bytes_total")
+        assert sent.get(f'transport="{transport}"', 0) > 0 and len(sent) == 1  # the configured transport, only
+        if transport == "ipc":
+            assert metric(p, "baton_kv_ipc_peer_mappings_total")[""] == 1  # the decode pool is mapped once
     finally:
         p.stop()
         d.stop()

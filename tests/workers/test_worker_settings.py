@@ -26,7 +26,7 @@ def test_precedence_flags_env_yaml_defaults(model_dir, tmp_path, monkeypatch) ->
     monkeypatch.setenv("BATON_WORKER_REGION", "from-env")
     s = WorkerSettings.load(config=path, pool="decode", region="from-flag", log_json=False)
     assert (s.grpc_port, s.http_port, s.region) == (1111, 3333, "from-flag")  # yaml, env, flag
-    assert (s.block_size, s.log_json, s.kv_transport) == (32, False, "tcp")  # yaml, flag over yaml, default
+    assert (s.block_size, s.log_json, s.kv_transport) == (32, False, "ipc,tcp")  # yaml, flag over yaml, default (auto)
     assert s.served_model_name == "m"
     monkeypatch.delenv("BATON_WORKER_HTTP_PORT")
     defaults = WorkerSettings.load(pool="prefill", model=str(model_dir))

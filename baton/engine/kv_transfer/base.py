@@ -275,6 +275,17 @@ class KVTransport(ABC):
 
     # ---- sender side ----
 
+    def reaches(self, peer_endpoint: bytes) -> bool:
+        """Whether this sender can write to that receiver (same backend; same host and device kind for ipc)."""
+        try:
+            peer = Endpoint.from_bytes(peer_endpoint)
+        except KVTransferError:
+            return False
+        return peer.transport == self.name and self._reaches(peer)
+
+    def _reaches(self, peer: Endpoint) -> bool:
+        return True
+
     def send(self, peer_endpoint: bytes, transfer_id: str, src_block_ids: Sequence[int],
              dst_block_ids: Sequence[int], timeout_s: float) -> TransferResult:
         """Copy our blocks src_block_ids into the peer's dst_block_ids (pairwise, in order); blocks until done."""

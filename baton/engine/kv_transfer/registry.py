@@ -9,6 +9,7 @@ from baton.engine.kv_transfer.base import KVTransferError, KVTransport
 TRANSPORTS: dict[str, str] = {
     "tcp": "baton.engine.kv_transfer.tcp:TcpTransport",
     "nixl": "baton.engine.kv_transfer.nixl:NixlTransport",
+    "ipc": "baton.engine.kv_transfer.ipc:IpcTransport",
 }
 
 

@@ -1,0 +1,236 @@
+"""Same-host KV transport: the receiver exports its KV pool once (CUDA IPC on a GPU, POSIX shared memory on the
+CPU), each sender maps it once and copies every (source, destination) block pair itself, in one kernel launch
+on a GPU; one datagram per hand-off then tells the receiver it is complete.
+
+A sender writes one-sided into the receiver's memory, so a cancelled transfer cannot be stopped mid-copy: the
+receiver keeps the destination blocks until the sender's timeout (cancel_stops_writes = False), as for nixl.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import hashlib
+import socket
+import threading
+import time
+import uuid
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+import torch
+from prometheus_client import Counter
+
+from baton.engine.config import DTYPES
+from baton.engine.kv_transfer.base import Endpoint, KVTransferError, KVTransport
+
+log = logging.getLogger(__name__)
+# Pools exported by this process, by pool id: CUDA cannot open an IPC handle in the process that made it, so a
+# sender and receiver that share a process (tests, a colocated pair) use the tensor itself.
+_OWN_POOLS: dict[str, torch.Tensor] = {}
+KV_IPC_PEER_MAPPINGS = Counter("baton_kv_ipc_peer_mappings", "Peer KV pools this process mapped (once per peer)")
+
+
+def host_id() -> str:
+    """Same value in every process of one machine (and boot): where CUDA IPC and shared memory reach."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _device_uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def _local_cuda_index(device_uuid: str) -> int | None:
+    """This process's index of the GPU with that uuid (CUDA_VISIBLE_DEVICES may number GPUs differently)."""
+    for i in range(torch.cuda.device_count()):
+        if _device_uuid(torch.device("cuda", i)) == device_uuid:
+            return i
+    return None
+
+
+def _ids_digest(block_ids) -> str:
+    """Names a destination list in a notification of fixed size, however long the prompt."""
+    return hashlib.blake2b(json.dumps(list(block_ids)).encode(), digest_size=16).hexdigest()
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not yet named in every Python's mmap module
+
+
+def _populate(shm: shared_memory.SharedMemory) -> None:
+    """Fault the whole mapping in now: else every first write to a page of a new block costs a page fault
+    (about 10x the copy itself on a scattered 5k-token hand-off)."""
+    try:
+        shm._mmap.madvise(_MADV_POPULATE_WRITE)  # noqa: SLF001
+    except (OSError, AttributeError, ValueError):
+        view = torch.frombuffer(shm.buf, dtype=torch.uint8)
+        int(view[::4096].sum())  # a read fault maps each shared page too
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class IpcTransport(KVTransport):
+    name = "ipc"
+    cancel_stops_writes = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool_id = uuid.uuid4().hex
+        self._shm: shared_memory.SharedMemory | None = None
+        self._export: dict[str, Any] = {}
+        self._peers: dict[str, torch.Tensor] = {}  # pool id -> the peer's pool, mapped once
+        self.peers_mapped = 0
+        self._peer_lock = threading.Lock()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._address = f"\0baton-kv-{self.pool_id}"  # abstract namespace: no file to clean up
+        self._sock.bind(self._address)
+        self._listener: threading.Thread | None = None
+
+    # ---- receiver ----
+
+    def _register(self, kv_cache: torch.Tensor) -> None:
+        if kv_cache.is_cuda:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            _, args = reduce_tensor(kv_cache)
+            (_, size, stride, offset, _, _, device, handle, storage_bytes, storage_offset, _, ref_handle,
+             ref_offset, event_handle, event_sync) = args
+            self._export = {"kind": "cuda", "device_uuid": _device_uuid(kv_cache.device), "device": device,
+                            "size": list(size), "stride": list(stride), "offset": offset,
+                            "handle": _b64(handle), "storage_bytes": storage_bytes,
+                            "storage_offset": storage_offset, "ref_handle": _b64(ref_handle),
+                            "ref_offset": ref_offset, "event_handle": _b64(event_handle or b""),
+                            "event_sync": bool(event_sync)}
+        else:
+            # Move the pool into a named shared-memory segment, in place: the engine keeps its tensor object.
+            nbytes = kv_cache.numel() * kv_cache.element_size()
+            self._shm = shared_memory.SharedMemory(name=f"baton-kv-{self.pool_id}", create=True, size=nbytes)
+            shared = torch.frombuffer(self._shm.buf, dtype=kv_cache.dtype, count=kv_cache.numel())
+            shared.copy_(kv_cache.reshape(-1))
+            with torch.no_grad():
+                kv_cache.set_(shared.untyped_storage(), 0, kv_cache.shape, kv_cache.stride())
+            self._export = {"kind": "shm", "name": self._shm.name, "nbytes": nbytes}
+        _OWN_POOLS[self.pool_id] = kv_cache
+        self._listener = threading.Thread(target=self._listen, name="kv-ipc-notify", daemon=True)
+        self._listener.start()
+
+    def _endpoint_params(self) -> dict[str, Any]:
+        return {"host": host_id(), "pool_id": self.pool_id, "notify": _b64(self._address.encode()), **self._export}
+
+    def _listen(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                return  # closed
+            try:
+                note = json.loads(data)
+                transfer_id, dst, nbytes = str(note["id"]), str(note["dst"]), int(note["nbytes"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed KV hand-off notification")
+                continue
+            with self._lock:
+                expected = self._expected.get(transfer_id)
+            if expected is None:
+                continue  # cancelled or timed out already
+            if dst != _ids_digest(expected.dst_block_ids):
+                self._finish(transfer_id, False, 0, "sender wrote blocks that differ from the expected destination")
+            else:
+                self._finish(transfer_id, True, nbytes)
+
+    # ---- sender ----
+
+    def _reaches(self, peer: Endpoint) -> bool:
+        """Same host, and the same device kind as our pool (a GPU of ours sees the receiver's GPU)."""
+        p, device = peer.params, self._cache.device
+        if p.get("host") != host_id():
+            return False
+        if p.get("kind") == "cuda":
+            return device.type == "cuda" and _local_cuda_index(str(p.get("device_uuid"))) is not None
+        return p.get("kind") == "shm" and device.type == "cpu"
+
+    def _peer_pool(self, peer: Endpoint) -> torch.Tensor:
+        p = peer.params
+        with self._peer_lock:
+            pool = self._peers.get(p["pool_id"])
+            if pool is not None:
+                return pool
+            g = peer.geometry
+            shape = (g.num_blocks, g.num_layers, 2, g.block_size, g.num_kv_heads, g.head_dim)
+            dtype = DTYPES[g.dtype]
+            if p["pool_id"] in _OWN_POOLS:
+                pool = _OWN_POOLS[p["pool_id"]]
+            elif p.get("kind") == "cuda":
+                from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+                index = _local_cuda_index(p["device_uuid"])
+                if index is None:
+                    raise KVTransferError("the receiver's GPU is not visible to this process")
+                pool = rebuild_cuda_tensor(
+                    torch.Tensor, torch.Size(p["size"]), tuple(p["stride"]), p["offset"], torch.storage.TypedStorage,
+                    dtype, index, base64.b64decode(p["handle"]), p["storage_bytes"], p["storage_offset"], False,
+                    base64.b64decode(p["ref_handle"]), p["ref_offset"], base64.b64decode(p["event_handle"]) or None,
+                    p["event_sync"])
+            else:
+                shm = shared_memory.SharedMemory(name=p["name"], create=False)
+                # Attaching registers the segment with this process's resource tracker, which would unlink it
+                # (the receiver's pool) when this process exits; the receiver owns it.
+                resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+                _populate(shm)
+                pool = torch.frombuffer(shm.buf, dtype=dtype, count=int(torch.Size(shape).numel())).view(shape)
+                pool._baton_shm = shm  # keeps the mapping alive as long as the tensor
+            if tuple(pool.shape) != shape:
+                raise KVTransferError(f"peer pool has shape {tuple(pool.shape)}, its endpoint says {shape}")
+            self._peers[p["pool_id"]] = pool
+            self.peers_mapped += 1
+            KV_IPC_PEER_MAPPINGS.inc()
+            return pool
+
+    def _send(self, peer: Endpoint, transfer_id: str, runs: list[tuple[int, int, int]],
+              deadline: float) -> str | None:
+        src = self._cache
+        if not self._reaches(peer):
+            return "the receiver is not on this host and device kind (use tcp or nixl)"
+        try:
+            dst = self._peer_pool(peer)
+        except (OSError, RuntimeError, KVTransferError) as exc:
+            return f"cannot map the receiver's KV pool (receiver gone?): {exc}"
+        if time.monotonic() > deadline:
+            return "deadline passed before the copy started"
+        src_ids = [s + i for s, _, n in runs for i in range(n)]
+        dst_ids = [d + i for _, d, n in runs for i in range(n)]
+        if src_ids:
+            if src.is_cuda and dst.device == src.device:
+                from baton.kernels.kv_block_copy import copy_kv_blocks
+
+                ids = torch.tensor([src_ids, dst_ids], dtype=torch.int32).to(src.device, non_blocking=True)
+                copy_kv_blocks(src, dst, ids[0], ids[1])
+                torch.cuda.current_stream(src.device).synchronize()
+            else:  # CPU shared memory, or a peer GPU of this host: runs of consecutive blocks as bulk copies
+                for s, d, n in runs:
+                    dst[d:d + n].copy_(src[s:s + n], non_blocking=dst.is_cuda)
+                if dst.is_cuda:
+                    torch.cuda.synchronize(dst.device)
+        note = json.dumps({"id": transfer_id, "dst": _ids_digest(dst_ids),
+                           "nbytes": len(src_ids) * self.geometry.block_nbytes}).encode()
+        try:
+            self._sock.sendto(note, base64.b64decode(peer.params["notify"]).decode())
+        except OSError as exc:
+            return f"the receiver is gone (notification failed: {exc})"
+        return None
+
+    def _close(self) -> None:
+        self._sock.close()
+        self._peers.clear()
+        _OWN_POOLS.pop(self.pool_id, None)
+        if self._shm is not None:
+            try:
+                self._shm.unlink()  # the mapping itself stays valid for the engine until the process ends
+            except FileNotFoundError:
+                pass
