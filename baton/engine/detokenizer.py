@@ -103,11 +103,15 @@ class StopChecker:
         return self.match is not None
 
     def find(self, text: str, start: int = 0) -> StopMatch | None:
-        """The earliest stop string in `text` beginning at or after `start`."""
+        """The stop string in `text` (beginning at or after `start`) that is completed first, as a stream would
+        meet it, so that the result never depends on how the text was cut into deltas; ties: the earliest start."""
         best: StopMatch | None = None
         for stop in self.stop_strings:
             i = text.find(stop, start)
-            if i != -1 and (best is None or i < best.index):
+            if i == -1:
+                continue
+            key = (i + len(stop), i)
+            if best is None or key < (best.index + len(best.stop), best.index):
                 best = StopMatch(i, stop)
         return best
 
