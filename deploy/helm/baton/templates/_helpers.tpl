@@ -55,6 +55,10 @@ imagePullPolicy: {{ .image.pullPolicy }}
 {{- end }}
 {{- end -}}
 
+{{- define "baton.apiKeySecretName" -}}
+{{- .Values.router.apiKey.existingSecret | default (printf "%s-api-key" (include "baton.fullname" .)) -}}
+{{- end -}}
+
 {{- define "baton.adminSecretName" -}}
 {{- .Values.controlPlane.adminToken.existingSecret | default (printf "%s-admin" (include "baton.fullname" .)) -}}
 {{- end -}}
