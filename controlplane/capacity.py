@@ -3,6 +3,7 @@ replicas keep TTFT or ITL p90 under target at a given load. The planner, its ora
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import pathlib
@@ -33,7 +34,7 @@ class PrefillProfile(_Strict):
     def _shape(self) -> PrefillProfile:
         if len(self.batch_tokens) != len(self.tokens_per_s):
             raise ValueError("batch_tokens and tokens_per_s differ in length")
-        if any(b <= a for a, b in zip(self.batch_tokens, self.batch_tokens[1:])) or self.batch_tokens[0] <= 0:
+        if any(b <= a for a, b in itertools.pairwise(self.batch_tokens)) or self.batch_tokens[0] <= 0:
             raise ValueError("batch_tokens must be positive and increasing")
         if any(r <= 0 for r in self.tokens_per_s):
             raise ValueError("tokens_per_s must be positive")
@@ -57,7 +58,7 @@ class DecodeProfile(_Strict):
     @model_validator(mode="after")
     def _shape(self) -> DecodeProfile:
         for name, xs in (("context", self.context), ("concurrency", self.concurrency)):
-            if xs[0] <= 0 or any(b <= a for a, b in zip(xs, xs[1:])):
+            if xs[0] <= 0 or any(b <= a for a, b in itertools.pairwise(xs)):
                 raise ValueError(f"{name} must be positive and increasing")
         if len(self.itl_ms) != len(self.context):
             raise ValueError("itl_ms needs one row per context")

@@ -43,7 +43,7 @@ class HoltSeries:
         sd = max(math.sqrt(self.var), noise_floor)
         far = int(math.copysign(1, error)) if sd > 0 and abs(error) > self.jump_z * sd else 0
         if far and far == self.jumping:
-            self.level, self.trend, self.last_t, self.jumping = y, 0.0, t, 0
+            self.level, self.last_t, self.jumping = y, t, 0
             return
         self.jumping = far
         if sd > 0:

@@ -61,6 +61,7 @@ NOISE_Z = 2.0
 class _PoolState:
     spec: int
     history: rm.PoolHistory
+    base: int = -1  # the load-driven part of `spec`: what it would be without replicas draining a queue
     forecaster: LoadForecaster = field(default_factory=LoadForecaster)
     correction: CapacityCorrection = field(default_factory=CapacityCorrection)
     ready: int = -1
@@ -114,6 +115,7 @@ class Planner:
         if st is None:
             st = self._pools[key] = _PoolState(spec=self._ready(inp, key), history=rm.PoolHistory([]))
         current = st.spec
+        base_now = current if st.base < 0 else min(st.base, current)
         sig = inp.signals.get(key)
         proposals: dict[str, int] = {}
         limits: list[str] = []
@@ -177,8 +179,8 @@ class Planner:
         # Load-driven needs go through hysteresis and the stabilisation window; the queue's drain replicas are
         # added on top and leave as soon as the queue is gone, instead of being held for a window.
         load_need = min(float(pol.max_replicas), max(v for k, v in needs.items() if k != "queue"))
-        raw = rm.with_hysteresis(current, load_need, pol.tolerance)
-        if raw == current and math.ceil(load_need - 1e-9) < current:
+        raw = rm.with_hysteresis(base_now, load_need, pol.tolerance)
+        if raw == base_now and math.ceil(load_need - 1e-9) < base_now:
             limits.append("hysteresis")
         drain_raw = math.ceil(min(float(pol.max_replicas), needs.get("queue", 0.0)) - 1e-9)
 
@@ -203,14 +205,16 @@ class Planner:
             desired = max(desired, pol.min_replicas)
             st.history.remember(now, raw, self._horizon(pol))
             reason = f"scale from zero: {_why(proposals)}"
+            st.base = desired
             return self._commit(st, key, now, current, desired, reason, proposals, ["cold-start"], inputs)
 
         floor = pol.min_replicas if pol.min_replicas > 0 else (1 if current > 0 else 0)
         raw = rm.clamp(raw, floor, pol.max_replicas)
         st.history.remember(now, raw, self._horizon(pol))
-        n = rm.stabilize(now, current, raw, st.history, pol.scale_up, pol.scale_down)
+        n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down)
         if n != raw:
             limits.append("stabilization")
+        load_n = n
         n = max(n, drain_raw)
         stepped = rm.step_limit(current, n, pol.scale_up, pol.scale_down)
         if stepped != n:
@@ -226,6 +230,7 @@ class Planner:
         reason = _why(proposals)
         if limits:
             reason += f"; limited by {', '.join(dict.fromkeys(limits))}"
+        st.base = min(load_n, desired)
         return self._commit(st, key, now, current, desired, reason, proposals, limits, inputs)
 
     @staticmethod
@@ -239,6 +244,7 @@ class Planner:
         elif desired < current:
             st.history.last_down = now
         st.spec = desired
+        st.base = desired if st.base < 0 else min(st.base, desired)
         model, region, pool = key
         return Decision(ts=now, model=model, region=region, pool=pool, current=current, desired=desired,
                         reason=reason, proposals=dict(proposals), limits=tuple(dict.fromkeys(limits)),

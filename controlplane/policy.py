@@ -90,7 +90,7 @@ class ModelDeployment(_Strict):
     model_dir: str | None = None
     profile: CapacityProfile | None = Field(
         None, description="measured capacity (bench/capacity_profile.py): a JSON path relative to the policy file, "
-        "or the profile inline")
+        "or the profile inline", json_schema_extra=lambda schema: schema["anyOf"].insert(0, {"type": "string"}))
     regions: dict[str, RegionDeployment] = Field(min_length=1)
 
     @field_validator("profile", mode="before")
@@ -186,8 +186,8 @@ def _semantic_errors(policy: Policy) -> list[tuple[tuple, str]]:
                                    "capacity_tokens_per_s is required when the model has no profile"))
                 if m.profile is not None and pool.gpus_per_replica != m.profile.gpus_per_replica:
                     errors.append((("models", i, "regions", r, p, "gpus_per_replica"),
-                                   f"gpus_per_replica {pool.gpus_per_replica} but the profile was measured on "
-                                   f"{m.profile.gpus_per_replica} GPU(s) per replica"))
+                                   (f"gpus_per_replica {pool.gpus_per_replica} but the profile was measured on "
+                                    f"{m.profile.gpus_per_replica} GPU(s) per replica")))
     for i, s in enumerate(policy.spillover):
         if s.from_region not in regions:
             errors.append((("spillover", i, "from"), f"unknown region {s.from_region!r}"))

@@ -13,6 +13,7 @@ provisioning holds the oracle's peak all the time.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import pathlib
 from collections import defaultdict
@@ -204,7 +205,7 @@ def _oracle_counts(policy: Policy, trace: Trace, bounds: np.ndarray, dt: float) 
             for p in POOLS:
                 pol, cap = policy.pool(m, r, p), policy.capacity_model(m, r, p)
                 counts = []
-                for a, b in zip(bounds[:-1], bounds[1:]):
+                for a, b in itertools.pairwise(bounds):
                     need = cap.replicas(_tick_load(mine[a:b], _Slice(trace, a, b), dt), pol.slo_ms / 1000)
                     n = pol.max_replicas if not math.isfinite(need) else math.ceil(need - 1e-9)
                     counts.append(max(pol.min_replicas, min(pol.max_replicas, n)))
@@ -412,9 +413,9 @@ def plot(result: SimResult, policy: Policy, path: str | pathlib.Path) -> None:
 
 def report(result: SimResult) -> str:
     """The table `baton policy simulate` prints: planner against oracle and static peak, per pool and total."""
-    lines = [f"{'model':<12} {'region':<9} {'pool':<8} {'GPU-h':>8} {'oracle':>8} {'static':>8} {'/oracle':>8} "
-             f"{'/static':>8} {'SLO':>8} {'oracle':>8} {'static':>8} {'events':>7} {'/hour':>6} {'max':>4} "
-             f"{'peak':>4}"]
+    lines = [(f"{'model':<12} {'region':<9} {'pool':<8} {'GPU-h':>8} {'oracle':>8} {'static':>8} {'/oracle':>8} "
+              f"{'/static':>8} {'SLO':>8} {'oracle':>8} {'static':>8} {'events':>7} {'/hour':>6} {'max':>4} "
+              f"{'peak':>4}")]
     rows = [(*k, r) for k, r in sorted(result.pools.items())] + [("total", "", "", result.total())]
     for model, region, pool, r in rows:
         g = r.gpu_hours

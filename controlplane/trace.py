@@ -43,7 +43,7 @@ class Trace:
 def _open(path: pathlib.Path):
     try:
         if path.suffix == ".gz":
-            handle = io.TextIOWrapper(gzip.open(path), newline="")
+            handle = io.TextIOWrapper(gzip.open(path), newline="")  # noqa: SIM115 - the caller's `with` closes it
             handle.buffer.peek(1)  # not gzip: fail here, with the file's name, not mid-parse
             return handle
         return path.open(newline="")

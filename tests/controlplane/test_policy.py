@@ -38,7 +38,7 @@ def test_examples_load():
      "Extra inputs"),
     ("itl_p90_ms: 50}", "itl_p90_ms: fast}", 8, "models[0].regions.r1.decode.itl_p90_ms", "valid number"),
     ("prefill: {capacity_tokens_per_s: 1000, ", "prefill: {", 7,
-     "models[0].regions.r1.prefill.capacity_tokens_per_s", "Field required"),
+     "models[0].regions.r1.prefill", "capacity_tokens_per_s is required when the model has no profile"),
     ("      r1:\n", "      r2:\n", 6, "models[0].regions.r2", "has no cluster"),
     ("ttft_p90_ms: 500}", "ttft_p90_ms: 500, min_replicas: 5, max_replicas: 2}", 7,
      "models[0].regions.r1.prefill.max_replicas", "max_replicas 2 < min_replicas 5"),
@@ -92,3 +92,52 @@ def test_hot_reload_keeps_last_good(tmp_path):
     assert "clusters[0].gpus" in str(pf.last_error)
     assert not pf.reload_if_changed()  # unchanged file: no re-read, error kept
     assert pf.last_error is not None
+
+
+PROFILED = GOOD.replace("  - name: m\n", "  - name: m\n    profile: PATH\n").replace(
+    "prefill: {capacity_tokens_per_s: 1000, ttft_p90_ms: 500}", "prefill: {ttft_p90_ms: 500}").replace(
+    "decode: {capacity_tokens_per_s: 100, itl_p90_ms: 50}", "decode: {itl_p90_ms: 50}")
+PROFILE = ROOT / "deploy" / "policies" / "profiles" / "llama-3-8b_h200.json"
+
+
+def test_profile_path_is_read_relative_to_the_policy_file(tmp_path):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "p.json").write_text(PROFILE.read_text())
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROFILED.replace("PATH", "profiles/p.json"))
+    policy = load_policy(path)
+    assert policy.model("m").profile.device == "NVIDIA H200"
+    assert type(policy.capacity_model("m", "r1", "decode")).__name__ == "DecodeModel"
+
+
+def test_profile_mistakes_name_file_line_and_field(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(PROFILED.replace("PATH", "missing.json"))
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    assert exc.value.errors == [(f"{path}:5: models[0].profile: Value error, cannot read profile "
+                                 f"{tmp_path / 'missing.json'}: No such file or directory")]
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(PROFILE.read_text().replace('"kv_tokens": ', '"kv_tokens": -'))
+    path.write_text(PROFILED.replace("PATH", "bad.json"))
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    assert exc.value.errors[0].startswith(f"{path}:5: models[0].profile.decode.kv_tokens: Input should be greater")
+
+    # The profile was measured on one GPU per replica; a pool that says 4 is a mistake, not a what-if.
+    path.write_text(PROFILED.replace("PATH", str(PROFILE)).replace("ttft_p90_ms: 500}", "ttft_p90_ms: 500, "
+                                                                "gpus_per_replica: 4}"))
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    assert exc.value.errors == [("{path}:8: models[0].regions.r1.prefill.gpus_per_replica: gpus_per_replica 4 "
+                                 "but the profile was measured on 1 GPU(s) per replica").format(path=path)]
+
+
+def test_with_profile_plans_every_model_on_it():
+    from baton.controlplane.capacity import read_profile
+    from baton.controlplane.policy import with_profile
+
+    policy = with_profile(parse_policy(GOOD), read_profile(PROFILE), str(PROFILE))
+    assert policy.model("m").profile.model == "llama-3-8b"
+    assert type(policy.capacity_model("m", "r1", "prefill")).__name__ == "PrefillModel"

@@ -1,51 +1,156 @@
-"""What-if simulator on the shipped spike trace: drives the live Planner, meets the SLO, reports the oracle."""
+"""What-if simulator on the shipped examples: the live Planner against the oracle and static peak provisioning in
+one run; traces that do not fit the policy stop with one line naming the file and the row."""
 from __future__ import annotations
 
+import gzip
+import json
+import math
 import pathlib
+import random
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
+from baton.controlplane import planner as planner_module
+from baton.controlplane.policy import load_policy
+from baton.controlplane.simulator import _Region, simulate
+from baton.controlplane.trace import TraceError, load_trace
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-POLICY = ROOT / "deploy" / "policies" / "spike.yaml"
-SPIKE = ROOT / "deploy" / "policies" / "traces" / "spike_5x.csv.gz"
+POLICIES = ROOT / "deploy" / "policies"
+SPIKE = POLICIES / "traces" / "spike_5x.csv.gz"
+DIURNAL = POLICIES / "traces" / "diurnal_day.csv.gz"
 
 
-def test_spike_trace_meets_slo_and_reports_gpu_hours_vs_oracle(tmp_path):
-    from baton.controlplane.policy import load_policy
-    from baton.controlplane.simulator import load_trace, simulate
-
-    policy = load_policy(POLICY)
-    trace = load_trace(SPIKE, policy.models[0].name)
-    us = [r for r in trace if r.region == "us-east"]
-    base = sum(1 for r in us if r.t < 1200) / 1200
-    peak = sum(1 for r in us if 1200 <= r.t < 2100) / 900
+def test_spike_example_against_oracle_and_static_peak(monkeypatch):
+    policy = load_policy(POLICIES / "spike.yaml")
+    trace = load_trace(SPIKE, policy)
+    us = trace.t[trace.region == trace.regions.index("us-east")]
+    base, peak = np.count_nonzero(us < 1200) / 1200, np.count_nonzero((us >= 1200) & (us < 2100)) / 900
     assert 4.5 < peak / base < 5.5  # the trace really is a sudden 5x spike
 
+    ticks = []
+    real_tick = planner_module.Planner.tick
+    monkeypatch.setattr(planner_module.Planner, "tick", lambda self, inp: ticks.append(inp.now) or real_tick(self, inp))
     result = simulate(policy, trace)
-    for key, pool in result.pools.items():
-        assert pool.total > 0
-        assert pool.attainment >= 0.99, (key, pool.attainment)
+    assert len(ticks) == math.ceil(3600 / policy.tick_s)  # the live planner decided every tick
+
     total = result.total()
-    assert total.oracle_gpu_hours > 0
-    assert 1.0 <= total.gpu_hours / total.oracle_gpu_hours < 4.0
-    # Replicas follow the spike: more us-east prefill replicas during it than before it.
+    # The oracle, sized by the same capacity model, meets the SLO in the simulated world: model and world agree.
+    assert total.attainment("oracle") >= 0.999 and total.attainment("static") >= 0.999
+    # Measured on this run (README): 1.25x the oracle, 0.45x static peak; 97.2% of requests within their SLO,
+    # the misses being the spike's first minute, while new replicas take their 20 s to start.
+    assert total.ratio("static") <= 0.5
+    assert total.ratio("oracle") <= 1.3
+    assert total.attainment() >= 0.97
+    for key, pool in result.pools.items():
+        assert pool.total > 0 and pool.events["planner"] > 0, key
     t, reps = result.series["t"], result.series["us-east/prefill"]
     before = max(n for x, n in zip(t, reps) if 300 <= x < 1100)
     during = max(n for x, n in zip(t, reps) if 1300 <= x < 2100)
-    assert during >= 2 * before, (before, during)
+    after = [n for x, n in zip(t, reps) if x >= 2400]
+    assert during >= 3 * before
+    assert max(after) <= before + 1  # back down once the spike has passed
+    doc = result.to_dict()
+    assert doc["total"]["over_oracle"] == pytest.approx(total.ratio("oracle"))
+    assert set(doc["pools"]) == {"llama-3-8b/us-east/prefill", "llama-3-8b/us-east/decode",
+                                 "llama-3-8b/eu-west/prefill", "llama-3-8b/eu-west/decode"}
 
 
-def test_simulate_cli_prints_table_ratio_and_writes_png(tmp_path):
+@pytest.mark.slow
+def test_diurnal_example_meets_the_goal():
+    """A day with a 10x peak-to-trough swing: close to the oracle, far below static peak, a few events an hour."""
+    policy = load_policy(POLICIES / "multi-region.yaml")
+    trace = load_trace(DIURNAL, policy)
+    result = simulate(policy, trace)
+    total = result.total()
+    assert result.pools[("llama-3-8b", "us-east", "prefill")].peak >= 10
+    assert total.ratio("oracle") <= 1.15
+    assert total.ratio("static") <= 0.6
+    assert total.attainment() >= 0.99
+    for key, pool in result.pools.items():
+        assert pool.events["planner"] / result.hours <= 2.0, key
+
+
+def test_prefill_queue_matches_a_request_by_request_fifo():
+    rng = random.Random(4)
+    region = _Region(prefill_backlog=5000.0)
+    t = np.sort(np.asarray([rng.uniform(0, 10) for _ in range(200)]))
+    prompt = np.asarray([float(rng.randint(100, 3000)) for _ in range(200)])
+    own = prompt / 8000
+    ttft = region.prefill(t + 100, prompt, own, 8000.0, 100.0, 10.0)
+    backlog, last, expected = 5000.0, 0.0, []
+    for ti, p, o in zip(t, prompt, own):
+        backlog = max(0.0, backlog - 8000.0 * (ti - last))
+        expected.append(backlog / 8000.0 + o)
+        backlog += p
+        last = ti
+    assert np.allclose(ttft, expected)
+    assert region.prefill_backlog == pytest.approx(max(0.0, backlog - 8000.0 * (10 - last)))
+
+
+def _write(tmp_path, rows, name="t.csv"):
+    path = tmp_path / name
+    path.write_text("timestamp,region,prompt_tokens,output_tokens\n" + "".join(r + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("row,message", [
+    ("1.0,us-east,ten,5", ":3: prompt_tokens 'ten' is not an integer"),
+    ("1.0,ap-south,100,5", (":3: region 'ap-south' is not a region of model 'llama-3-8b' in the policy "
+                            "(regions: eu-west, us-east)")),
+    ("-1,us-east,100,5", ":3: timestamp '-1' is not a finite time >= 0"),
+    ("1.0,us-east,100", ":3: 3 fields, the header has 4"),
+    ("1.0,us-east,0,5", ":3: token counts must be >= 1 (prompt 0, output 5)"),
+])
+def test_bad_rows_are_one_line_naming_file_and_row(tmp_path, row, message):
+    policy = load_policy(POLICIES / "spike.yaml")
+    path = _write(tmp_path, ["0.5,eu-west,100,5", row])
+    with pytest.raises(TraceError) as exc:
+        load_trace(path, policy)
+    assert str(exc.value) == f"{path}{message}"
+
+
+def test_bad_files_are_one_line_too(tmp_path):
+    policy = load_policy(POLICIES / "spike.yaml")
+    path = tmp_path / "t.csv"
+    path.write_text("time,region,prompt_tokens,output_tokens,model\n")
+    with pytest.raises(TraceError, match=r"t.csv:1: header lacks timestamp \(has time,region"):
+        load_trace(path, policy)
+    path.write_text("timestamp,region,prompt_tokens,output_tokens,model\n1,us-east,5,5,llama-3-70b\n")
+    with pytest.raises(TraceError, match=r"t.csv:2: model 'llama-3-70b' is not in the policy \(models: llama-3-8b\)"):
+        load_trace(path, policy)
+    fake = tmp_path / "t.csv.gz"
+    fake.write_text("timestamp,region\n")
+    with pytest.raises(TraceError, match=r"t.csv.gz: cannot read: Not a gzipped file"):
+        load_trace(fake, policy)
+    empty = tmp_path / "e.csv.gz"
+    with gzip.open(empty, "wt") as f:
+        f.write("timestamp,region,prompt_tokens,output_tokens\n")
+    with pytest.raises(TraceError, match=r"e.csv.gz: no requests"):
+        load_trace(empty, policy)
+
+
+def test_simulate_cli_prints_the_comparison_and_writes_png_and_json(tmp_path):
     from baton.cli import app
 
-    png = tmp_path / "spike.png"
-    result = CliRunner().invoke(app, ["policy", "simulate", str(POLICY), "--trace", str(SPIKE), "--plot", str(png)])
+    png, out = tmp_path / "spike.png", tmp_path / "spike.json"
+    result = CliRunner().invoke(app, ["policy", "simulate", str(POLICIES / "spike.yaml"), "--trace", str(SPIKE),
+                                      "--plot", str(png), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "GPU-h/oracle" in result.output and "ratio" in result.output
-    print(result.output)
+    for words in ("/oracle", "/static", "events", "x oracle", "x static peak", "SLO attainment"):
+        assert words in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out.read_text())["total"]["events"]["planner"] > 0
 
-    bad = tmp_path / "bad.csv"
-    bad.write_text("timestamp,region,prompt_tokens,output_tokens\n1.0,us-east,ten,5\n")
-    result = CliRunner().invoke(app, ["policy", "simulate", str(POLICY), "--trace", str(bad)])
-    assert result.exit_code == 1 and f"{bad}:2: bad row" in result.output
+    bad = _write(tmp_path, ["1.0,us-east,ten,5"])
+    result = CliRunner().invoke(app, ["policy", "simulate", str(POLICIES / "spike.yaml"), "--trace", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {bad}:2: prompt_tokens 'ten' is not an integer"
+    profile = tmp_path / "p.json"
+    profile.write_text('{"version": 1}')
+    result = CliRunner().invoke(app, ["policy", "simulate", str(POLICIES / "spike.yaml"), "--trace", str(SPIKE),
+                                      "--capacity-json", str(profile)])
+    assert result.exit_code == 1 and result.output.startswith(f"error: {profile}: model: Field required")
+    assert "Traceback" not in result.output

@@ -43,11 +43,11 @@ def _rows(rng: random.Random, region: str, rate_at, end: float, peak: float):
 def _write(name: str, rows) -> None:
     rows = sorted(rows)
     # mtime 0: the same rows give the same bytes, so a re-run leaves git clean
-    with open(HERE / name, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        with io.TextIOWrapper(gz, encoding="ascii", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["timestamp", "region", "prompt_tokens", "output_tokens"])
-            w.writerows(rows)
+    with (open(HERE / name, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz,
+          io.TextIOWrapper(gz, encoding="ascii", newline="") as f):
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["timestamp", "region", "prompt_tokens", "output_tokens"])
+        w.writerows(rows)
     print(f"{name}: {len(rows)} requests")
 
 
@@ -82,9 +82,8 @@ def main() -> int:
         *_rows(rng, "eu-west", lambda t: day_curve(t, 1, eu_peak, eu_swing), day, eu_peak * 1.2),
     ])
     hour = 3600
-    spike = lambda t: 15.0 if 1200 <= t < 2100 else 3.0  # noqa: E731 - 5x for 15 minutes
     _write("spike_5x.csv.gz", [
-        *_rows(rng, "us-east", spike, hour, 15.0),
+        *_rows(rng, "us-east", lambda t: 15.0 if 1200 <= t < 2100 else 3.0, hour, 15.0),  # 5x for 15 minutes
         *_rows(rng, "eu-west", lambda t: 2.0, hour, 2.0),
     ])
     return 0
