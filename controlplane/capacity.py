@@ -151,10 +151,12 @@ class Load:
 
 
 class CapacityModel(Protocol):
-    """Replicas (fractional; inf when no count can meet the target) that keep the pool's p90 latency under
-    `slo_s` at `load`."""
+    """`replicas`: how many (fractional; inf when no count can) keep the pool's p90 latency under `slo_s` at
+    `load`. `busy_rate`: tokens/s one replica serves flat out, the rate at which it drains a queue."""
 
     def replicas(self, load: Load, slo_s: float) -> float: ...
+
+    def busy_rate(self, load: Load, slo_s: float) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ class FlatCapacity:
 
     def replicas(self, load: Load, slo_s: float) -> float:
         return load.tokens(self.pool) / self.tokens_per_s
+
+    def busy_rate(self, load: Load, slo_s: float) -> float:
+        return self.tokens_per_s
 
 
 def _wait_factor(rho: float) -> float:
@@ -202,6 +207,9 @@ class PrefillModel:
             return math.inf
         service = load.mean_prompt / (replicas * self.busy)
         return service * _wait_factor(rho) + self.own_p90_s(load.mean_prompt)
+
+    def busy_rate(self, load: Load, slo_s: float) -> float:
+        return self.busy
 
     def replicas(self, load: Load, slo_s: float) -> float:
         if load.request_rate <= 0 or load.prompt_tokens_per_s <= 0:
@@ -259,6 +267,11 @@ class DecodeModel:
             best = lo
         self._cache[key] = best
         return best
+
+    def busy_rate(self, load: Load, slo_s: float) -> float:
+        ctx = self.context(load)
+        c = self.kv_concurrency(ctx)
+        return c / self.profile.itl_s(c, ctx)
 
     def throughput(self, load: Load, slo_s: float) -> float:
         """Output tokens/s one replica serves within the ITL target at this request mix."""

@@ -154,13 +154,21 @@ class Planner:
         st.queue = (now, sig.queue_depth)
         breached = latency is None or latency > slo_s
         if breached and sig.queue_depth / base > pol.max_queue_per_replica and sig.request_rate > 0:
-            # A queue that breaks the SLO (the capacity model already allows for the ordinary one): replicas
-            # asked for now arrive after startup_s, so drain the queue they will find (growing meanwhile at the
-            # rate it grew over the last tick) within another startup_s.
+            # A queue that breaks the SLO (the capacity model already allows for the ordinary one). While it
+            # grows, requests arrive as fast as the ready replicas serve plus that growth: after a step, sooner
+            # than the window's average shows it.
+            arriving = (ready * capacity.busy_rate(measured, slo_s)
+                        + growth * measured.tokens(pool_name) / sig.request_rate)
+            inflow = plan
+            if arriving > measured.tokens(pool_name) > 0:
+                inflow = max(plan, measured.scaled(arriving / measured.tokens(pool_name) * headroom),
+                             key=lambda load: load.tokens(pool_name))
+            # Replicas asked for now arrive after startup_s, so drain the queue they will find (growing
+            # meanwhile at the rate it grew over the last tick) within another startup_s.
             drain_s = max(pol.startup_s, policy.tick_s)
             queued_then = sig.queue_depth + growth * pol.startup_s
             drain = measured.scaled(queued_then / (drain_s * sig.request_rate))
-            needs["queue"] = capacity.replicas(plan.plus(drain.scaled(headroom)), slo_s)
+            needs["queue"] = capacity.replicas(inflow.plus(drain.scaled(headroom)), slo_s)
         # A profile's decode model already bounds concurrency by the KV pool; a flat capacity knows no KV.
         if isinstance(pol, DecodePool) and policy.model(model).profile is None and sig.kv_utilization is not None \
                 and ready > 0 and sig.kv_utilization > pol.kv_target_utilization * (1 + pol.tolerance):
@@ -179,7 +187,8 @@ class Planner:
         # Load-driven needs go through hysteresis and the stabilisation window; the queue's drain replicas are
         # added on top and leave as soon as the queue is gone, instead of being held for a window.
         load_need = min(float(pol.max_replicas), max(v for k, v in needs.items() if k != "queue"))
-        raw = rm.with_hysteresis(base_now, load_need, pol.tolerance)
+        # The margin grows with the forecast's own noise: a dip of a sigma or two is not a reason to shrink.
+        raw = rm.with_hysteresis(base_now, load_need, pol.tolerance + fc.noise)
         if raw == base_now and math.ceil(load_need - 1e-9) < base_now:
             limits.append("hysteresis")
         drain_raw = math.ceil(min(float(pol.max_replicas), needs.get("queue", 0.0)) - 1e-9)

@@ -14,9 +14,17 @@ ray = pytest.importorskip("ray")
 def test_ray_actors_scale_up_and_down(tmp_path):
     from baton.controlplane.backends.ray import RayBackend
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="baton-test", log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, namespace="baton-test", log_to_driver=False)
     try:
         backend = RayBackend(cluster="c1", argv=sleeper(tmp_path), region="r1", namespace="baton-test")
+        assert backend.free_gpus([("m", "decode")]) is None  # actors that take no GPUs: the policy decides
+        gpu = RayBackend(cluster="g1", argv=sleeper(tmp_path), region="r1", namespace="baton-test",
+                         actor_options={"num_cpus": 0, "num_gpus": 1})
+        gpu.set_replicas("m", "prefill", 2)
+        assert gpu.get_replicas("m", "prefill").ready == 2
+        # Ray's available GPUs (3 - 2) plus the 2 our replicas hold: 3 for these pools to use.
+        assert gpu.free_gpus([("m", "prefill")]) == 3
+        gpu.set_replicas("m", "prefill", 0)
         backend.set_replicas("m", "decode", 2)
         backend.set_replicas("m", "decode", 2)  # idempotent: named actors are reused
         assert backend.get_replicas("m", "decode").ready == 2

@@ -39,11 +39,11 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
     total = result.total()
     # The oracle, sized by the same capacity model, meets the SLO in the simulated world: model and world agree.
     assert total.attainment("oracle") >= 0.999 and total.attainment("static") >= 0.999
-    # Measured on this run (README): 1.25x the oracle, 0.45x static peak; 97.2% of requests within their SLO,
-    # the misses being the spike's first minute, while new replicas take their 20 s to start.
+    # This run (README, bench/autoscale.py): 1.29x the oracle, 0.46x static peak; 97.9% of request checks within
+    # their SLO, the misses being the spike's first minute, while new replicas take their 20 s to start.
     assert total.ratio("static") <= 0.5
-    assert total.ratio("oracle") <= 1.3
-    assert total.attainment() >= 0.97
+    assert total.ratio("oracle") <= 1.35
+    assert total.attainment() >= 0.975
     for key, pool in result.pools.items():
         assert pool.total > 0 and pool.events["planner"] > 0, key
     t, reps = result.series["t"], result.series["us-east/prefill"]

@@ -1,0 +1,89 @@
+"""The autoscaler on the shipped examples, each against the oracle and static peak provisioning in the same run
+(`baton policy simulate`): the spike policy on the 5x spike, the multi-region policy on the 10x diurnal day,
+and the spike again with other replica start-up times, since a sudden step is missed until new replicas serve.
+
+Usage: python bench/autoscale.py [--startups 5,10,20,45]
+Writes bench/results/autoscale.json and the two plots beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
+from bench.report import RESULTS_DIR, emit  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+POLICIES = ROOT / "deploy" / "policies"
+EXAMPLES = {  # name: (policy, trace)
+    "spike": ("spike.yaml", "spike_5x.csv.gz"),
+    "diurnal": ("multi-region.yaml", "diurnal_day.csv.gz"),
+}
+GOAL = {"over_oracle": 1.15, "over_static": 0.6, "attainment": 0.99}
+
+
+def run(policy, trace_path: pathlib.Path, plot_to: pathlib.Path | None = None) -> dict:
+    from baton.controlplane.simulator import plot, report, simulate
+    from baton.controlplane.trace import load_trace
+
+    trace = load_trace(trace_path, policy)
+    t0 = time.perf_counter()
+    result = simulate(policy, trace)
+    elapsed = time.perf_counter() - t0
+    print(report(result), flush=True)
+    if plot_to is not None:
+        plot(result, policy, plot_to)
+    doc = result.to_dict()
+    total = doc["total"]
+    return {"requests": len(trace), "simulate_s": round(elapsed, 2), **doc,
+            "summary": {"over_oracle": round(total["over_oracle"], 4), "over_static": round(total["over_static"], 4),
+                        "attainment": round(total["attainment"]["planner"], 5),
+                        "oracle_attainment": round(total["attainment"]["oracle"], 5),
+                        "events_per_hour": round(total["events_per_hour"], 2),
+                        "gpu_hours": {w: round(v, 2) for w, v in total["gpu_hours"].items()}}}
+
+
+def main() -> int:
+    from baton.controlplane.policy import load_policy
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--startups", default="5,10,20,45", help="start-up times (s) to replay the spike with")
+    args = ap.parse_args()
+    runs, head = {}, {}
+    for name, (policy_file, trace_file) in EXAMPLES.items():
+        print(f"\n== {name}: {policy_file} on traces/{trace_file}", flush=True)
+        policy = load_policy(POLICIES / policy_file)
+        runs[name] = run(policy, POLICIES / "traces" / trace_file, RESULTS_DIR / f"autoscale_{name}.png")
+        s = runs[name]["summary"]
+        runs[name]["meets_goal"] = {k: (s[k] <= v if k != "attainment" else s[k] >= v) for k, v in GOAL.items()}
+        head.update({f"{name}_over_oracle": s["over_oracle"], f"{name}_over_static": s["over_static"],
+                     f"{name}_attainment": s["attainment"], f"{name}_events_per_hour": s["events_per_hour"]})
+
+    sensitivity = []
+    spike_policy = load_policy(POLICIES / "spike.yaml")
+    for startup in (float(x) for x in args.startups.split(",")):
+        print(f"\n== spike with startup_s {startup:g}", flush=True)
+        data = spike_policy.model_dump(by_alias=True, exclude_none=True)
+        for m in data["models"]:
+            for dep in m["regions"].values():
+                for pool in dep.values():
+                    pool["startup_s"] = startup
+        from baton.controlplane.policy import Policy
+
+        s = run(Policy.model_validate(data), POLICIES / "traces" / EXAMPLES["spike"][1])["summary"]
+        sensitivity.append({"startup_s": startup, **s})
+    print("\n| spike, startup_s | GPU-h / oracle | / static peak | SLO attainment | events / h |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in sensitivity:
+        print(f"| {row['startup_s']:g} | {row['over_oracle']:.3f} | {row['over_static']:.3f} | "
+              f"{row['attainment']:.4f} | {row['events_per_hour']:.1f} |")
+    emit("autoscale", head, {"goal": GOAL, "runs": runs, "spike_startup_sensitivity": sensitivity,
+                             "load_average": os.getloadavg()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
