@@ -35,6 +35,7 @@ class Placement:
     spill: dict[SpillKey, int]
     shares: dict[str, dict[str, dict[str, float]]]  # model -> origin -> host -> share of traffic
     unplaced: dict[PoolKey, int]
+    own: dict[PoolKey, dict[str, int]]  # each pool's replicas in its own region, per cluster
 
 
 def _fill(n: int, gpus: int, candidates: list[str], free: dict[str, float]) -> dict[str, int]:
@@ -50,12 +51,27 @@ def _fill(n: int, gpus: int, candidates: list[str], free: dict[str, float]) -> d
     return dict(placed)
 
 
+def _keep(n: int, gpus: int, prev: Mapping[str, int], free: dict[str, float]) -> dict[str, int]:
+    """Up to n replicas where they already run (a replica moved is one that starts again): the clusters with the
+    most of them first, as far as each cluster's free GPUs allow."""
+    kept: dict[str, int] = {}
+    for c in sorted(prev, key=lambda c: -prev[c]):
+        k = min(prev[c], n, int(free[c] // gpus) if gpus > 0 else n)
+        if k > 0:
+            kept[c] = k
+            free[c] -= k * gpus
+            n -= k
+    return kept
+
+
 def _spilled(spill: Mapping[SpillKey, int], model: str, pool: str, origin: str) -> int:
     return sum(n for (m, p, o, _h), n in spill.items() if (m, p, o) == (model, pool, origin))
 
 
 def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str, ClusterState],
-          prev_spill: Mapping[SpillKey, int]) -> Placement:
+          prev_spill: Mapping[SpillKey, int], prev_own: Mapping[PoolKey, Mapping[str, int]] | None = None,
+          ) -> Placement:
+    """`prev_own`: the last placement's `own`; without it (a fresh control plane), where replicas are ready now."""
     # A cluster we cannot read gets no new replicas: its region spills until it answers again. A full one
     # (other workloads took its GPUs) likewise, and it takes replicas back as soon as it reports them free.
     free: dict[str, float] = {}
@@ -70,12 +86,20 @@ def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str,
         (c.name, m, p): 0 for c in policy.clusters for m, _r, p in policy.pool_keys()}
 
     own: dict[PoolKey, int] = {}
+    own_by_cluster: dict[PoolKey, dict[str, int]] = {}
     for key in sorted(desired):
         model, region, pool = key
-        placed = _fill(desired[key], policy.pool(model, region, pool).gpus_per_replica, by_region[region], free)
+        gpus = policy.pool(model, region, pool).gpus_per_replica
+        prev = (prev_own or {}).get(key)
+        if prev is None:
+            prev = {c: clusters.get(c, ClusterState()).ready.get((model, pool), 0) for c in by_region[region]}
+        placed = _keep(desired[key], gpus, {c: n for c, n in prev.items() if c in free}, free)
+        for cname, n in _fill(desired[key] - sum(placed.values()), gpus, by_region[region], free).items():
+            placed[cname] = placed.get(cname, 0) + n
         for cname, n in placed.items():
             targets[(cname, model, pool)] += n
         own[key] = sum(placed.values())
+        own_by_cluster[key] = placed
 
     spill: dict[SpillKey, int] = {}
     unplaced: dict[PoolKey, int] = {}
@@ -108,4 +132,4 @@ def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str,
         # Routers spill whole requests, so a region spills the larger of its pools' shares.
         per_origin = shares.setdefault(model, {}).setdefault(origin, {})
         per_origin[host] = round(max(per_origin.get(host, 0.0), share), 4)
-    return Placement(targets=targets, spill=spill, shares=shares, unplaced=unplaced)
+    return Placement(targets=targets, spill=spill, shares=shares, unplaced=unplaced, own=own_by_cluster)

@@ -75,6 +75,7 @@ class Planner:
     def __init__(self) -> None:
         self._pools: dict[PoolKey, _PoolState] = {}
         self._spill: dict[SpillKey, int] = {}
+        self._own: dict[PoolKey, dict[str, int]] = {}
         self._models: dict[PoolKey, tuple[tuple, CapacityModel]] = {}
 
     def tick(self, inp: TickInput) -> TickOutput:
@@ -84,8 +85,8 @@ class Planner:
             d = self._decide(inp, key)
             desired[key] = d.desired
             decisions.append(d)
-        placement = place(inp.policy, desired, inp.clusters, self._spill)
-        self._spill = dict(placement.spill)
+        placement = place(inp.policy, desired, inp.clusters, self._spill, self._own)
+        self._spill, self._own = dict(placement.spill), dict(placement.own)
         for key in list(self._pools):
             if key not in desired:
                 del self._pools[key]

@@ -23,7 +23,7 @@ import numpy as np
 
 from baton.contracts.worker_registry import POOLS
 from baton.controlplane.capacity import DecodeModel, Load
-from baton.controlplane.placement import ClusterState
+from baton.controlplane.placement import ClusterState, place
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import Policy
 from baton.controlplane.signals import SignalWindow, p90
@@ -236,7 +236,6 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
     decode = {(m, r): _Decode(policy, m, r) for m, r in pairs}
     state = {w: {pair: _Region() for pair in pairs} for w in WORLDS}
     fleets: dict[tuple[str, str, str], _Fleet] = defaultdict(_Fleet)  # planner: (cluster, model, pool)
-    home = {r: next(c.name for c in policy.clusters if c.region == r) for r in policy.regions()}
     region_of = {c.name: c.region for c in policy.clusters}
     window = max(1, round(policy.signals.window_s / dt))
     recent: dict[tuple[str, str], list[tuple[int, float, float, np.ndarray, np.ndarray]]] = defaultdict(list)
@@ -245,8 +244,10 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
     series: dict[str, list] = defaultdict(list)
     planner = Planner()
 
-    # Start warm: the first window's fleet at the policy's headroom, so the run is about reacting, not booting.
+    # Start warm: the first window's fleet at the policy's headroom, placed as the planner places, so the run is
+    # about reacting, not booting.
     first = bounds[min(ticks, window)]
+    initial = {}
     for m, r, p in keys:
         mine = (trace.model[:first] == trace.models.index(m)) & (trace.region[:first] == _index(trace.regions, r))
         span = max(dt, min(policy.signals.window_s, float(trace.t[first - 1]) - start))
@@ -254,7 +255,10 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
         pol = policy.pool(m, r, p)
         need = policy.capacity_model(m, r, p).replicas(load.scaled(1 / pol.target_utilization), pol.slo_ms / 1000)
         n = pol.max_replicas if not math.isfinite(need) else math.ceil(need - 1e-9)
-        fleets[(home[r], m, p)].ready = max(pol.min_replicas, min(pol.max_replicas, n))
+        initial[(m, r, p)] = max(pol.min_replicas, min(pol.max_replicas, n))
+    for (cname, m, p), n in place(policy, initial, {}, {}).targets.items():
+        if n:
+            fleets[(cname, m, p)].ready = n
 
     for k in range(ticks):
         t0 = start + k * dt
