@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
-from bench.report import RESULTS_DIR, emit  # noqa: E402
+from bench.report import RESULTS_DIR, emit
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "deploy" / "policies"

@@ -7,8 +7,8 @@ origin's own replacements are not ready yet, so traffic drains back only onto re
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from baton.controlplane.policy import Policy
 

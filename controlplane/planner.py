@@ -8,8 +8,8 @@ both call `Planner.tick`, so a replay exercises the same code.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from baton.controlplane import replica_math as rm
 from baton.controlplane.capacity import CapacityCorrection, CapacityModel, Load

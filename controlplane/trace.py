@@ -35,10 +35,6 @@ class Trace:
     def __len__(self) -> int:
         return len(self.t)
 
-    @property
-    def duration_s(self) -> float:
-        return float(self.t[-1] - self.t[0]) if len(self.t) else 0.0
-
 
 def _open(path: pathlib.Path):
     try:

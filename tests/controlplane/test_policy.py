@@ -130,8 +130,8 @@ def test_profile_mistakes_name_file_line_and_field(tmp_path):
                                                                 "gpus_per_replica: 4}"))
     with pytest.raises(PolicyError) as exc:
         load_policy(path)
-    assert exc.value.errors == [("{path}:8: models[0].regions.r1.prefill.gpus_per_replica: gpus_per_replica 4 "
-                                 "but the profile was measured on 1 GPU(s) per replica").format(path=path)]
+    assert exc.value.errors == [(f"{path}:8: models[0].regions.r1.prefill.gpus_per_replica: gpus_per_replica 4 "
+                                 "but the profile was measured on 1 GPU(s) per replica")]
 
 
 def test_with_profile_plans_every_model_on_it():
