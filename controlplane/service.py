@@ -49,6 +49,7 @@ class ControlPlane:
         self.last_signals: dict[tuple[str, str, str], SignalWindow | None] = {}
         self.last_clusters: dict[str, ClusterState] = {}
         self._published: set[str] = set()
+        self._free_gpus_errors: dict[str, str] = {}
 
     # --- policy -------------------------------------------------------------------------------------
     def _maybe_reload(self) -> None:
@@ -98,9 +99,13 @@ class ControlPlane:
             return ClusterState(healthy=False, error=str(exc))
         try:
             free = backend.free_gpus(pairs)
+            self._free_gpus_errors.pop(name, None)
         except (BackendError, OSError) as exc:
-            # Replicas are readable, so the cluster is up; plan on the policy's `gpus` until free GPUs are too.
-            log.warning("cluster %s: free GPUs unknown, using the policy's gpus: %s", name, exc)
+            # Replicas are readable, so the cluster is up; plan on the policy's `gpus` until free GPUs are too
+            # (e.g. a Role that may not list nodes). Said once per cluster and error, not every tick.
+            if self._free_gpus_errors.get(name) != str(exc):
+                log.warning("cluster %s: free GPUs unknown, using the policy's gpus: %s", name, exc)
+            self._free_gpus_errors[name] = str(exc)
             free = None
         return ClusterState(ready=ready, free_gpus=free)
 
