@@ -76,6 +76,13 @@ imagePullPolicy: {{ .image.pullPolicy }}
   verbs: [get, patch]
 {{- end -}}
 
+{{/* What the capacity probe reads across the cluster: nodes' allocatable GPUs and pods' requests. */}}
+{{- define "baton.controlPlaneCapacityRules" -}}
+- apiGroups: [""]
+  resources: [nodes, pods]
+  verbs: [get, list]
+{{- end -}}
+
 {{- define "baton.modelVolume" -}}
 - name: model
 {{- if .Values.model.createPVC.enabled }}
