@@ -79,14 +79,25 @@ class RayBackend:
     def actor(self, model: str, pool: str, index: int):
         return ray.get_actor(f"{self._prefix(model, pool)}{index}", namespace=self.namespace)
 
+    def _live_actors(self, model: str, pool: str) -> list:
+        """Handles of the pool's actors. A killed actor's name can still be listed for a moment after
+        ray.kill() but no longer looked up: it is gone, not an error."""
+        handles = []
+        for i in self._indices(model, pool):
+            try:
+                handles.append(self.actor(model, pool, i))
+            except ValueError:
+                continue
+        return handles
+
     def get_replicas(self, model: str, pool: str) -> ReplicaCount:
-        indices = self._indices(model, pool)
-        refs = [self.actor(model, pool, i).alive.remote() for i in indices]
+        handles = self._live_actors(model, pool)
+        refs = [h.alive.remote() for h in handles]
         try:
             ready = sum(ray.get(refs, timeout=self.call_timeout_s))
         except (ray.exceptions.RayError, TimeoutError) as exc:
             raise BackendError(f"cluster {self.cluster}: cannot query {model}/{pool} actors: {exc}") from None
-        return ReplicaCount(desired=len(indices), ready=ready)
+        return ReplicaCount(desired=len(handles), ready=ready)
 
     def set_replicas(self, model: str, pool: str, replicas: int) -> None:
         have = set(self._indices(model, pool))

@@ -119,4 +119,5 @@ def test_generate_cli_json_and_errors(tmp_path):
     assert bad.returncode == 2 and "max_tokens" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run([sys.executable, "-m", "baton.cli", "generate", str(tmp_path / "nope"),
                               "--prompt-ids", "1"], capture_output=True, text=True)
-    assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "nope" in missing.stderr and "no such directory" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
