@@ -42,6 +42,11 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         except InvalidRequestError as exc:
             yield _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
             return
+        generated = list(request.generated_token_ids)
+        if generated and request.prefill.grpc_address:
+            yield _error(DecodeError.KIND_INVALID_REQUEST, "a resumed request (generated_token_ids) is prefilled "
+                                                           "on the decode worker: leave prefill unset", retryable=False)
+            return
         prefill_stats = None
         if request.prefill.grpc_address:
             remote = await self._remote_prefill(request, prompt, params)
@@ -51,7 +56,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
             first, prefill_stats = remote
             stream = self.rt.aengine.resume_remote(rid, first.first_token_id, first.first_logprob)
         else:
-            stream = self.rt.aengine.generate(rid, prompt, params)
+            stream = self.rt.aengine.generate(rid, prompt, params, generated_ids=generated)
         try:
             async for out in stream:
                 chunk = self._chunk(out, params)

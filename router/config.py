@@ -39,6 +39,8 @@ class RouterConfig(ProcessSettings):
     block_size: int = Field(16, ge=1, description="KV block size in tokens; workers with another are refused")
     registry_poll_interval_s: float = Field(0.5, gt=0, description="seconds between scans of the worker registry")
     max_attempts: int = Field(3, ge=1, description="tries per request across prefill/decode workers before failing")
+    max_migrations: int = Field(3, ge=0, description="times a request whose decode worker fails mid-stream is "
+                                                     "resumed on another before failing")
     worker_suspect_s: float = Field(10.0, ge=0, description="how long a worker that refused a connection is skipped")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request on a decode worker")
     api_key: SecretStr | None = Field(

@@ -1,5 +1,6 @@
 """Sends one request to the workers: pick a decode worker (and maybe a prefill worker), stream
-DecodeWorker.Generate, retry on another worker while no token has been emitted, abort on cancel."""
+DecodeWorker.Generate, retry on another worker before the first token, migrate the request to another decode
+worker after it, abort on cancel."""
 from __future__ import annotations
 
 import asyncio
@@ -34,10 +35,14 @@ DecodeError = worker_pb2.DecodeError
 _PREFILL_KINDS = (DecodeError.KIND_PREFILL_FAILED, DecodeError.KIND_KV_TRANSFER_FAILED)
 # Connection-level failures: the worker never took the request, so another one may.
 _RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE,)
+# A stream that broke after tokens came (the worker died or dropped the connection): migrate the request. Not
+# DEADLINE_EXCEEDED: the request's own time is up.
+_BROKEN_STREAM_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                        grpc.StatusCode.UNKNOWN)
 
 
 class WorkerFailed(Exception):
-    """The request failed on a worker after retries (or after tokens were already streamed)."""
+    """The request failed on a worker after its retries or migrations (or for a reason no other worker changes)."""
 
     def __init__(self, message: str, *, invalid_request: bool = False) -> None:
         super().__init__(message)
@@ -111,80 +116,116 @@ class Dispatcher:
     # -- streaming --------------------------------------------------------------------------
     async def generate(self, request_id: str, token_ids: list[int],
                        sampling: inference_pb2.SamplingParams) -> AsyncIterator[worker_pb2.DecodeChunk]:
-        """Yields D's chunks; the last has finish_reason set. Raises NoWorkerAvailable / WorkerFailed."""
-        block_size = self._config.block_size
+        """Yields D's chunks; the last has finish_reason set. A failure before the first token is retried on
+        another worker (max_attempts); one after it migrates the request: another decode worker prefills the
+        prompt plus the tokens streamed so far and goes on from there (max_migrations). Raises NoWorkerAvailable /
+        WorkerFailed."""
         # Prompt logprobs and the first token's alternatives exist only on the engine that prefills.
         local = sampling.HasField("prompt_logprobs") or sampling.top_logprobs > 0
-        routing_request = RoutingRequest(token_ids, hash_blocks(token_ids, block_size), block_size,
-                                         local_prefill=local)
         excluded_decode: set[str] = set()
         excluded_prefill: set[str] = set()
-        emitted = False
+        generated: list[int] = []  # every token yielded so far, over all attempts
+        retries = migrations = 0
         last_error = "no attempt made"
-        for attempt in range(self._config.max_attempts):
+        while True:
+            request = self._decode_request(request_id, token_ids, sampling, generated)
+            # A resumed request prefills on its new decode worker, where its own output may be a prefix hit.
+            tokens = [*token_ids, *generated]
+            routing_request = RoutingRequest(tokens, hash_blocks(tokens, self._config.block_size),
+                                             self._config.block_size, local_prefill=local or bool(generated))
             try:
                 route = self.route(routing_request, excluded_decode, excluded_prefill)
             except NoWorkerAvailable as exc:
-                if attempt == 0:
+                if retries == migrations == 0:
                     raise
-                raise NoWorkerAvailable(f"{exc} to retry on; last error: {last_error}") from None
+                raise NoWorkerAvailable(f"{exc} to {'migrate' if generated else 'retry'} on; "
+                                        f"last error: {last_error}") from None
             decode = route.decode.worker
-            log.info("request %s -> decode %s, prefill %s (%s; %d of %d prompt tokens cached on decode)",
-                     request_id, decode.worker_id, route.prefill.worker.worker_id if route.prefill else "local",
-                     route.decode.policy, route.decode.predicted_cached_tokens, routing_request.prompt_tokens,
-                     extra={"request_id": request_id, "decode_worker": decode.worker_id,
-                            "prefill_worker": route.prefill.worker.worker_id if route.prefill else None,
-                            "policy": route.decode.policy, "attempt": attempt})
-            request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling)
             prefill = route.prefill.worker if route.prefill is not None else None
+            log.info("request %s -> decode %s, prefill %s (%s; %d of %d tokens cached on decode; %d generated)",
+                     request_id, decode.worker_id, prefill.worker_id if prefill else "local",
+                     route.decode.policy, route.decode.predicted_cached_tokens, routing_request.prompt_tokens,
+                     len(generated),
+                     extra={"request_id": request_id, "decode_worker": decode.worker_id,
+                            "prefill_worker": prefill.worker_id if prefill else None,
+                            "policy": route.decode.policy, "attempt": retries + migrations,
+                            "resumed_tokens": len(generated)})
             if prefill is not None:
                 request.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
                                                                   grpc_address=prefill.address))
             stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(decode.address))
             call = stub.Generate(request, timeout=self._config.request_timeout_s)
             finished = False
+            emitted = False  # on this attempt
             ticket = self.inflight.start(route, routing_request.prompt_tokens)
             try:
                 async for chunk in call:
                     if chunk.HasField("error"):
                         err = chunk.error
+                        finished = True  # D ended this attempt itself; nothing to abort
                         last_error = f"{DecodeError.Kind.Name(err.kind)} on {decode.worker_id}: {err.message}"
-                        if emitted or not err.retryable:
-                            raise WorkerFailed(last_error, invalid_request=err.kind == DecodeError.KIND_INVALID_REQUEST)
+                        invalid = err.kind == DecodeError.KIND_INVALID_REQUEST
+                        # After its first token a worker's failure is its own (e.g. its engine died), not the request's.
+                        if invalid or not (err.retryable or emitted):
+                            raise WorkerFailed(last_error, invalid_request=invalid)
                         if err.kind in _PREFILL_KINDS:
-                            failed_p = err.prefill_worker_id or (prefill.worker_id if prefill else "")
-                            excluded_prefill.add(failed_p)
+                            excluded_prefill.add(err.prefill_worker_id or (prefill.worker_id if prefill else ""))
                         else:
                             excluded_decode.add(decode.worker_id)
-                        log.warning("request %s: %s; retrying", request_id, last_error)
-                        finished = True  # D ended this attempt itself; nothing to abort
                         break
                     if chunk.token_ids and not emitted:
                         emitted = True
                         self.inflight.prefilled(ticket)
                     if chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
                         finished = True
+                    generated += chunk.token_ids
                     yield chunk
                     if finished:
                         return
                 else:
                     finished = True
-                    raise WorkerFailed(f"decode worker {decode.worker_id} ended the stream without finishing")
+                    last_error = f"decode worker {decode.worker_id} ended the stream without finishing"
+                    if not emitted and not generated:
+                        raise WorkerFailed(last_error)
+                    self._suspect(decode.worker_id)
+                    excluded_decode.add(decode.worker_id)
             except grpc.aio.AioRpcError as exc:
                 finished = True
                 last_error = f"decode worker {decode.worker_id}: {exc.code().name}: {exc.details()}"
-                if emitted or exc.code() not in _RETRYABLE_CODES:
+                if exc.code() not in (_BROKEN_STREAM_CODES if emitted else _RETRYABLE_CODES):
                     raise WorkerFailed(last_error) from None
                 self._suspect(decode.worker_id)
                 excluded_decode.add(decode.worker_id)
-                log.warning("request %s: %s; retrying", request_id, last_error)
             finally:
                 self.inflight.end(ticket)
                 if not finished:
                     # Client went away (generator closed or task cancelled): stop D and tell it to abort.
                     call.cancel()
                     self._abort_later(decode, request_id)
-        raise WorkerFailed(f"request failed after {self._config.max_attempts} attempts; last error: {last_error}")
+            if generated:
+                migrations += 1
+                if migrations > self._config.max_migrations:
+                    raise WorkerFailed(f"request failed after {self._config.max_migrations} migrations; "
+                                       f"last error: {last_error}")
+                self._metrics.migrations.inc()
+                log.warning("request %s: %s; migrating after %d tokens", request_id, last_error, len(generated),
+                            extra={"request_id": request_id, "resumed_tokens": len(generated)})
+            else:
+                retries += 1
+                if retries >= self._config.max_attempts:
+                    raise WorkerFailed(f"request failed after {self._config.max_attempts} attempts; "
+                                       f"last error: {last_error}")
+                log.warning("request %s: %s; retrying", request_id, last_error)
+
+    @staticmethod
+    def _decode_request(request_id: str, token_ids: list[int], sampling: inference_pb2.SamplingParams,
+                        generated: list[int]) -> worker_pb2.DecodeRequest:
+        request = worker_pb2.DecodeRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
+                                           generated_token_ids=generated)
+        if generated:
+            # The client has the prompt's logprobs already (they came with the first token).
+            request.sampling.ClearField("prompt_logprobs")
+        return request
 
     def _suspect(self, worker_id: str) -> None:
         self._suspect_until[worker_id] = time.monotonic() + self._config.worker_suspect_s

@@ -33,6 +33,8 @@ class RouterMetrics:
                                           "Time per selection step (filter/scorer/index/picker, and the whole decision)",
                                           ["step"], buckets=(1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2),
                                           registry=r)
+        self.migrations = Counter("baton_router_migrations", "Requests resumed on another decode worker after "
+                                  "theirs failed mid-stream", ["model_name"], registry=r).labels(model_name)
         self.predicted_hit_ratio = Histogram("baton_router_predicted_prefix_hit_ratio",
                                              "Share of the prompt the chosen decode worker is expected to hold",
                                              buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)

@@ -147,14 +147,29 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False) -> None:
+                    prefill_only: bool = False, generated_ids: list[int] = ()) -> None:
+        """`generated_ids` resumes a request another engine began: they are recomputed like a preempted
+        request's tokens and count as its output (limits, penalties, usage, text)."""
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only)
+        if generated_ids:
+            self._validate_resume(generated_ids, params, prefill_only)
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only,
+                       token_ids=[*prompt_ids, *generated_ids])
         self._seqs[request_id] = seq
         self._track_text(seq)
         self.scheduler.add(seq)
+
+    def _validate_resume(self, generated_ids: list[int], params: SamplingParams, prefill_only: bool) -> None:
+        if prefill_only:
+            raise InvalidRequestError("a resumed request cannot be prefill-only")
+        bad = next((t for t in generated_ids if not isinstance(t, int) or not 0 <= t < self._sample_vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"generated token id {bad!r} is outside the vocabulary [0, {self._sample_vocab})")
+        if len(generated_ids) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(generated_ids)} tokens already generated leave none of max_tokens "
+                                      f"{params.max_tokens}")
 
     def abort(self, request_id: str) -> bool:
         """Stops a request wherever it is and frees its blocks; False if it is unknown (already done)."""
@@ -246,7 +261,8 @@ class LLMEngine:
             text=text,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_ids),
-            num_cached_tokens=seq.num_cached_tokens,
+            # A recompute (preempted or resumed request) may also hit blocks of its output.
+            num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
         )
         if params.prompt_logprobs is not None and len(seq.output_ids) == 1:
             out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
@@ -289,8 +305,13 @@ class LLMEngine:
 
     def _track_text(self, seq: Sequence) -> None:
         if self.tokenizer is not None and not seq.prefill_only:
-            self._text[seq.request_id] = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop,
-                                                     include_stop=seq.params.include_stop_str_in_output)
+            tracker = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop,
+                                  include_stop=seq.params.include_stop_str_in_output)
+            # A resumed request: the earlier engine emitted these tokens' text; replaying them leaves the
+            # detokenizer and stop checker holding back exactly what that engine held back.
+            for n, token in enumerate(seq.output_ids, start=1):
+                tracker.push(token, check_stop=n > seq.params.min_tokens)
+            self._text[seq.request_id] = tracker
 
     def _forget(self, request_id: str) -> str:
         """Drops the request's text and sampler state; returns the text its detokenizer still held back."""

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from baton.proto.v1 import inference_pb2 as baton_dot_proto_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61ton/proto/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x1e\x62\x61ton/proto/v1/inference.proto\".\n\x07KVOffer\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\x0c\"\xf9\x01\n\rKVDestination\x12+\n\x07version\x18\x01 \x01(\x0e\x32\x1a.baton.v1.KVHandoffVersion\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\x0c\x12\x15\n\rdst_block_ids\x18\x04 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x08 \x01(\t\x12!\n\x06offers\x18\t \x03(\x0b\x32\x11.baton.v1.KVOffer\"\x83\x01\n\x0cPrefillStats\x12\x17\n\x0f\x63omputed_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"8\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\x92\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12(\n\x07prefill\x18\x04 \x01(\x0b\x32\x17.baton.v1.PrefillTargetJ\x04\x08\x05\x10\x06\"\x92\x02\n\x0b\x44\x65\x63odeError\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.baton.v1.DecodeError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"\x99\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_PREFILL_FAILED\x10\x01\x12\x1b\n\x17KIND_KV_TRANSFER_FAILED\x10\x02\x12\x18\n\x14KIND_OUT_OF_CAPACITY\x10\x03\x12\x18\n\x14KIND_INVALID_REQUEST\x10\x04\x12\x11\n\rKIND_INTERNAL\x10\x05\"\xd8\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\'\n\x07prefill\x18\x05 \x01(\x0b\x32\x16.baton.v1.PrefillStats\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.baton.v1.DecodeError\x12\x0c\n\x04text\x18\x07 \x01(\t\x12+\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x15.baton.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x32\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x15.baton.v1.TopLogprobs\"\x88\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12#\n\x02kv\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.baton.v1.PrefillStats\x12\x11\n\ttransport\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xcc\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x03 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12$\n\x1cprompt_tokens_computed_total\x18\n \x01(\x04\x12\"\n\x1aprompt_tokens_cached_total\x18\x0b \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x0c \x01(\x04*j\n\x10KVHandoffVersion\x12\"\n\x1eKV_HANDOFF_VERSION_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_HANDOFF_VERSION_1\x10\x01\x12\x18\n\x14KV_HANDOFF_VERSION_2\x10\x02\x32\xfe\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x36\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x15.baton.v1.WorkerStats\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse2\xfb\x01\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x15.baton.v1.DecodeChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x36\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x15.baton.v1.WorkerStats\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61ton/proto/v1/worker.proto\x12\x08\x62\x61ton.v1\x1a\x1e\x62\x61ton/proto/v1/inference.proto\".\n\x07KVOffer\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\x0c\"\xf9\x01\n\rKVDestination\x12+\n\x07version\x18\x01 \x01(\x0e\x32\x1a.baton.v1.KVHandoffVersion\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\x0c\x12\x15\n\rdst_block_ids\x18\x04 \x03(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x08 \x01(\t\x12!\n\x06offers\x18\t \x03(\x0b\x32\x11.baton.v1.KVOffer\"\x83\x01\n\x0cPrefillStats\x12\x17\n\x0f\x63omputed_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"8\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\xaf\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12(\n\x07prefill\x18\x04 \x01(\x0b\x32\x17.baton.v1.PrefillTarget\x12\x1b\n\x13generated_token_ids\x18\x06 \x03(\rJ\x04\x08\x05\x10\x06\"\x92\x02\n\x0b\x44\x65\x63odeError\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.baton.v1.DecodeError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"\x99\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_PREFILL_FAILED\x10\x01\x12\x1b\n\x17KIND_KV_TRANSFER_FAILED\x10\x02\x12\x18\n\x14KIND_OUT_OF_CAPACITY\x10\x03\x12\x18\n\x14KIND_INVALID_REQUEST\x10\x04\x12\x11\n\rKIND_INTERNAL\x10\x05\"\xd8\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\'\n\x07prefill\x18\x05 \x01(\x0b\x32\x16.baton.v1.PrefillStats\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.baton.v1.DecodeError\x12\x0c\n\x04text\x18\x07 \x01(\t\x12+\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x15.baton.v1.TopLogprobs\x12\x17\n\x0fprompt_logprobs\x18\t \x03(\x02\x12\x32\n\x13prompt_top_logprobs\x18\n \x03(\x0b\x32\x15.baton.v1.TopLogprobs\"\x88\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12#\n\x02kv\x18\x04 \x01(\x0b\x32\x17.baton.v1.KVDestination\"z\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.baton.v1.PrefillStats\x12\x11\n\ttransport\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xcc\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x1c\n\x14num_requests_running\x18\x03 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x07 \x01(\r\x12\x18\n\x10kv_blocks_cached\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12$\n\x1cprompt_tokens_computed_total\x18\n \x01(\x04\x12\"\n\x1aprompt_tokens_cached_total\x18\x0b \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\x0c \x01(\x04*j\n\x10KVHandoffVersion\x12\"\n\x1eKV_HANDOFF_VERSION_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_HANDOFF_VERSION_1\x10\x01\x12\x18\n\x14KV_HANDOFF_VERSION_2\x10\x02\x32\xfe\x01\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x36\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x15.baton.v1.WorkerStats\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse2\xfb\x01\n\x0c\x44\x65\x63odeWorker\x12<\n\x08Generate\x12\x17.baton.v1.DecodeRequest\x1a\x15.baton.v1.DecodeChunk0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12\x36\n\x05Stats\x12\x16.baton.v1.StatsRequest\x1a\x15.baton.v1.WorkerStats\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.proto.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVHANDOFFVERSION']._serialized_start=2020
-  _globals['_KVHANDOFFVERSION']._serialized_end=2126
+  _globals['_KVHANDOFFVERSION']._serialized_start=2049
+  _globals['_KVHANDOFFVERSION']._serialized_end=2155
   _globals['_KVOFFER']._serialized_start=73
   _globals['_KVOFFER']._serialized_end=119
   _globals['_KVDESTINATION']._serialized_start=122
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLTARGET']._serialized_start=507
   _globals['_PREFILLTARGET']._serialized_end=563
   _globals['_DECODEREQUEST']._serialized_start=566
-  _globals['_DECODEREQUEST']._serialized_end=712
-  _globals['_DECODEERROR']._serialized_start=715
-  _globals['_DECODEERROR']._serialized_end=989
-  _globals['_DECODEERROR_KIND']._serialized_start=836
-  _globals['_DECODEERROR_KIND']._serialized_end=989
-  _globals['_DECODECHUNK']._serialized_start=992
-  _globals['_DECODECHUNK']._serialized_end=1336
-  _globals['_PREFILLREQUEST']._serialized_start=1339
-  _globals['_PREFILLREQUEST']._serialized_end=1475
-  _globals['_PREFILLRESPONSE']._serialized_start=1477
-  _globals['_PREFILLRESPONSE']._serialized_end=1599
-  _globals['_ABORTREQUEST']._serialized_start=1601
-  _globals['_ABORTREQUEST']._serialized_end=1635
-  _globals['_ABORTRESPONSE']._serialized_start=1637
-  _globals['_ABORTRESPONSE']._serialized_end=1667
-  _globals['_STATSREQUEST']._serialized_start=1669
-  _globals['_STATSREQUEST']._serialized_end=1683
-  _globals['_WORKERSTATS']._serialized_start=1686
-  _globals['_WORKERSTATS']._serialized_end=2018
-  _globals['_PREFILLWORKER']._serialized_start=2129
-  _globals['_PREFILLWORKER']._serialized_end=2383
-  _globals['_DECODEWORKER']._serialized_start=2386
-  _globals['_DECODEWORKER']._serialized_end=2637
+  _globals['_DECODEREQUEST']._serialized_end=741
+  _globals['_DECODEERROR']._serialized_start=744
+  _globals['_DECODEERROR']._serialized_end=1018
+  _globals['_DECODEERROR_KIND']._serialized_start=865
+  _globals['_DECODEERROR_KIND']._serialized_end=1018
+  _globals['_DECODECHUNK']._serialized_start=1021
+  _globals['_DECODECHUNK']._serialized_end=1365
+  _globals['_PREFILLREQUEST']._serialized_start=1368
+  _globals['_PREFILLREQUEST']._serialized_end=1504
+  _globals['_PREFILLRESPONSE']._serialized_start=1506
+  _globals['_PREFILLRESPONSE']._serialized_end=1628
+  _globals['_ABORTREQUEST']._serialized_start=1630
+  _globals['_ABORTREQUEST']._serialized_end=1664
+  _globals['_ABORTRESPONSE']._serialized_start=1666
+  _globals['_ABORTRESPONSE']._serialized_end=1696
+  _globals['_STATSREQUEST']._serialized_start=1698
+  _globals['_STATSREQUEST']._serialized_end=1712
+  _globals['_WORKERSTATS']._serialized_start=1715
+  _globals['_WORKERSTATS']._serialized_end=2047
+  _globals['_PREFILLWORKER']._serialized_start=2158
+  _globals['_PREFILLWORKER']._serialized_end=2412
+  _globals['_DECODEWORKER']._serialized_start=2415
+  _globals['_DECODEWORKER']._serialized_end=2666
 # @@protoc_insertion_point(module_scope)

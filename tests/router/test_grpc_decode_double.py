@@ -41,8 +41,9 @@ def make_model_dir(root: Path, max_position: int = 256) -> Path:
 class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
     """Stand-in for the real decode worker: prefills through the named prefill worker (or locally),
     then streams `script` one token per chunk, with its text and stop strings applied by the engine's own
-    TextTracker (as the real worker does) when given the model directory. `die_after=n` stops the whole gRPC
-    server after n tokens, like a crashed process."""
+    TextTracker (as the real worker does) when given the model directory. A resumed request (generated_token_ids)
+    goes on from where the script had got to. `die_after=n` stops the whole gRPC server after it streamed n
+    tokens, like a crashed process."""
 
     def __init__(self, worker_id: str, script: list[int], *, token_delay_s: float = 0.002,
                  die_after: int | None = None, model_dir: Path | None = None) -> None:
@@ -94,10 +95,14 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
                     prefill_worker_id=request.prefill.worker_id, retryable=True))
                 return
         max_tokens = request.sampling.max_tokens
-        tokens = self.script[:max_tokens]
+        done = len(request.generated_token_ids)
+        tokens = self.script[done:max_tokens]
         finish = inference_pb2.FINISH_REASON_LENGTH if len(self.script) >= max_tokens else inference_pb2.FINISH_REASON_STOP
-        text = TextTracker(self.tokenizer, list(request.token_ids), list(request.sampling.stop)) \
-            if self.tokenizer is not None else None
+        text = None
+        if self.tokenizer is not None:
+            text = TextTracker(self.tokenizer, list(request.token_ids), list(request.sampling.stop))
+            for token in request.generated_token_ids:
+                text.push(token)
         try:
             for i, token in enumerate(tokens):
                 if self.die_after is not None and i == self.die_after:
@@ -108,7 +113,7 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
                 if text is not None:
                     chunk.text, stopped = text.push(token)
                 if request.sampling.logprobs:
-                    chunk.logprobs.append(-0.5 * (i + 1))
+                    chunk.logprobs.append(-0.5 * (done + i + 1))
                 if i == 0:
                     chunk.prefill.CopyFrom(stats)
                 if stopped:
@@ -117,7 +122,7 @@ class DecodeDouble(worker_pb2_grpc.DecodeWorkerServicer):
                     if text is not None:
                         chunk.text += text.flush()
                     chunk.finish_reason = finish
-                    chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=n, completion_tokens=len(tokens),
+                    chunk.usage.CopyFrom(inference_pb2.Usage(prompt_tokens=n, completion_tokens=done + len(tokens),
                                                               cached_prompt_tokens=stats.cached_tokens))
                 yield chunk
                 await asyncio.sleep(self.token_delay_s)
@@ -158,13 +163,14 @@ class PrefillDouble(worker_pb2_grpc.PrefillWorkerServicer):
 class Cluster:
     """A real Router (HTTP + gRPC on free loopback ports) and worker doubles registered in real Redis.
     `dead_prefills` / `dead_decodes` are registered at addresses where nothing listens, like a worker
-    killed after its last heartbeat."""
+    killed after its last heartbeat. `die_after` is every decode double's, or one per double."""
 
     def __init__(self, redis_url: str, model_dir: Path, script: list[int], *, decodes: int = 1, prefills: int = 1,
-                 dead_prefills: int = 0, dead_decodes: int = 0, die_after: int | None = None,
+                 dead_prefills: int = 0, dead_decodes: int = 0, die_after: int | list[int | None] | None = None,
                  token_delay_s: float = 0.002, **router_overrides) -> None:
         self.redis_url, self.model_dir, self.script = redis_url, model_dir, script
-        self.decodes = [DecodeDouble(f"d{i}", script, die_after=die_after, token_delay_s=token_delay_s,
+        dies = die_after if isinstance(die_after, list) else [die_after] * decodes
+        self.decodes = [DecodeDouble(f"d{i}", script, die_after=dies[i], token_delay_s=token_delay_s,
                                      model_dir=model_dir)
                         for i in range(decodes)]
         self.prefills = [PrefillDouble(f"p{i}", script[0]) for i in range(prefills)]

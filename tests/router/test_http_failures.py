@@ -1,5 +1,5 @@
 """Failures around a request, through real HTTP and gRPC: client disconnect, a decode worker dying
-mid-stream or before its first token, a dead prefill worker. The workers are gRPC test doubles of
+mid-stream (the request migrates) or before its first token, a dead prefill worker. The workers are gRPC test doubles of
 the real ones (test_grpc_decode_double.py); the real end-to-end test comes when the workers land."""
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import openai
 import pytest
 from test_grpc_decode_double import MODEL, SCRIPT_TEXT, Cluster, model_dir  # noqa: F401 - fixture
 
+from baton.engine.output_text import TextTracker
 from baton.engine.tokenizer import Tokenizer
+from baton.router.selection import RoutingRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -60,14 +62,62 @@ async def test_non_streaming_client_disconnect_aborts_too(redis_url, model_dir, 
         assert await _eventually(lambda: d.requests and d.requests[0].request_id in d.aborted), d.aborted
 
 
-async def test_decode_worker_dying_mid_stream_gives_an_error_event(redis_url, model_dir, script) -> None:
+def _events(body: str) -> list[str]:
+    return [line[6:] for line in body.split("\n") if line.startswith("data: ")]
+
+
+def _undisturbed_text(model_dir, prompt_ids, tokens) -> str:
+    tracker = TextTracker(Tokenizer.from_dir(model_dir), list(prompt_ids), [])
+    return "".join(tracker.push(t)[0] for t in tokens) + tracker.flush()
+
+
+async def test_decode_worker_dying_mid_stream_migrates_the_request(redis_url, model_dir, script) -> None:
+    async with Cluster(redis_url, model_dir, script, decodes=2, die_after=[3, None], policy="round_robin") as c, \
+            httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+        events = _events(r.text)
+        assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), events
+        chunks = [json.loads(e) for e in events[:-1]]
+        d0, d1 = c.decodes
+        first, resumed = d0.requests[0], d1.requests[0]
+        # d1 went on from d0's 3 tokens, for the same request, prefilling them itself.
+        assert resumed.request_id == first.request_id and list(resumed.token_ids) == list(first.token_ids)
+        assert list(resumed.generated_token_ids) == script[:3] and not resumed.HasField("prefill")
+        text = "".join(ch["choices"][0]["text"] for ch in chunks if ch["choices"])
+        assert text == _undisturbed_text(model_dir, first.token_ids, script[:50]), "no token lost or repeated"
+        assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 50
+        # The dead worker is skipped at once, not after its registration expires.
+        dispatcher = c.router.service.dispatcher
+        request = RoutingRequest([1, 2, 3], [], 16, local_prefill=True)
+        assert {dispatcher.route(request, set(), set()).decode.worker.worker_id for _ in range(4)} == {"d1"}
+        assert 'baton_router_migrations_total{model_name="tiny"} 1.0' in (await http.get("/metrics")).text
+
+
+async def test_migrations_are_bounded_then_the_stream_ends_with_an_error(redis_url, model_dir, script) -> None:
+    async with Cluster(redis_url, model_dir, script, decodes=3, die_after=2, policy="round_robin",
+                       max_migrations=1) as c, httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True})
+        events = _events(r.text)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "server_error" and "after 1 migrations" in error["message"], error
+        texts = [json.loads(e)["choices"][0]["text"] for e in events[:-2]]
+        assert len(texts) == 4, "the tokens of both workers were delivered, once each"
+        assert "".join(texts) == _undisturbed_text(model_dir, c.decodes[0].requests[0].token_ids, script[:4])[
+            :len("".join(texts))]
+        assert sorted(len(d.requests) for d in c.decodes) == [0, 1, 1], "no third worker was tried"
+
+
+async def test_the_only_decode_worker_dying_mid_stream_gives_an_error_event(redis_url, model_dir, script) -> None:
     async with Cluster(redis_url, model_dir, script, die_after=3) as c, \
             httpx.AsyncClient(base_url=c.url, timeout=5) as http:
         r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True})
-        events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+        events = _events(r.text)
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
-        assert error["type"] == "server_error" and "d0" in error["message"]
+        assert error["code"] == "no_worker_available" and "migrate" in error["message"] and "d0" in error["message"]
         texts = [json.loads(e)["choices"][0]["text"] for e in events[:-2]]
         assert len(texts) == 3, "the tokens before the crash were delivered"
 
@@ -82,11 +132,17 @@ async def test_openai_client_raises_on_a_dying_decode_worker(redis_url, model_di
         await client.close()
 
 
-async def test_decode_worker_dying_during_a_non_streaming_request_is_a_500(redis_url, model_dir, script) -> None:
+async def test_decode_worker_dying_during_a_non_streaming_request(redis_url, model_dir, script) -> None:
     async with Cluster(redis_url, model_dir, script, die_after=2) as c, \
             httpx.AsyncClient(base_url=c.url, timeout=5) as http:
         r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50})
-        assert r.status_code == 500 and r.json()["error"]["code"] == "worker_failed"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available"
+    async with Cluster(redis_url, model_dir, script, decodes=2, die_after=[2, None], policy="round_robin") as c, \
+            httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50})
+        assert r.status_code == 200, r.text
+        prompt = c.decodes[0].requests[0].token_ids
+        assert r.json()["choices"][0]["text"] == _undisturbed_text(model_dir, prompt, script[:50])
 
 
 async def test_unreachable_decode_worker_is_retried_elsewhere(redis_url, model_dir, script) -> None:
