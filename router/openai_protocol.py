@@ -5,12 +5,15 @@ routinely and that cannot change the output (`user`, `metadata`, ...), which are
 null means the field's default, as in OpenAI's API."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from baton.engine.errors import InvalidRequestError
+from baton.engine.grammar import check_schema
 from baton.proto.v1 import inference_pb2
 from baton.router.generation_defaults import GenerationDefaults
 
@@ -76,6 +79,45 @@ TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the engine always enforces the schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: "text" (free), "json_object" (any object) or "json_schema"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise FieldError("response_format", "response_format of type 'json_schema' needs a 'json_schema' field")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise FieldError("response_format", f"response_format of type {self.type!r} takes no 'json_schema'")
+        return self
+
+    def wire(self) -> inference_pb2.StructuredOutput | None:
+        """None for free text; raises FieldError for a schema the engine's grammar backend cannot enforce."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return inference_pb2.StructuredOutput(kind="json_object")
+        schema = json.dumps(self.json_schema.schema_)
+        try:
+            check_schema(schema)
+        except InvalidRequestError as exc:
+            raise FieldError("response_format", f"response_format.json_schema.schema: {exc}") from None
+        return inference_pb2.StructuredOutput(kind="json_schema", json_schema=schema)
+
+
 class _Sampling(_Request):
     """Fields shared by completions and chat; None means the model's generation_config.json or OpenAI's default."""
 
@@ -98,11 +140,14 @@ class _Sampling(_Request):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    _structured_output: inference_pb2.StructuredOutput | None = PrivateAttr(None)  # checked response_format
 
     @model_validator(mode="after")
     def _consistent(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        self._structured_output = self.response_format.wire() if self.response_format is not None else None
         limit = self.output_limit
         if limit is not None and self.min_tokens > limit:
             raise FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
@@ -144,6 +189,8 @@ class _Sampling(_Request):
             params.seed = self.seed
         if prompt_logprobs is not None:
             params.prompt_logprobs = prompt_logprobs
+        if self._structured_output is not None:
+            params.structured_output.CopyFrom(self._structured_output)
         return params
 
 

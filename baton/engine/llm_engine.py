@@ -11,6 +11,7 @@ from baton.engine.attention import allocate_kv_cache
 from baton.engine.block_manager import BlockManager, BlockStats, KVEventSink
 from baton.engine.config import EngineConfig, ModelConfig
 from baton.engine.errors import InvalidRequestError, NoCapacityError
+from baton.engine.grammar import GrammarBackend
 from baton.engine.loader import load_model
 from baton.engine.model_runner import ModelRunner
 from baton.engine.output_text import TextTracker
@@ -116,6 +117,7 @@ class LLMEngine:
         if tokenizer is not None:
             self.eos_token_ids |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.sampler = Sampler(config.seed, self.eos_token_ids)
+        self._grammar: GrammarBackend | None = None  # built on the first structured-output request
         # Called on the engine thread for every request that finishes, is aborted or is handed off (metrics).
         self.finish_listeners: list[Callable[[FinishedRequest], None]] = []
         self._seqs: dict[str, Sequence] = {}
@@ -140,6 +142,8 @@ class LLMEngine:
             bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self._sample_vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"{name}: token id {bad!r} is outside the vocabulary [0, {self._sample_vocab})")
+        if params.structured_output is not None and self.tokenizer is None:
+            raise InvalidRequestError("structured output needs the model's tokenizer, and this engine has none")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt_ids)} "
@@ -157,6 +161,7 @@ class LLMEngine:
             self._validate_resume(generated_ids, params, prefill_only)
         seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only,
                        token_ids=[*prompt_ids, *generated_ids])
+        seq.grammar = self._matcher(params, seq.output_ids)
         self._seqs[request_id] = seq
         self._track_text(seq)
         self.scheduler.add(seq)
@@ -170,6 +175,17 @@ class LLMEngine:
         if len(generated_ids) >= params.max_tokens:
             raise InvalidRequestError(f"{len(generated_ids)} tokens already generated leave none of max_tokens "
                                       f"{params.max_tokens}")
+
+    def _matcher(self, params: SamplingParams, generated_ids: list[int] = ()):
+        """The request's grammar matcher (None without structured output), advanced past `generated_ids`."""
+        if params.structured_output is None:
+            return None
+        if self._grammar is None:
+            self._grammar = GrammarBackend(self.tokenizer, self._sample_vocab, self.eos_token_ids)
+        matcher = self._grammar.matcher(params.structured_output)
+        if not all(matcher.accept_token(t) for t in generated_ids):
+            raise InvalidRequestError("the tokens already generated do not match response_format's grammar")
+        return matcher
 
     def abort(self, request_id: str) -> bool:
         """Stops a request wherever it is and frees its blocks; False if it is unknown (already done)."""
@@ -245,7 +261,11 @@ class LLMEngine:
         text, stopped = tracker.push(token, check_stop=len(seq.output_ids) > params.min_tokens) \
             if tracker is not None else ("", False)
         reason = None
-        if stopped:
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # Only a token sampled elsewhere can break the grammar (a prefill worker that did not mask it).
+            log.error("request %s: token %d breaks its structured-output grammar", seq.request_id, token)
+            reason = "error"
+        elif stopped or (seq.grammar is not None and seq.grammar.is_terminated()):
             reason = "stop"
         elif not params.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
@@ -335,7 +355,8 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params)
+        # The prefill worker's first token obeyed the grammar too; commit_remote() advances this matcher with it.
+        seq = Sequence(request_id, list(prompt_ids), params, grammar=self._matcher(params))
         if not self.block_manager.can_allocate(seq):
             raise NoCapacityError(f"not enough free KV blocks to receive request {request_id}")
         self.block_manager.allocate(seq)

@@ -1,6 +1,7 @@
 """Token sampling where the logits are (the GPU too): logit bias, min_tokens, presence/frequency/repetition
-penalties, greedy, temperature, min-p, top-k, top-p, per-request seeds; logprobs of the chosen token with the
-top alternatives, and prompt logprobs. Everything a step returns comes back in one device-to-host copy."""
+penalties, grammar masks (structured output), greedy, temperature, min-p, top-k, top-p, per-request seeds;
+logprobs of the chosen token with the top alternatives, and prompt logprobs. Everything a step returns comes
+back in one device-to-host copy."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from baton.engine.grammar import mask_logits_
 from baton.engine.sequence import Sequence
 
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
@@ -106,13 +108,15 @@ class Sampler:
             for token, bias in p.logit_bias.items():
                 if token < vocab:
                     rows.append(row), cols.append(token), values.append(bias)
-            if len(seq.output_ids) < p.min_tokens:
+            # A grammar decides alone when its output may end: banning EOS could leave it no token at all.
+            if len(seq.output_ids) < p.min_tokens and seq.grammar is None:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self._eos))
                 for token in banned:
                     if token < vocab:
                         rows.append(row), cols.append(token), values.append(float("-inf"))
         penalized = [row for row, seq in enumerate(seqs) if seq.params.penalized]
-        if not rows and not penalized:
+        constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if not rows and not penalized and not constrained:
             return logits
         logits = logits.clone()
         if rows:
@@ -121,6 +125,8 @@ class Sampler:
                               accumulate=True)
         if penalized:
             logits[penalized] = self._penalize(logits[penalized], [seqs[r] for r in penalized])
+        if constrained:  # last: no bias or penalty may lift a token the grammar forbids
+            mask_logits_(logits, constrained, [seqs[r].grammar for r in constrained])
         return logits
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

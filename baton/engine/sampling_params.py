@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from baton.engine.errors import InvalidRequestError
+from baton.engine.grammar import StructuredOutput
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 
@@ -28,6 +29,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # most likely alternatives returned per sampled token
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus k alternatives
+    structured_output: StructuredOutput | None = None  # the output must match this grammar (JSON)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -37,6 +37,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # first admitted to a batch
     first_token_time: float | None = None
+    # Structured output: the request's xgrammar matcher, advanced with every token appended.
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -187,6 +187,17 @@ class Tokenizer:
             raise ValueError(f"token id {bad[0]} is not in this tokenizer's range [0, {self.vocab_size})")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def vocab(self) -> list[str]:
+        """Every token's string as tokenizer.json spells it, indexed by id (for grammar-constrained decoding)."""
+        by_id = [""] * self.vocab_size
+        for token, i in self._backend.get_vocab(with_added_tokens=True).items():
+            if 0 <= i < self.vocab_size:
+                by_id[i] = token
+        return by_id
+
+    def to_json(self) -> str:
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 

@@ -1,6 +1,7 @@
 """Conversions between baton.v1 protobuf messages and engine types, in one place for both workers."""
 from __future__ import annotations
 
+from baton.engine.grammar import StructuredOutput
 from baton.engine.sampler import TopLogprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.proto.v1 import inference_pb2
@@ -27,6 +28,8 @@ def sampling_from_proto(p: inference_pb2.SamplingParams) -> SamplingParams:
         logprobs=bool(p.logprobs),
         top_logprobs=int(p.top_logprobs) if p.logprobs else 0,
         prompt_logprobs=int(p.prompt_logprobs) if p.HasField("prompt_logprobs") else None,
+        structured_output=StructuredOutput(p.structured_output.kind, p.structured_output.json_schema)
+        if p.HasField("structured_output") else None,
     )
 
 

@@ -137,7 +137,9 @@ def test_grpc_gets_the_same_tokens_as_http(client, cluster_1p1d, tok, engine):
     (json.dumps({"model": "nope", "prompt": "x"}), 404),
     (json.dumps({"model": "e2e-llama"}), 400),
     (json.dumps({"model": "e2e-llama", "prompt": "x", "max_tokens": "many"}), 400),
-    (json.dumps({"model": "e2e-llama", "prompt": "x", "response_format": {"type": "json_object"}}), 400),
+    (json.dumps({"model": "e2e-llama", "prompt": "x", "tools": []}), 400),
+    (json.dumps({"model": "e2e-llama", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "foo"}}}}), 400),
     (json.dumps({"model": "e2e-llama", "prompt": "word " * 2000}), 400),
 ])
 def test_bad_input_gets_openai_errors(cluster_1p1d, body, status):

@@ -32,9 +32,14 @@ CASES = [
     (CMPL, {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
     (CMPL, {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "stream"),
+    # A schema the grammar backend cannot enforce is refused, never answered unconstrained.
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "foo"}}}}, 400, "response_format",
+     "Unsupported type"),
+    (CMPL, {"model": MODEL, "prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format",
+     "needs a 'json_schema'"),
+    (CMPL, {"model": MODEL, "prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type", None),
     # Fields that are not applied are refused by name, never silently dropped.
-    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     400, "response_format", "not supported"),
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
      "not supported"),
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
@@ -95,9 +100,10 @@ async def test_openai_client_raises_typed_errors(redis_url, model_dir) -> None:
         client = openai.AsyncOpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=10)
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="gpt-9", prompt="x")
-        with pytest.raises(openai.BadRequestError, match="'response_format' is not supported"):
+        with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema: unsupported"):
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                                 response_format={"type": "json_object"})
+                                                 response_format={"type": "json_schema", "json_schema": {
+                                                     "name": "s", "schema": {"$ref": "#/nowhere"}}})
         with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[
                 {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 
 import grpc
 import httpx
+import jsonschema
 import pytest
 
 from baton.devtools.make_model import make_model
 from baton.engine.config import EngineConfig
 from baton.engine.llm_engine import LLMEngine
 from baton.engine.sampling_params import SamplingParams
+from baton.engine.tokenizer import Tokenizer
 from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from tests.cluster import start_worker
 
@@ -29,12 +32,12 @@ def reference(model_dir, prompt, max_tokens=12):
     return engine.generate([prompt], params)[0].output_ids
 
 
-async def decode(address, rid, prompt, prefill=None, max_tokens=12):
+async def decode(address, rid, prompt, prefill=None, max_tokens=12, sampling=None):
     async with grpc.aio.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         req = worker_pb2.DecodeRequest(
             request_id=rid, token_ids=prompt,
-            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            sampling=sampling or inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         if prefill is not None:
             req.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
                                                           grpc_address=prefill.grpc_address))
@@ -106,3 +109,27 @@ def test_local_prefill_and_dead_prefill_worker(model_dir, redis_url):
         assert stats.kv_blocks_used == 0  # the reserved destination blocks were freed
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+def test_remote_prefill_keeps_the_json_schema(model_dir, redis_url):
+    """The prefill worker masks the first token it samples and the decode worker's matcher continues from it."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    structured = inference_pb2.StructuredOutput(kind="json_schema", json_schema=json.dumps(schema))
+    tok = Tokenizer.from_dir(model_dir)
+    p = start_worker("prefill", model_dir, redis_url, "p-json", "--kv-transport", "tcp")
+    d = start_worker("decode", model_dir, redis_url, "d-json", "--kv-transport", "tcp")
+    try:
+        for seed in range(3):
+            sampling = inference_pb2.SamplingParams(max_tokens=100, temperature=1.0, seed=seed,
+                                                    structured_output=structured)
+            chunks, _ = asyncio.run(decode(d.grpc_address, f"j{seed}", PROMPTS[1], prefill=p, sampling=sampling))
+            assert not any(c.HasField("error") for c in chunks), chunks[-1]
+            assert chunks[0].prefill.kv_bytes > 0  # the first token came from the prefill worker
+            assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
+            jsonschema.validate(json.loads(tok.decode([t for c in chunks for t in c.token_ids])), schema)
+    finally:
+        d.stop()
+        p.stop()
