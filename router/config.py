@@ -43,6 +43,12 @@ class RouterConfig(ProcessSettings):
                                                      "resumed on another before failing")
     worker_suspect_s: float = Field(10.0, ge=0, description="how long a worker that refused a connection is skipped")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of one request on a decode worker")
+    max_inflight_requests: int = Field(1024, ge=1, description="generation requests this router serves at once; "
+                                                                "more get 429 with Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of a 429 for max_inflight_requests")
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest HTTP request body accepted (413 beyond)")
+    max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for (400 "
+                                                                 "beyond); default: what the context leaves")
     api_key: SecretStr | None = Field(
         default_factory=lambda: SecretStr(os.environ["BATON_API_KEY"]) if os.environ.get("BATON_API_KEY") else None,
         description="clients must send 'Authorization: Bearer <key>' (401 otherwise); prefer env BATON_API_KEY or "

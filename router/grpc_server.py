@@ -13,7 +13,7 @@ from baton.router.openai_protocol import APIError
 from baton.router.service import RouterService
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}
+          404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 ROUTE = "grpc"
 
 
@@ -60,6 +60,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except APIError as exc:
             await self._abort(context, exc)
             return
+        admission = self._service.admission
+        if not admission.enter():
+            await self._abort(context, admission.refusal())
+            return
         status = 499  # unless it finishes or fails first
         try:
             async for delta in self._service.stream(prepared):
@@ -73,6 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             status = exc.status
             await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
         finally:
+            admission.leave()
             self._service.metrics.request_done(ROUTE, status)
 
     async def Models(self, request, context):

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.router.dispatch import new_request_id
+from baton.router.limits import RequestLimits
 from baton.router.openai_protocol import (
     APIError,
     ChatCompletionRequest,
@@ -70,6 +71,8 @@ def create_app(service: RouterService) -> FastAPI:
                            code="invalid_api_key")
 
     app = FastAPI(title="Baton router", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestLimits, max_body_bytes=service.config.max_body_bytes, admission=service.admission,
+                       metrics=metrics)
     guarded = [Depends(authorize)]
 
     def rejected(request: Request, status: int) -> None:

@@ -13,6 +13,7 @@ from baton.proto.v1 import inference_pb2
 from baton.router.config import RouterConfig
 from baton.router.dispatch import Dispatcher, WorkerFailed
 from baton.router.generation_defaults import GenerationDefaults
+from baton.router.limits import Admission
 from baton.router.metrics import RouterMetrics
 from baton.router.openai_protocol import APIError
 from baton.router.prefix_index import PrefixIndex
@@ -53,6 +54,7 @@ class RouterService:
         self.metrics = metrics
         self.traffic = traffic
         self.dispatcher = Dispatcher(config, registry, metrics, index, traffic)
+        self.admission = Admission(config.max_inflight_requests, config.retry_after_s)
         self.model_name = config.model_name
         self.max_model_len = config.context_length()
         self.vocab_size = tokenizer.vocab_size
@@ -84,8 +86,8 @@ class RouterService:
 
     def prepare(self, request_id: str, route: str, prompt_ids: list[int],
                 sampling: inference_pb2.SamplingParams) -> Prepared:
-        """Checks the request against the context and vocabulary; max_tokens 0 becomes what the context leaves
-        (capped by the model's max_new_tokens)."""
+        """Checks the request against the context, vocabulary and max_tokens_limit; max_tokens 0 becomes what the
+        context leaves (capped by the model's max_new_tokens and max_tokens_limit)."""
         n = len(prompt_ids)
         if n == 0:
             raise APIError(400, "the prompt is empty after tokenization", param="prompt")
@@ -95,8 +97,13 @@ class RouterService:
                            param="prompt", code="context_length_exceeded")
         sampling, given = inference_pb2.SamplingParams(), sampling
         sampling.CopyFrom(given)
+        cap = self.config.max_tokens_limit
+        if cap is not None and sampling.max_tokens > cap:
+            raise APIError(400, f"max_tokens ({sampling.max_tokens}) exceeds this server's limit of {cap}",
+                           param="max_tokens")
         if sampling.max_tokens == 0:
-            sampling.max_tokens = min(self.max_model_len - n, self.defaults.max_tokens or self.max_model_len)
+            sampling.max_tokens = min(self.max_model_len - n, self.defaults.max_tokens or self.max_model_len,
+                                      cap or self.max_model_len)
         elif n + sampling.max_tokens > self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"you requested {n + sampling.max_tokens} tokens ({n} in the prompt, "
