@@ -37,7 +37,8 @@ class KVEventConsumer:
                  check_interval_s: float = 1.0, snapshot_retry_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.index = index
-        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2.0,
+        # socket_timeout well above block_ms, so a blocking read ends by itself first.
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0,
                                               retry=Retry(ConstantBackoff(0.05), 2))
         self._stream = stream
         self._requests_key = requests_key

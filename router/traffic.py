@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 class Traffic:
     def __init__(self, redis_url: str, region: str, model: str, source: str, *, interval_s: float = 2.0,
                  rng: random.Random | None = None) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url)
+        # Bounded calls: a hung Redis fails a publish (retried next interval), never blocks it.
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self.region = region
         self.model = model
         self._interval_s = interval_s

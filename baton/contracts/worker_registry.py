@@ -111,7 +111,7 @@ class WorkerRegistration:
         self._load = load
         self._interval_s = interval_s
         self._ttl_ms = int(ttl_s * 1000)
-        self._redis = aioredis.Redis.from_url(redis_url)
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -162,7 +162,7 @@ class WorkerRegistry:
     hear of every worker that joins or leaves."""
 
     def __init__(self, redis_url: str, *, model: str | None = None, poll_interval_s: float = 0.5) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url)
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self._model = model
         self._poll_interval_s = poll_interval_s
         self._workers: dict[str, WorkerRecord] = {}

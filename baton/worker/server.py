@@ -129,7 +129,7 @@ async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> No
     from baton.contracts.signals import SignalPublisher
 
     s = runtime.settings
-    client = aioredis.Redis.from_url(s.redis_url)
+    client = aioredis.Redis.from_url(s.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
     publisher = SignalPublisher(client, region=s.region, pool=s.pool, model=s.served_model_name,
                                 source=s.worker_id)
 
