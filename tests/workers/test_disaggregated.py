@@ -32,11 +32,11 @@ def reference(model_dir, prompt, max_tokens=12):
     return engine.generate([prompt], params)[0].output_ids
 
 
-async def decode(address, rid, prompt, prefill=None, max_tokens=12, sampling=None):
+async def decode(address, rid, prompt, prefill=None, max_tokens=12, sampling=None, generated=()):
     async with grpc.aio.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         req = worker_pb2.DecodeRequest(
-            request_id=rid, token_ids=prompt,
+            request_id=rid, token_ids=prompt, generated_token_ids=generated,
             sampling=sampling or inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         if prefill is not None:
             req.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
@@ -107,6 +107,26 @@ def test_local_prefill_and_dead_prefill_worker(model_dir, redis_url):
         assert err.kind == worker_pb2.DecodeError.KIND_PREFILL_FAILED and err.retryable
         assert err.prefill_worker_id == "p-gone"
         assert stats.kv_blocks_used == 0  # the reserved destination blocks were freed
+    finally:
+        d.stop()
+
+
+@pytest.mark.slow
+def test_resumed_request_goes_on_from_the_tokens_already_generated(model_dir, redis_url):
+    d = start_worker("decode", model_dir, redis_url, "d-resume")
+    try:
+        expected = reference(model_dir, PROMPTS[1])
+        chunks, stats = asyncio.run(decode(d.grpc_address, "moved", PROMPTS[1], generated=expected[:5]))
+        assert [t for c in chunks for t in c.token_ids] == expected[5:]
+        assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == len(PROMPTS[1])
+
+        class Somewhere:
+            worker_id, grpc_address = "p0", "127.0.0.1:1"
+
+        chunks, stats = asyncio.run(decode(d.grpc_address, "both", PROMPTS[1], prefill=Somewhere,
+                                           generated=expected[:5]))
+        assert chunks[-1].error.kind == worker_pb2.DecodeError.KIND_INVALID_REQUEST
+        assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
     finally:
         d.stop()
 
