@@ -3,6 +3,9 @@ real 1 prefill + 1 decode cluster and asked through the official openai client: 
 answer is right, and generation stops at <|im_end|>."""
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import openai
 import pytest
 
@@ -42,3 +45,39 @@ def test_default_model_answers_through_the_chat_template_and_stops_at_im_end(clu
     raw = client.completions.create(model=cluster.model_name, prompt=prompt, max_tokens=48, temperature=0)
     assert raw.choices[0].text == answer and raw.choices[0].finish_reason == "stop"
     assert tok.token_to_id("<|im_end|>") in tok.eos_token_ids
+
+
+REAL_SCHEMAS = [
+    {"type": "object", "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2030},
+        "genres": {"type": "array", "items": {"enum": ["drama", "comedy", "action"]}, "minItems": 1, "maxItems": 3},
+        "rating": {"type": "number", "minimum": 0, "maximum": 10}},
+     "required": ["title", "year", "genres", "rating"], "additionalProperties": False},
+    {"type": "array", "minItems": 1, "maxItems": 4, "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 1}, "done": {"type": "boolean"}},
+        "required": ["id", "done"], "additionalProperties": False}},
+    {"type": "object", "properties": {"person": {
+        "type": "object", "properties": {"name": {"type": "string"}, "nick": {"type": "null"}},
+        "required": ["name", "nick"], "additionalProperties": False}},
+     "required": ["person"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("index", range(len(REAL_SCHEMAS)))
+def test_response_format_validates_with_remote_and_local_prefill(cluster, index):
+    """The chat prompt is over the local-prefill threshold (the prefill worker samples the first token); the short
+    completions prompt is under it (the decode worker prefills)."""
+    schema = REAL_SCHEMAS[index]
+    fmt = {"type": "json_schema", "json_schema": {"name": f"s{index}", "schema": schema}}
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
+    for seed in range(3):
+        chat = client.chat.completions.create(model=cluster.model_name, messages=[
+            {"role": "user", "content": "Reply with JSON."}], max_tokens=200, temperature=1.0, seed=seed,
+            response_format=fmt)
+        assert chat.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+        raw = client.completions.create(model=cluster.model_name, prompt="JSON:", max_tokens=200, temperature=1.0,
+                                        seed=seed, extra_body={"response_format": fmt})
+        assert raw.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(raw.choices[0].text), schema)
