@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from baton.engine.errors import InvalidRequestError
-from baton.engine.grammar import check_schema
+from baton.engine.grammar import StructuredOutput, check_schema
 from baton.proto.v1 import inference_pb2
 from baton.router.generation_defaults import GenerationDefaults
 
@@ -118,6 +118,31 @@ class ResponseFormat(BaseModel):
         return inference_pb2.StructuredOutput(kind="json_schema", json_schema=schema)
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extra: exactly one of `regex` (the output fully matches it) or `choice`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        if (self.regex is None) == (self.choice is None):
+            raise FieldError("structured_outputs", "structured_outputs takes exactly one of 'regex' and 'choice'")
+        return self
+
+    def wire(self) -> inference_pb2.StructuredOutput:
+        try:
+            if self.regex is not None:
+                StructuredOutput("regex", regex=self.regex)
+                return inference_pb2.StructuredOutput(kind="regex", regex=self.regex)
+            StructuredOutput("choice", choices=tuple(self.choice))
+            return inference_pb2.StructuredOutput(kind="choice", choice=self.choice)
+        except InvalidRequestError as exc:
+            raise FieldError("structured_outputs", f"structured_outputs: {exc}") from None
+
+
 class _Sampling(_Request):
     """Fields shared by completions and chat; None means the model's generation_config.json or OpenAI's default."""
 
@@ -141,13 +166,17 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra
     _structured_output: inference_pb2.StructuredOutput | None = PrivateAttr(None)  # checked response_format
 
     @model_validator(mode="after")
     def _consistent(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
-        self._structured_output = self.response_format.wire() if self.response_format is not None else None
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise FieldError("structured_outputs", "give response_format or structured_outputs, not both")
+        constraint = self.structured_outputs or self.response_format
+        self._structured_output = constraint.wire() if constraint is not None else None
         limit = self.output_limit
         if limit is not None and self.min_tokens > limit:
             raise FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")

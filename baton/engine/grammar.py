@@ -1,31 +1,53 @@
-"""Structured output: JSON (a schema, or any object) guaranteed by masking the logits with an xgrammar matcher
-each step. Grammars compile once per schema (xgrammar's compiler caches them); one matcher per request."""
+"""Structured output: JSON (a schema, or any object), a regex or a choice, guaranteed by masking the logits with
+an xgrammar matcher each step. Grammars compile once per spec (xgrammar's compiler caches them); one matcher
+per request."""
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import xgrammar as xgr
 
 from baton.engine.errors import InvalidRequestError
 
-KINDS = ("json_object", "json_schema")
+KINDS = ("json_object", "json_schema", "regex", "choice")
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """What the output must be: `json_object` (any JSON object) or `json_schema` (valid under `schema`)."""
+    """What the output must be: `json_object` (any JSON object), `json_schema` (valid under `schema`), `regex`
+    (a full match of `regex`) or `choice` (exactly one of `choices`)."""
 
     kind: str
     schema: str = ""  # the JSON Schema as text, for json_schema
+    regex: str = ""
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InvalidRequestError(f"structured output kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "json_schema":
             check_schema(self.schema)
+        elif self.kind == "regex":
+            _checked(xgr.Grammar.from_regex, self.regex, what="regex")
+        elif self.kind == "choice":
+            if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
+                raise InvalidRequestError("choice must be a non-empty list of non-empty strings")
+            _checked(xgr.Grammar.from_ebnf, self.ebnf(), what="choice")
+
+    def ebnf(self) -> str:
+        """For choice: one alternative per string (JSON string escapes are EBNF's too)."""
+        return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choices)
+
+
+def _checked(build, text: str, *, what: str):
+    try:
+        return build(text)
+    except (RuntimeError, ValueError) as exc:  # what xgrammar raises for input it cannot convert
+        raise InvalidRequestError(f"unsupported {what}: {_message(exc)}") from None
 
 
 def check_schema(schema: str) -> None:
@@ -36,10 +58,7 @@ def check_schema(schema: str) -> None:
         raise InvalidRequestError(f"JSON schema is not valid JSON: {exc}") from None
     if not isinstance(parsed, (dict, bool)):
         raise InvalidRequestError(f"JSON schema must be an object, got {type(parsed).__name__}")
-    try:
-        xgr.Grammar.from_json_schema(schema)
-    except (RuntimeError, ValueError) as exc:  # what xgrammar raises for schemas it cannot convert
-        raise InvalidRequestError(f"unsupported JSON schema: {_message(exc)}") from None
+    _checked(xgr.Grammar.from_json_schema, schema, what="JSON schema")
 
 
 class GrammarBackend:
@@ -54,12 +73,15 @@ class GrammarBackend:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
 
     def matcher(self, spec: StructuredOutput) -> xgr.GrammarMatcher:
-        try:
+        if spec.kind == "regex":
+            compiled = _checked(self._compiler.compile_regex, spec.regex, what="regex")
+        elif spec.kind == "choice":
+            compiled = _checked(self._compiler.compile_grammar, spec.ebnf(), what="choice")
+        else:
             # Compact JSON: with any whitespace allowed, a weak model can pad with blanks until max_tokens.
             schema = '{"type": "object"}' if spec.kind == "json_object" else spec.schema
-            compiled = self._compiler.compile_json_schema(schema, any_whitespace=False)
-        except (RuntimeError, ValueError) as exc:
-            raise InvalidRequestError(f"unsupported JSON schema: {_message(exc)}") from None
+            compiled = _checked(partial(self._compiler.compile_json_schema, any_whitespace=False), schema,
+                                what="JSON schema")
         return xgr.GrammarMatcher(compiled, override_stop_tokens=self._stop)
 
 

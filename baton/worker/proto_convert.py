@@ -28,9 +28,12 @@ def sampling_from_proto(p: inference_pb2.SamplingParams) -> SamplingParams:
         logprobs=bool(p.logprobs),
         top_logprobs=int(p.top_logprobs) if p.logprobs else 0,
         prompt_logprobs=int(p.prompt_logprobs) if p.HasField("prompt_logprobs") else None,
-        structured_output=StructuredOutput(p.structured_output.kind, p.structured_output.json_schema)
-        if p.HasField("structured_output") else None,
+        structured_output=structured_from_proto(p.structured_output) if p.HasField("structured_output") else None,
     )
+
+
+def structured_from_proto(s: inference_pb2.StructuredOutput) -> StructuredOutput:
+    return StructuredOutput(s.kind, schema=s.json_schema, regex=s.regex, choices=tuple(s.choice))
 
 
 def top_logprobs_to_proto(tops: list[TopLogprobs]) -> list[inference_pb2.TopLogprobs]:

@@ -3,6 +3,7 @@ masks every token the grammar forbids; the first token obeys too when another en
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -60,6 +61,27 @@ def test_output_validates_against_the_schema_at_temperature_1(model_dir, index):
         assert seq.finish_reason == "stop", text
         jsonschema.validate(json.loads(text), schema)
     assert engine.stats().blocks.in_use == 0
+
+
+@pytest.mark.parametrize("regex", [r"[0-9]{3}-[a-z]{2,5}", r"(yes|no)!", r"[A-Z][a-z]{1,6} [0-9]{1,3}\.[0-9]"])
+def test_output_fully_matches_a_regex(model_dir, regex):
+    engine = new_engine(model_dir)
+    spec = StructuredOutput("regex", regex=regex)
+    seqs = engine.generate([[5, 6, 7]] * len(SEEDS), [SamplingParams(max_tokens=60, temperature=1.0, seed=s,
+                                                                     structured_output=spec) for s in SEEDS])
+    for seq in seqs:
+        text = engine.tokenizer.decode(seq.output_ids)
+        assert seq.finish_reason == "stop" and re.fullmatch(regex, text), text
+
+
+def test_output_is_one_of_the_choices(model_dir):
+    engine = new_engine(model_dir)
+    choices = ("alpha", "beta gamma", 'quote " and \\ backslash')
+    spec = StructuredOutput("choice", choices=choices)
+    seqs = engine.generate([[5, 6, 7]] * 6, [SamplingParams(max_tokens=60, temperature=1.0, seed=s,
+                                                            structured_output=spec) for s in range(6)])
+    for seq in seqs:
+        assert seq.finish_reason == "stop" and engine.tokenizer.decode(seq.output_ids) in choices
 
 
 def test_unconstrained_output_is_not_json(model_dir):
@@ -162,6 +184,11 @@ def test_a_bad_schema_is_an_invalid_request(schema):
         StructuredOutput("json_schema", schema)
 
 
-def test_an_unknown_kind_is_an_invalid_request():
+def test_an_unknown_kind_a_bad_regex_or_no_choices_is_an_invalid_request():
     with pytest.raises(InvalidRequestError, match="kind"):
-        StructuredOutput("regex", "a+")
+        StructuredOutput("lark", "start: A")
+    with pytest.raises(InvalidRequestError, match="regex.*parenthesis"):
+        StructuredOutput("regex", regex="(ab")
+    for choices in ((), ("",)):
+        with pytest.raises(InvalidRequestError, match="choice"):
+            StructuredOutput("choice", choices=choices)

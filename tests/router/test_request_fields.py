@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import httpx
 import jsonschema
@@ -232,3 +233,23 @@ async def test_response_format_output_parses_and_validates(router, model_dir):
     with pytest.raises(openai.BadRequestError, match="response_format"):
         await client.chat.completions.create(model=name(model_dir), messages=messages, response_format={
             "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "object", "properties": 3}}})
+
+
+async def test_vllm_structured_outputs_regex_and_choice(router, model_dir):
+    _, client = router
+    common = {"model": name(model_dir), "max_tokens": 60, "temperature": 1.0}
+    for seed in range(3):
+        out = await client.completions.create(**common, prompt=PROMPT, seed=seed,
+                                              extra_body={"structured_outputs": {"regex": r"[0-9]{2}-[a-z]{1,4}"}})
+        assert re.fullmatch(r"[0-9]{2}-[a-z]{1,4}", out.choices[0].text) and out.choices[0].finish_reason == "stop"
+        chat = await client.chat.completions.create(**common, messages=[{"role": "user", "content": "?"}], seed=seed,
+                                                    extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+        assert chat.choices[0].message.content in ("left", "right")
+    for bad, match in (({"regex": "(a"}, "structured_outputs: unsupported regex"),
+                       ({"regex": "a", "choice": ["b"]}, "exactly one"),
+                       ({"choice": []}, "non-empty")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            await client.completions.create(**common, prompt=PROMPT, extra_body={"structured_outputs": bad})
+    with pytest.raises(openai.BadRequestError, match="not both"):
+        await client.completions.create(**common, prompt=PROMPT, extra_body={
+            "structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}})
