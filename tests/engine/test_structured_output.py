@@ -17,7 +17,7 @@ from baton.engine.sampling_params import SamplingParams
 
 SCHEMAS = [
     {"type": "object", "properties": {
-        # Not maxLength: xgrammar 0.2.9's bounded-length string rule lets raw control characters through.
+        # Not maxLength: xgrammar 0.2.9's bounded-length string rule admits raw control characters (mlc-ai/xgrammar#800).
         "name": {"type": "string", "pattern": "^[a-z ]{1,8}$"},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
