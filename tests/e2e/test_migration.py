@@ -16,9 +16,10 @@ from tests.e2e.test_openai_e2e import LONG, worker_stats
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 800
 STREAMS = 4
-# Tokens the victim's requests must still have to go when it is killed, so the kill lands mid-stream however
-# fast this machine decodes.
-LEFT_AT_KILL = 400
+# Tokens the victim's requests must still have to go when it is killed (a lower bound read just before the
+# SIGKILL), so the kill lands mid-stream; far more than the few tokens decoded between the read and the kill.
+# (400 was too strict: a loaded CI machine once read 393 left, still well mid-stream.)
+LEFT_AT_KILL = 100
 
 
 @pytest.fixture(scope="module")
