@@ -85,7 +85,6 @@ class IpcTransport(KVTransport):
         self._shm: shared_memory.SharedMemory | None = None
         self._export: dict[str, Any] = {}
         self._peers: dict[str, torch.Tensor] = {}  # pool id -> the peer's pool, mapped once
-        self.peers_mapped = 0
         self._peer_lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._address = f"\0baton-kv-{self.pool_id}"  # abstract namespace: no file to clean up
@@ -188,7 +187,6 @@ class IpcTransport(KVTransport):
             if tuple(pool.shape) != shape:
                 raise KVTransferError(f"peer pool has shape {tuple(pool.shape)}, its endpoint says {shape}")
             self._peers[p["pool_id"]] = pool
-            self.peers_mapped += 1
             KV_IPC_PEER_MAPPINGS.inc()
             return pool
 
