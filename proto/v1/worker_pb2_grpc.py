@@ -427,3 +427,161 @@ class DecodeWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EmbedWorkerStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Embed = channel.unary_unary(
+                '/baton.v1.EmbedWorker/Embed',
+                request_serializer=baton_dot_proto_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=baton_dot_proto_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/baton.v1.EmbedWorker/Stats',
+                request_serializer=baton_dot_proto_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=baton_dot_proto_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+                _registered_method=True)
+        self.Health = channel.unary_unary(
+                '/baton.v1.EmbedWorker/Health',
+                request_serializer=baton_dot_proto_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+                response_deserializer=baton_dot_proto_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+                _registered_method=True)
+
+
+class EmbedWorkerServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Health(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EmbedWorkerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=baton_dot_proto_dot_v1_dot_worker__pb2.EmbedRequest.FromString,
+                    response_serializer=baton_dot_proto_dot_v1_dot_worker__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=baton_dot_proto_dot_v1_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=baton_dot_proto_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'Health': grpc.unary_unary_rpc_method_handler(
+                    servicer.Health,
+                    request_deserializer=baton_dot_proto_dot_v1_dot_inference__pb2.HealthRequest.FromString,
+                    response_serializer=baton_dot_proto_dot_v1_dot_inference__pb2.HealthResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'baton.v1.EmbedWorker', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('baton.v1.EmbedWorker', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EmbedWorker:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.EmbedWorker/Embed',
+            baton_dot_proto_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
+            baton_dot_proto_dot_v1_dot_worker__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.EmbedWorker/Stats',
+            baton_dot_proto_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
+            baton_dot_proto_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Health(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.EmbedWorker/Health',
+            baton_dot_proto_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+            baton_dot_proto_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
