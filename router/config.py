@@ -12,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from baton.engine.model_source import is_hub_id, resolve_model, served_name
 from baton.process_settings import ConfigError, ProcessSettings
 from baton.router.selection import POLICIES, RoutingConfig, ScorerWeights
+from baton.router.tool_parsers import PARSERS
 
 
 class RouterConfig(ProcessSettings):
@@ -47,6 +48,8 @@ class RouterConfig(ProcessSettings):
                                                                 "more get 429 with Retry-After")
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of a 429 for max_inflight_requests")
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest HTTP request body accepted (413 beyond)")
+    tool_call_parser: str = Field("hermes", description="how chat answers hold tool calls (vLLM's "
+                                                          "--tool-call-parser): hermes | llama3_json")
     max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for (400 "
                                                                  "beyond); default: what the context leaves")
     api_key: SecretStr | None = Field(
@@ -59,6 +62,13 @@ class RouterConfig(ProcessSettings):
     def _known_policy(cls, value: str) -> str:
         if value not in POLICIES:
             raise ValueError(f"unknown policy {value!r}; choose one of {sorted(POLICIES)}")
+        return value
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str) -> str:
+        if value not in PARSERS:
+            raise ValueError(f"unknown tool call parser {value!r}; choose one of {sorted(PARSERS)}")
         return value
 
     @field_validator("model")

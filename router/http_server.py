@@ -26,6 +26,7 @@ from baton.router.openai_protocol import (
 )
 from baton.router.openai_responses import Rendering, fan_out, respond
 from baton.router.service import RouterService
+from baton.router.tool_parsers import PARSERS
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,15 @@ def create_app(service: RouterService) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         service.check_model(body.model)
-        ids = service.tokenize_chat(body.template_messages(), body.add_generation_prompt, **body.chat_template_kwargs)
+        messages, tools, parser = body.template_messages(), None, PARSERS[service.config.tool_call_parser]
+        if body.tool_use is not None:
+            messages, tools = body.tool_use.prompt(messages, service.tokenizer, parser)
+        ids = service.tokenize_chat(messages, body.add_generation_prompt, tools=tools, **body.chat_template_kwargs)
         rid = new_request_id("chatcmpl")
         choices = fan_out(service, rid, request.url.path, [(ids, None)], body.wire_sampling(service.defaults), body.n)
         how = Rendering(chat=True, stream=body.stream, include_usage=body.include_usage, logprobs=body.logprobs,
-                        top=body.top_logprobs, n=body.n)
+                        top=body.top_logprobs, n=body.n,
+                        tools=body.tool_use.output(parser) if body.tool_use is not None else None)
         return await respond(service, request, rid, choices, how)
 
     return app

@@ -16,6 +16,7 @@ from baton.engine.errors import InvalidRequestError
 from baton.engine.grammar import StructuredOutput, check_schema
 from baton.proto.v1 import inference_pb2
 from baton.router.generation_defaults import GenerationDefaults
+from baton.router.tool_calls import ToolRequestError, ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,35 @@ class ChatMessage(BaseModel):
         return out
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; none: no arguments
+    strict: bool | None = None  # the engine enforces the schema whenever a call is required or named
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -304,12 +334,35 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    _tool_use: ToolUse | None = PrivateAttr(None)  # checked tools; None when they play no part
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _checked_tools(self) -> ChatCompletionRequest:
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        try:
+            self._tool_use = ToolUse.of([t.model_dump(exclude_none=True) for t in self.tools or []],
+                                        None if named else self.tool_choice, named, self.parallel_tool_calls)
+        except ToolRequestError as exc:
+            raise FieldError(exc.param, str(exc)) from None
+        if self._tool_use is not None and self._tool_use.grammar is not None:
+            if self._structured_output is not None:  # set by _Sampling's validator, which runs first
+                raise FieldError("tool_choice", "a required or named tool_choice constrains the output itself: give "
+                                                "no response_format or structured_outputs with it")
+            self._structured_output = self._tool_use.grammar
+        return self
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        return self._tool_use
 
     @property
     def output_limit(self) -> int | None:

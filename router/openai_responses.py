@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from baton.proto.v1 import inference_pb2
 from baton.router.openai_protocol import APIError, chat_choice, completion_choice, response_json, usage_json
 from baton.router.service import Prepared, RouterService, TextDelta
+from baton.router.tool_calls import ToolOutput
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -43,6 +44,7 @@ class Rendering:
     logprobs: bool  # render logprobs (best_of asks workers for them even when the client did not)
     top: int  # alternatives per token
     n: int  # choices returned per prompt (best_of may generate more)
+    tools: ToolOutput | None = None  # chat with tools: the answer is read into content and tool_calls
 
 
 def fan_out(service: RouterService, request_id: str, route: str, prompts: list[tuple[list[int], str | None]],
@@ -170,6 +172,7 @@ class _Renderer:
         self.service, self.how, self.choices = service, how, choices
         self._offsets = [0] * len(choices)  # completions text_offset of each choice's next token
         self._started = [False] * len(choices)
+        self._tool_streams = [how.tools.stream() for _ in choices] if how.tools is not None and how.stream else None
 
     def _token(self, token_id: int) -> str:
         return self.service.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -190,6 +193,8 @@ class _Renderer:
                 logprobs = _merge(parts, how.chat) if how.logprobs else None
                 out.append(chat_choice(index, text, finish, logprobs, chunk=False) if how.chat
                            else completion_choice(index, text, finish, logprobs))
+                if how.tools is not None:
+                    how.tools.message(out[-1], text)
         return response_json(request_id, self.service.model_name, out, self.usage(), chat=how.chat, chunk=False)
 
     def usage(self) -> dict:
@@ -211,10 +216,15 @@ class _Renderer:
         if how.chat and first:
             out.append(chat_choice(index, "", None, None, chunk=True, first=True))
         text = (choice.echo or "") + delta.text if first else delta.text
-        if text or delta.finish_reason or delta.logprobs:
+        finish, calls = delta.finish_reason, []
+        if self._tool_streams is not None:
+            text, calls, finish = self._tool_streams[index].feed(text, finish)
+        if text or calls or finish or delta.logprobs:
             logprobs = self._logprobs(index, delta, first) if how.logprobs else None
-            out.append(chat_choice(index, text, delta.finish_reason, logprobs, chunk=True) if how.chat
-                       else completion_choice(index, text, delta.finish_reason, logprobs))
+            out.append(chat_choice(index, text, finish, logprobs, chunk=True) if how.chat
+                       else completion_choice(index, text, finish, logprobs))
+            if calls:
+                out[-1]["delta"]["tool_calls"] = calls
         return [response_json(request_id, self.service.model_name, [c], None, chat=how.chat, chunk=True) for c in out]
 
     # -- logprobs ---------------------------------------------------------------------------

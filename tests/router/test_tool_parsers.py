@@ -1,0 +1,138 @@
+"""Tool-call parsers: whole answers read into content and tool_calls, and the same answers streamed in pieces of
+every size give deltas that add up to the whole message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from baton.router.tool_calls import ToolOutput, ToolRequestError, ToolUse
+from baton.router.tool_parsers import PARSERS, scan_required, scanner_for_function
+
+NAMES = {"get_weather", "add"}
+
+
+def whole(output: ToolOutput, text: str, finish: str = "stop") -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    output.message(choice, text)
+    return choice
+
+
+def streamed(output: ToolOutput, text: str, size: int, finish: str = "stop") -> tuple[str, list[dict], str]:
+    """Feeds `text` in pieces of `size` characters; returns the content, the calls the deltas build, the finish."""
+    stream, content, calls, reason = output.stream(), "", [], None
+    pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    for k, piece in enumerate(pieces):
+        delta, deltas, reason = stream.feed(piece, finish if k == len(pieces) - 1 else None)
+        content += delta
+        for d in deltas:
+            if "id" in d:  # the first delta of a call: index, id, type and name, then argument fragments
+                assert d["index"] == len(calls) and d["type"] == "function" and d["id"].startswith("call_")
+                calls.append({"name": d["function"]["name"], "arguments": d["function"]["arguments"]})
+            else:
+                assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+                calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    return content, calls, reason
+
+
+def calls_of(choice: dict) -> list[dict]:
+    return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in choice["message"].get("tool_calls", [])]
+
+
+HERMES = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+          '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": [2, "}"]}}\n</tool_call>')
+LLAMA3 = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "add", "parameters": {}}'
+
+
+@pytest.mark.parametrize("parser,text,content", [("hermes", HERMES, "Let me check.\n"), ("llama3_json", LLAMA3, None)])
+def test_whole_and_streamed_answers_agree(parser, text, content):
+    output = ToolOutput(PARSERS[parser].scan, NAMES, parallel=True)
+    choice = whole(output, text)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == content
+    calls = calls_of(choice)
+    assert [c["name"] for c in calls] == ["get_weather", "add"]
+    assert json.loads(calls[0]["arguments"])["city"] in ("Paris", "Oslo")
+    for size in (1, 2, 3, 7, 1000):
+        got_content, got_calls, reason = streamed(output, text, size)
+        assert reason == "tool_calls"
+        assert got_content == (content or "")
+        assert got_calls == calls, size
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json"])
+def test_plain_answers_stay_content(parser):
+    output = ToolOutput(PARSERS[parser].scan, NAMES, parallel=True)
+    for text in ("The weather is fine.", "a < b and <tool", "   ", ""):
+        assert whole(output, text) == {"index": 0, "message": {"role": "assistant", "content": text},
+                                       "finish_reason": "stop"}
+        content, calls, reason = streamed(output, text, 1)
+        assert (content, calls, reason) == (text, [], "stop")
+
+
+def test_streamed_content_never_shows_the_start_of_a_tag():
+    stream = ToolOutput(PARSERS["hermes"].scan, NAMES, parallel=True).stream()
+    assert stream.feed("Hi <tool_", None) == ("Hi ", [], None)
+    assert stream.feed("call>\n{", None) == ("", [], None)
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # not one of the tools
+    '<tool_call>\n{"name": "add", "arguments": [1]}\n</tool_call>',  # arguments not an object
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1',  # cut off (max_tokens)
+    '<tool_call>\nadd(1, 2)\n</tool_call>',  # not JSON
+])
+def test_a_call_that_does_not_parse_leaves_the_answer_as_content(text):
+    output = ToolOutput(PARSERS["hermes"].scan, NAMES, parallel=True)
+    assert whole(output, text, "length")["message"] == {"role": "assistant", "content": text}
+
+
+def test_a_closing_tag_may_be_missing_at_the_end():
+    output = ToolOutput(PARSERS["hermes"].scan, NAMES, parallel=True)
+    assert calls_of(whole(output, '<tool_call>\n{"name": "add", "arguments": {"a": 1}}')) == [
+        {"name": "add", "arguments": '{"a": 1}'}]
+
+
+def test_without_parallel_calls_only_the_first_counts():
+    output = ToolOutput(PARSERS["hermes"].scan, NAMES, parallel=False)
+    assert [c["name"] for c in calls_of(whole(output, HERMES))] == ["get_weather"]
+    assert [c["name"] for c in streamed(output, HERMES, 4)[1]] == ["get_weather"]
+
+
+def test_required_and_named_outputs():
+    text = '[{"name":"add","arguments":{"a":1,"b":2}},{"name":"get_weather","arguments":{"city":"x"}}]'
+    required = ToolOutput(scan_required, NAMES, parallel=True)
+    calls = calls_of(whole(required, text))
+    assert calls == [{"name": "add", "arguments": '{"a":1,"b":2}'}, {"name": "get_weather", "arguments": '{"city":"x"}'}]
+    assert streamed(required, text, 3) == ("", calls, "tool_calls")
+    named = ToolOutput(scanner_for_function("add"), NAMES, parallel=True)
+    assert calls_of(whole(named, '{"a":1}')) == [{"name": "add", "arguments": '{"a":1}'}]
+    assert streamed(named, '{"a":1}', 2) == ("", [{"name": "add", "arguments": '{"a":1}'}], "tool_calls")
+    # max_tokens mid-JSON: no call, the cut text as content, finish "length"
+    assert whole(named, '{"a":', "length") == {"index": 0, "message": {"role": "assistant", "content": '{"a":'},
+                                               "finish_reason": "length"}
+
+
+def tool(name: str, parameters: dict | None = None) -> dict:
+    fn = {"name": name} if parameters is None else {"name": name, "parameters": parameters}
+    return {"type": "function", "function": fn}
+
+
+def test_tool_use_checks_the_request():
+    with pytest.raises(ToolRequestError, match="only allowed when tools"):
+        ToolUse.of([], "auto", None, True)
+    with pytest.raises(ToolRequestError, match="'nope', which is not among the tools"):
+        ToolUse.of([tool("add")], None, "nope", True)
+    with pytest.raises(ToolRequestError, match=r"tools\[1\].function.parameters \(bad\).*schema"):
+        ToolUse.of([tool("add"), tool("bad", {"type": "foo"})], "auto", None, True)
+    with pytest.raises(ToolRequestError, match="given twice"):
+        ToolUse.of([tool("add"), tool("add")], "auto", None, True)
+    with pytest.raises(ToolRequestError, match="letters"):
+        ToolUse.of([tool("add me")], "auto", None, True)
+    assert ToolUse.of([tool("add")], "none", None, True) is None
+    auto = ToolUse.of([tool("add")], None, None, True)
+    assert auto.choice == "auto" and auto.grammar is None
+    named = ToolUse.of([tool("add", {"type": "object", "properties": {"a": {"type": "integer"}}})], None, "add", True)
+    assert json.loads(named.grammar.json_schema)["properties"] == {"a": {"type": "integer"}}
+    required = json.loads(ToolUse.of([tool("add"), tool("sub")], "required", None, False).grammar.json_schema)
+    assert required["maxItems"] == 1 and len(required["items"]["anyOf"]) == 2
