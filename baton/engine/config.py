@@ -145,6 +145,8 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take (weights + KV + work)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
+    async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the safetensors files; dummy: random weights (benchmarks; needs config.json)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -15,10 +15,10 @@ from baton.engine.grammar import GrammarBackend
 from baton.engine.loader import load_model
 from baton.engine.model_runner import ModelRunner
 from baton.engine.output_text import TextTracker
-from baton.engine.sampler import PromptScoring, Sampler, TopLogprobs
+from baton.engine.sampler import PendingSample, PromptScoring, Sampler, TopLogprobs
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.scheduler import Scheduler
-from baton.engine.sequence import SeqStatus, Sequence
+from baton.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ class EngineStats:
     prefix_cache_hits: int  # of those, tokens found
 
 
+@dataclass
+class _InFlight:
+    """A decode step queued on the device whose sampled ids have not reached the host yet."""
+
+    seqs: list[Sequence]
+    positions: list[int]  # where each request's sampled token goes in its token_ids (a PLACEHOLDER until then)
+    sample: PendingSample
+    rows: dict[str, int]  # request id -> row in sample.tokens
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, events: KVEventSink | None = None) -> None:
         self.config = config
@@ -128,6 +138,10 @@ class LLMEngine:
         self._prefill_computed = 0
         self._prefill_cached = 0
         self._generated = 0
+        # Async scheduling: while a decode step runs on the device, the host schedules and queues the next one.
+        self._async = config.async_scheduling if config.async_scheduling is not None \
+            else self.runner.graphs is not None
+        self._inflight: _InFlight | None = None
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -208,10 +222,72 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step's outputs. With async scheduling, a decode step's outputs come back from the next call:
+        that call first queues the following step on the device, then waits for this one's ids."""
+        if self._pipelinable():
+            previous = self._inflight
+            self._inflight = self._launch_decode()
+            return self._resolve(previous) if previous is not None else []
+        outputs = self._drain()
+        return outputs + self._step_sync()
+
+    def _drain(self) -> list[RequestOutput]:
+        previous, self._inflight = self._inflight, None
+        return self._resolve(previous) if previous is not None else []
+
+    def _pipelinable(self) -> bool:
+        """Whether the next step may be queued before the host knows the last sampled ids: decode only, no
+        admissions, no preemption possible, and nothing that needs the ids on the host to sample (grammar
+        masks, penalties) or to decide whether there is a next token at all (the limits)."""
+        sched = self.scheduler
+        if not self._async or sched.waiting or not sched.running:
+            return False
+        if len(sched.running) > self.block_manager.num_available or len(sched.running) > sched.max_num_seqs \
+                or len(sched.running) > sched.max_num_batched_tokens:
+            return False
+        if self.runner.graphs is not None and not self.runner.graphs.fits(len(sched.running)):
+            return False
+        for seq in sched.running:
+            p = seq.params
+            if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
+                    or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                return False
+        return True
+
+    def _launch_decode(self) -> _InFlight:
+        scheduled = self.scheduler.schedule()
+        now = time.monotonic()
+        for item in scheduled:
+            if item.seq.scheduled_time is None:
+                item.seq.scheduled_time = now
+        previous = self._inflight
+        logits = self.runner.run(scheduled, (previous.sample.tokens, previous.rows) if previous else None)
+        seqs = [item.seq for item in scheduled]
+        sample = self.sampler.launch(logits[:, : self._sample_vocab], seqs)
+        positions = []
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+            positions.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        return _InFlight(seqs, positions, sample, {seq.request_id: row for row, seq in enumerate(seqs)})
+
+    def _resolve(self, inflight: _InFlight) -> list[RequestOutput]:
+        result = inflight.sample.result()
+        outputs = []
+        for i, (seq, position) in enumerate(zip(inflight.seqs, inflight.positions)):
+            if self._seqs.get(seq.request_id) is not seq:
+                continue  # finished by an earlier token, or aborted, while this step was in flight
+            top = result.top_logprobs[i]
+            outputs.append(self._append_token(seq, result.tokens[i], result.logprobs[i], top, position))
+            if seq.status is not SeqStatus.FINISHED:
+                self.block_manager.register_computed(seq)
+        return outputs
+
+    def _step_sync(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -248,9 +324,15 @@ class LLMEngine:
             outputs.append(self._append_token(seq, result.tokens[i], result.logprobs[i], result.top_logprobs[i]))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs | None = None
-                      ) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs | None = None,
+                      position: int | None = None) -> RequestOutput:
+        """`position`: the PLACEHOLDER this token replaces (async scheduling); later ones may follow it."""
+        if position is None:
+            position = len(seq.token_ids)
+            seq.token_ids.append(token)
+        else:
+            seq.token_ids[position] = token
+        num_output = position + 1 - seq.num_prompt_tokens
         seq.output_logprobs.append(logprob)
         self._generated += 1
         if seq.first_token_time is None:
@@ -258,7 +340,7 @@ class LLMEngine:
         params = seq.params
         tracker = self._text.get(seq.request_id)
         # Before min_tokens, a stop string does not end the request either (as vLLM).
-        text, stopped = tracker.push(token, check_stop=len(seq.output_ids) > params.min_tokens) \
+        text, stopped = tracker.push(token, check_stop=num_output > params.min_tokens) \
             if tracker is not None else ("", False)
         reason = None
         if seq.grammar is not None and not seq.grammar.accept_token(token):
@@ -271,7 +353,7 @@ class LLMEngine:
             reason = "stop"
         elif token in params.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_output >= params.max_tokens or position + 1 >= self.max_model_len:
             reason = "length"
         out = RequestOutput(
             request_id=seq.request_id,
@@ -280,11 +362,11 @@ class LLMEngine:
             new_top_logprobs=[top] if top is not None and params.top_logprobs else [],
             text=text,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=len(seq.output_ids),
+            num_output_tokens=num_output,
             # A recompute (preempted or resumed request) may also hit blocks of its output.
             num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens),
         )
-        if params.prompt_logprobs is not None and len(seq.output_ids) == 1:
+        if params.prompt_logprobs is not None and num_output == 1:
             out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
         if seq.prefill_only:
             # Prefill-only: pin the prompt's blocks for the KV transfer; release() frees them.
@@ -298,6 +380,7 @@ class LLMEngine:
             self._report(seq, out.finish_reason)
             return out
         if reason is not None:
+            del seq.token_ids[position + 1:]  # the placeholder of a step queued after this token, if any
             self._finish(seq, reason)
             out.finished, out.finish_reason = True, reason
             out.text += self._forget(seq.request_id)
@@ -355,6 +438,10 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
+        if self._inflight is not None:
+            # Blocks freed while a step is in flight may still take that step's KV writes (stream-ordered for
+            # local work, but a remote writer is not on this stream): let the step finish first.
+            self._inflight.sample.wait()
         # The prefill worker's first token obeyed the grammar too; commit_remote() advances this matcher with it.
         seq = Sequence(request_id, list(prompt_ids), params, grammar=self._matcher(params))
         if not self.block_manager.can_allocate(seq):

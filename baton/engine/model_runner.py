@@ -11,6 +11,10 @@ import torch
 from baton.engine.attention import build_batch
 from baton.engine.model import CausalLM
 from baton.engine.scheduler import ScheduledSeq
+from baton.engine.sequence import PLACEHOLDER
+
+# The previous step's sampled ids, still on the device, and the row of each request in them.
+PreviousTokens = tuple[torch.Tensor, dict[str, int]]
 
 
 class ModelRunner:
@@ -46,13 +50,17 @@ class ModelRunner:
             prompt_indices.extend(first + p - start for p in item.prompt_positions)
         return ids, positions, queries, logits_indices, prompt_indices
 
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], previous: PreviousTokens | None = None) -> torch.Tensor:
         """Computes every scheduled token; returns logits (float32, on the model's device): one row per request
-        that samples, then one per `prompt_positions` of each request in order (prompt logprobs)."""
+        that samples, then one per `prompt_positions` of each request in order (prompt logprobs).
+
+        A token id not known on the host yet (PLACEHOLDER: sampled by the step still in flight) is taken on the
+        device from `previous`, so this step can be queued before that one's ids reach the host."""
         ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
+        fills = _fills(scheduled, ids, previous)
         if self.graphs is not None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
-            return self.graphs.replay(ids, positions, queries)
+            return self.graphs.replay(ids, positions, queries, fills)
         if self.device.type == "cuda":
             from baton.engine.attention_triton import build_triton_batch
 
@@ -61,8 +69,31 @@ class ModelRunner:
         else:
             batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return self.model(as_tensor(ids), as_tensor(positions), self.kv_cache, batch,
+        input_ids = as_tensor(ids)
+        if fills is not None:
+            _fill(input_ids, fills)
+        return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
                           as_tensor(logits_indices + prompt_indices))
+
+
+def _fills(scheduled: list[ScheduledSeq], ids: list[int], previous: PreviousTokens | None):
+    """(flat positions, device tensor of their ids) for the placeholder ids of this batch, or None."""
+    at = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
+    if not at:
+        return None
+    if previous is None:
+        raise RuntimeError("a placeholder token id without the step that samples it")
+    tokens, rows = previous
+    owner: list[str] = []
+    for item in scheduled:  # each placeholder belongs to the request whose flat span holds it
+        owner += [item.seq.request_id] * item.num_tokens
+    src = [rows[owner[i]] for i in at]
+    return at, tokens[torch.tensor(src, dtype=torch.long, device=tokens.device)]
+
+
+def _fill(input_ids: torch.Tensor, fills) -> None:
+    at, values = fills
+    input_ids[torch.tensor(at, dtype=torch.long, device=input_ids.device)] = values
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -120,7 +151,7 @@ class DecodeGraphs:
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize(self.runner.device)
 
-    def replay(self, ids: list[int], positions: list[int], queries) -> torch.Tensor:
+    def replay(self, ids: list[int], positions: list[int], queries, fills=None) -> torch.Tensor:
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         if b not in self.graphs:
@@ -141,6 +172,8 @@ class DecodeGraphs:
         self.slots[:b].copy_(host[2, :b], non_blocking=True)
         self.context_lens[:b].copy_(host[3, :b], non_blocking=True)
         self.block_tables[:n].copy_(tables[:n], non_blocking=True)
+        if fills is not None:
+            _fill(self.ids, fills)
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

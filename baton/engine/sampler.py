@@ -33,6 +33,40 @@ class SampleResult:
     prompt_top_logprobs: list[TopLogprobs]  # top_k per prompt row; callers cut to each request's own k
 
 
+class PendingSample:
+    """A launched sampling step: `tokens` on the device at once, everything else on the host after result()."""
+
+    def __init__(self, tokens: torch.Tensor, flat: torch.Tensor, event, wants: list[int], k: int,
+                 prompt: PromptScoring | None) -> None:
+        self.tokens = tokens
+        self._flat, self._event, self._wants, self._k, self._prompt = flat, event, wants, k, prompt
+
+    def wait(self) -> None:
+        """Blocks until the step's device work (and its copy to the host) is done."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def result(self) -> SampleResult:
+        self.wait()
+        flat = self._flat.tolist()
+        n, k, prompt = len(self._wants), self._k, self._prompt
+        out = SampleResult([int(t) for t in flat[:n]], flat[n:2 * n], [[] for _ in range(n)], [], [])
+        at = 2 * n
+        if k:
+            ids, values = flat[at:at + n * k], flat[at + n * k:at + 2 * n * k]
+            at += 2 * n * k
+            for row, want in enumerate(self._wants):
+                out.top_logprobs[row] = [(int(ids[row * k + j]), values[row * k + j]) for j in range(want)]
+        if prompt is not None:
+            m, pk = len(prompt.targets), prompt.top_k
+            out.prompt_logprobs = flat[at:at + m]
+            at += m
+            ids, values = flat[at:at + m * pk], flat[at + m * pk:at + 2 * m * pk]
+            out.prompt_top_logprobs = [[(int(ids[i * pk + j]), values[i * pk + j]) for j in range(pk)]
+                                       for i in range(m)]
+        return out
+
+
 class Sampler:
     def __init__(self, seed: int = 0, eos_token_ids: Iterable[int] = ()) -> None:
         self._seed = seed
@@ -59,6 +93,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], prompt: PromptScoring | None = None) -> SampleResult:
         """logits: [n, vocab], one row per sequence that samples now."""
+        return self.launch(logits, seqs, prompt).result()
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], prompt: PromptScoring | None = None
+               ) -> "PendingSample":
+        """Queues the sampling on the logits' device and starts the one device-to-host copy; the host waits only
+        in PendingSample.result(). The sampled ids stay on the device too (`tokens`), so a next step can be
+        launched from them before they reach the host."""
         logits = logits.float()
         raw = torch.log_softmax(logits, dim=-1)
         logits = self._process(logits, seqs)
@@ -80,24 +121,15 @@ class Sampler:
                 ptop = scored.topk(prompt.top_k, dim=-1)
                 parts += [ptop.indices.double().flatten(), ptop.values.double().flatten()]
         # float64 holds every token id exactly, so one copy (one host sync) brings everything back.
-        flat = torch.cat(parts).tolist()
-        n = len(seqs)
-        out = SampleResult([int(t) for t in flat[:n]], flat[n:2 * n], [[] for _ in seqs], [], [])
-        at = 2 * n
-        if k:
-            ids, values = flat[at:at + n * k], flat[at + n * k:at + 2 * n * k]
-            at += 2 * n * k
-            for row, seq in enumerate(seqs):
-                want = seq.params.top_logprobs
-                out.top_logprobs[row] = [(int(ids[row * k + j]), values[row * k + j]) for j in range(want)]
-        if prompt is not None:
-            m, pk = len(prompt.targets), prompt.top_k
-            out.prompt_logprobs = flat[at:at + m]
-            at += m
-            ids, values = flat[at:at + m * pk], flat[at + m * pk:at + 2 * m * pk]
-            out.prompt_top_logprobs = [[(int(ids[i * pk + j]), values[i * pk + j]) for j in range(pk)]
-                                       for i in range(m)]
-        return out
+        flat = torch.cat(parts)
+        event = None
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flat = host
+        return PendingSample(tokens, flat, event, [s.params.top_logprobs for s in seqs], k, prompt)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Logit bias, min_tokens and penalties, batched over the rows that ask for them."""

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from baton.engine.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled by a step still running on the device (async scheduling).
+PLACEHOLDER = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
