@@ -1,0 +1,182 @@
+"""Tool calls through a `baton up` cluster (1 prefill + 1 decode worker, a random-weight Qwen2-style model whose chat
+template renders `tools`) and the official openai client: with tool_choice "required" or a named function the
+engine's grammar makes every call's arguments validate, at temperature 1, streamed or not, whether the prefill
+worker (a long prompt) or the decode worker itself (a short one) ran the prompt and sampled the first token."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import redis
+
+from baton.devtools.make_model import make_model
+from baton.engine.tokenizer import Tokenizer
+from tests.e2e.conftest import start_cluster
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+    "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}
+BOOKING = {"type": "object", "properties": {
+    "guests": {"type": "integer", "minimum": 1, "maximum": 9},
+    "price": {"type": "number", "minimum": 0, "maximum": 99.5},
+    "when": {"type": "object", "properties": {"day": {"type": "integer", "minimum": 1, "maximum": 31},
+                                              "late": {"type": "boolean"}},
+             "required": ["day", "late"], "additionalProperties": False},
+    "tags": {"type": "array", "items": {"enum": ["quiet", "view"]}, "maxItems": 2}},
+    "required": ["guests", "price", "when", "tags"], "additionalProperties": False}
+SCHEMAS = {"get_weather": WEATHER, "book_table": BOOKING}
+TOOLS = [{"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": schema}}
+         for name, schema in SCHEMAS.items()]
+SHORT = [{"role": "user", "content": "Book a table with a view."}]
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("tools") / "tools-qwen2", arch="qwen2", layers=2, hidden=64, heads=4,
+                      kv_heads=2, vocab=512, max_position=2048, seed=23)
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return Tokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def threshold(tok):
+    """Over the short prompt with its tools: that one prefills on the decode worker, a longer one remotely."""
+    return len(tok.encode_chat(SHORT, tools=TOOLS)) + 16
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, threshold, tmp_path_factory):
+    cluster = start_cluster(model_dir, tmp_path_factory.mktemp("tools-up"), prefill=1, decode=1,
+                            local_prefill_threshold=threshold)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def long_messages(tok, threshold: int, tag: str) -> list[dict]:
+    """A user turn longer than the threshold on its own, unique per `tag` so no worker has it cached."""
+    filler = f"Request {tag}: please plan the evening carefully. "
+    n = (threshold + 32) // len(tok.encode(filler, add_special_tokens=False)) + 1
+    return [{"role": "user", "content": filler * n}]
+
+
+def prefill_worker_prompt_tokens(cluster) -> float:
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    for key in r.scan_iter(match="baton:worker:*"):
+        rec = r.hgetall(key)
+        if rec["pool"] == "prefill":
+            text = httpx.get(f"http://{rec['http_address']}/metrics", timeout=5).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("baton_worker_prompt_tokens_total"))
+    raise AssertionError("no prefill worker registered")
+
+
+def tool_choice_arg(choice: str):
+    return choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+
+
+def ask(client, cluster, messages, choice: str, seed: int, stream: bool, **kw) -> tuple[list[dict], str, str | None]:
+    """(calls as [{"name", "arguments"}], finish_reason, content), streamed or whole."""
+    args = {"model": cluster.model_name, "messages": messages, "tools": TOOLS, "tool_choice": tool_choice_arg(choice),
+            "temperature": 1.0, "seed": seed, "max_tokens": 300, **kw}
+    if not stream:
+        resp = client.chat.completions.create(**args)
+        msg = resp.choices[0].message
+        calls = [{"name": c.function.name, "arguments": c.function.arguments, "id": c.id} for c in msg.tool_calls or []]
+        return calls, resp.choices[0].finish_reason, msg.content
+    calls, finish, content = [], None, ""
+    for chunk in client.chat.completions.create(stream=True, **args):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                if d.id is not None:
+                    assert d.index == len(calls) and d.type == "function" and d.function.name
+                    calls.append({"name": d.function.name, "arguments": d.function.arguments or "", "id": d.id})
+                else:
+                    assert d.function.name is None
+                    calls[d.index]["arguments"] += d.function.arguments
+            finish = c.finish_reason or finish
+    return calls, finish, content or None
+
+
+def check_calls(calls: list[dict], choice: str) -> None:
+    assert calls, "no tool call"
+    if choice != "required":
+        assert [c["name"] for c in calls] == [choice]
+    assert len({c["id"] for c in calls}) == len(calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", "get_weather", "book_table"])
+def test_required_and_named_calls_validate_with_remote_and_local_prefill(client, cluster, tok, threshold, choice,
+                                                                         stream):
+    for seed in SEEDS:
+        for remote in (True, False):
+            before = prefill_worker_prompt_tokens(cluster)
+            messages = long_messages(tok, threshold, f"{choice}-{stream}-{seed}") if remote else SHORT
+            calls, finish, content = ask(client, cluster, messages, choice, seed, stream,
+                                         parallel_tool_calls=seed != 0)
+            assert finish == "tool_calls" and content is None
+            check_calls(calls, choice)
+            if seed == 0:
+                assert len(calls) == 1  # parallel_tool_calls false
+            ran_remote = prefill_worker_prompt_tokens(cluster) > before
+            assert ran_remote == remote
+
+
+def test_tools_reach_the_prompt_through_the_chat_template(client, cluster, tok):
+    """auto: the template renders the tools; a random model calls none, so its text is the content. none: the tools
+    are left out of the prompt."""
+    for choice, tools in (("auto", TOOLS), ("none", None)):
+        resp = client.chat.completions.create(model=cluster.model_name, messages=SHORT, tools=TOOLS, tool_choice=choice,
+                                              max_tokens=8, temperature=0)
+        assert resp.usage.prompt_tokens == len(tok.encode_chat(SHORT, tools=tools))
+        assert resp.choices[0].message.tool_calls is None and resp.choices[0].message.content
+        assert resp.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_mid_json_is_length_not_a_call(client, cluster, stream):
+    calls, finish, content = ask(client, cluster, SHORT, "book_table", 0, stream, max_tokens=4)
+    assert finish == "length"
+    if not stream:  # streamed, the first fragments are out already; whole, a cut call is no call
+        assert calls == [] and content
+        with pytest.raises(ValueError):
+            json.loads(content)
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice",
+     "'fly', which is not among the tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}, "tools",
+     r"tools\[0\].function.parameters \(f\)"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}]}, "tools",
+     "parameters"),
+    ({"tools": None, "tool_choice": "auto"}, "tool_choice", "only allowed when tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "tools.0.type"),
+    ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "constrains the output"),
+])
+def test_bad_tools_are_a_400_naming_the_problem(cluster, body, param, message):
+    payload = {"model": cluster.model_name, "messages": SHORT, "tools": TOOLS, **body}
+    resp = httpx.post(f"{cluster.url}/v1/chat/completions", json={k: v for k, v in payload.items() if v is not None},
+                      timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param
+    assert re.search(message, error["message"]), error["message"]
