@@ -59,20 +59,22 @@ def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int) ->
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
     outputs = {rid: [] for rid in ids}
-    timed_steps, timed, tokens = 0, 0.0, 0
-    while engine.has_unfinished():
-        decode_only = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running) \
-            and not engine.scheduler.waiting
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t0
-        if decode_only and len(outs) == batch:
-            timed_steps += 1
-            timed += dt
-            tokens += len(outs)
+
+    def collect(outs) -> int:
         for out in outs:
             outputs[out.request_id].extend(out.new_token_ids)
+        return sum(len(out.new_token_ids) for out in outs)
+
+    # Prefill (and the mixed steps) first; then the decode-only run is timed as a whole: a sync per step would
+    # stall async scheduling, which queues each step while the previous one still runs.
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        collect(engine.step())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    while engine.has_unfinished():
+        tokens += collect(engine.step())
+    timed = time.perf_counter() - t0
     return tokens / timed if timed else float("nan"), [outputs[r] for r in ids]
 
 
@@ -144,7 +146,7 @@ def agreement(a: list[int], b: list[int]) -> int:
 
 
 def profile_step(engine: LLMEngine, batch: int, context: int) -> list[tuple[str, float, int]]:
-    """Kernel time of a few decode steps: (kernel, ms per step, calls per step), the ten largest."""
+    """Kernel time of a few decode steps: (kernel, ms per step, calls per step), the largest, then all kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -153,13 +155,16 @@ def profile_step(engine: LLMEngine, batch: int, context: int) -> list[tuple[str,
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or engine.scheduler.waiting:
         engine.step()
+    before = engine.stats().generated_tokens
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        steps = 0
         while engine.has_unfinished():
             engine.step()
-            steps += 1
-    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
-    return [(e.key[:60], e.device_time_total / 1e3 / steps, e.count // steps) for e in rows]
+    steps = max(1, (engine.stats().generated_tokens - before) // batch)  # forward passes, not step() calls
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events if e.device_time_total > 0 and "Memcpy" not in e.key
+                and not e.key.startswith(("cuda", "Command Buffer")))
+    rows = [(e.key[:60], e.device_time_total / 1e3 / steps, e.count // steps) for e in events[:14]]
+    return rows + [("all kernels", total / 1e3 / steps, sum(c for _, _, c in rows))]
 
 
 def main() -> int:
@@ -215,6 +220,14 @@ def main() -> int:
             * prefill_tokens * prefill_tokens  # GEMMs + causal attention (QK and PV, half the square each)
         prefill = dict(tokens=prefill_tokens, seconds=pt, tflops=flops / pt / 1e12, of_matmul_peak=flops / pt / peak)
         print(f"prefill {prefill_tokens}: {pt * 1e3:.1f} ms, {prefill['of_matmul_peak']:.0%} of matmul peak", flush=True)
+        # What async scheduling buys: the same batch-1 run with the host waiting for each step's ids.
+        engine.async_scheduling = False
+        sync_rate, _ = decode_rate(engine, 1, contexts[0], args.new_tokens)
+        engine.async_scheduling = True
+        async_rate = next((r["tok_s"] for r in rows if r.get("batch") == 1 and r["context"] == contexts[0]
+                           and "tok_s" in r), float("nan"))
+        print(f"batch 1 ctx {contexts[0]}: synchronous steps {sync_rate:.0f} tok/s, async scheduling "
+              f"{async_rate:.0f} tok/s", flush=True)
         profiles = {b: profile_step(engine, b, 1024) for b in (1, 64) if b <= max(batches)}
         hf_rows = []
         if not args.no_hf:
@@ -256,9 +269,11 @@ def main() -> int:
         if r["baton_over_hf"]:
             head[f"b{r['batch']}_over_hf_static"] = round(r["baton_over_hf"], 3)
     head["prefill_4k_of_matmul_peak"] = round(prefill["of_matmul_peak"], 3)
+    head["b1_async_over_sync"] = round(async_rate / sync_rate, 3)
     emit("engine_gpu", head, {"model": "quick" if args.quick else "llama3-8b-shaped", "device":
                               torch.cuda.get_device_name(), "startup_s": startup, "decode": rows, "prefill": prefill,
-                              "transformers": hf_rows, "profiles": {str(k): v for k, v in profiles.items()}},
+                              "transformers": hf_rows,
+                              "b1_sync_tok_s": sync_rate, "profiles": {str(k): v for k, v in profiles.items()}},
          out=args.out)
     return 0
 

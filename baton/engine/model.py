@@ -17,8 +17,45 @@ _ONEDNN_LINEAR = (os.environ.get("BATON_ONEDNN_LINEAR", "1") != "0" and torch.ba
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor) -> torch.Tensor:
+# Decode GEMMs of a few rows on the GPU: kernels/gemv.py where it measured faster than cuBLAS on this shape.
+_GEMV = os.environ.get("BATON_GEMV", "1") != "0"
+_gemv_plans: dict[tuple, tuple[int, int, int] | None] = {}
+
+
+def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool):
+    if not (_GEMV and x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1):
+        return None
+    from baton.kernels.gemv import MAX_ROWS, pick_config
+
+    m = x.shape[0]
+    if not 0 < m <= MAX_ROWS:
+        return None
+    rows = 1 << (m - 1).bit_length()
+    key = (rows, *weight.shape, weight.dtype, weight.device, bias is not None, silu_mul)
+    if key not in _gemv_plans:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # timed on the warm-up run before each capture; never inside one
+        _gemv_plans[key] = pick_config(rows, weight, bias, silu_mul)
+    return _gemv_plans[key]
+
+
+def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    """x @ W^T (+ b). silu_mul: x holds gate||up and the layer takes silu(gate) * up (SwiGLU's down proj)."""
     weight, bias = (layer, None) if isinstance(layer, torch.Tensor) else (layer.weight, layer.bias)
+    plan = _gemv_plan(x, weight, bias, silu_mul)
+    if plan is not None:
+        from baton.kernels.gemv import gemv
+
+        return gemv(x, weight, bias, silu_mul=silu_mul, config=plan)
+    if silu_mul:
+        if x.is_cuda:
+            from baton.kernels.silu_mul import silu_mul as silu_mul_kernel
+
+            x = silu_mul_kernel(x)
+        else:
+            gate, up = x.split(x.shape[-1] // 2, dim=-1)
+            x = F.silu(gate) * up
     if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -149,7 +186,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """gate and up come out of one merged projection; silu(gate) * up is one kernel on the GPU."""
+    """gate and up come out of one merged projection; silu(gate) * up is fused into the down projection (decode
+    on the GPU) or one kernel before it (larger GPU batches)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -158,15 +196,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj)
-        if gate_up.is_cuda:
-            from baton.kernels.silu_mul import silu_mul
-
-            act = silu_mul(gate_up)
-        else:
-            gate, up = gate_up.split(self.intermediate_size, dim=-1)
-            act = F.silu(gate) * up
-        return linear(act, self.down_proj)
+        return linear(linear(x, self.gate_up_proj), self.down_proj, silu_mul=True)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,115 @@
+"""Skinny GEMM for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a handful of rows (M <= 4).
+
+At decode batch 1 a linear layer is a pure stream of its weight bytes; cuBLAS's kernels for these shapes leave
+bandwidth unused on the narrow projections (qkv, o) and add a split-K reduction on the long ones (down).
+Here each program owns BLOCK_N whole output columns and walks K itself: one pass over the weight, no second
+kernel. With `silu_mul`, x is the MLP's gate||up [M, 2K] and the activation silu(gate) * up is computed on the
+fly (rounded to x's dtype, as the separate kernel stores it), so the down projection needs no kernel before it.
+Accumulation is float32. `pick_config` times the candidate configs against cuBLAS on the real shape, once."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_ROWS = 4  # above this, tensor-core GEMMs win
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    col_ok = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+            xm = row_ok[:, None]
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+            xm = row_ok[:, None] & (ks < K)[None, :]
+        if SILU_MUL:
+            gate = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# (BLOCK_N, BLOCK_K, num_warps): few enough to compile and time at start-up, varied enough for every projection.
+CONFIGS = ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
+         config: tuple[int, int, int] = (8, 256, 4), out: torch.Tensor | None = None) -> torch.Tensor:
+    m = x.shape[0]
+    n, k = weight.shape
+    assert 0 < m <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+    assert x.shape[1] == (2 * k if silu_mul else k), (tuple(x.shape), tuple(weight.shape), silu_mul)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config
+    even = n % block_n == 0 and k % block_k == 0
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, num_warps=warps,
+    )
+    return out
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   silu_mul: bool = False) -> torch.Tensor:
+    if silu_mul:
+        gate, up = x.float().chunk(2, dim=-1)
+        x = (F.silu(gate) * up).to(x.dtype)
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def _time_ms(fn, reps: int = 25) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool
+                ) -> tuple[int, int, int] | None:
+    """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
+    kernel, for silu_mul) is as fast. Runs kernels: call it outside CUDA-graph capture."""
+    k = weight.shape[1]
+    x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(weight.dtype)
+
+    def baseline():
+        h = x
+        if silu_mul:
+            from baton.kernels.silu_mul import silu_mul as act
+
+            h = act(x)
+        return F.linear(h, weight, bias)
+
+    best, best_ms = None, _time_ms(baseline)
+    for config in CONFIGS:
+        ms = _time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c))
+        if ms < 0.97 * best_ms:  # a clear win only: equal time is not worth leaving cuBLAS for
+            best, best_ms = config, ms
+    return best

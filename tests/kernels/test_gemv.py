@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import assert_close, needs_cuda, poisoned
+
+from baton.kernels.gemv import CONFIGS, gemv, gemv_reference, pick_config
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("n,k,config", [(24, 64, (8, 32, 4)), (21, 80, (8, 32, 4)), (16, 48, (4, 16, 2))])
+def test_gemv_matches_reference(device, m, silu_mul, n, k, config):
+    """Even and ragged shapes (masks), every row count, with and without the fused activation."""
+    weight = torch.randn(n, k, device=device)
+    x = torch.randn(m, 2 * k if silu_mul else k, device=device)
+    out = poisoned(m, n, dtype=torch.float32, device=device)
+    gemv(x, weight, silu_mul=silu_mul, config=config, out=out)
+    assert_close(out, gemv_reference(x, weight, silu_mul=silu_mul))
+
+
+def test_gemv_bias_and_strided_rows(device):
+    """A bias (qkv of Qwen2) and an x whose rows are a view with a row stride larger than K."""
+    weight, bias = torch.randn(32, 64, device=device), torch.randn(32, device=device)
+    wide = torch.randn(2, 100, device=device)
+    x = wide[:, :64]
+    assert_close(gemv(x, weight, bias, config=(8, 32, 4)), gemv_reference(x, weight, bias))
+
+
+def test_gemv_bf16_rounds_the_fused_activation_like_the_separate_kernel(device):
+    """In bf16, silu(gate) * up is rounded to bf16 before the dot product, as the unfused path stores it."""
+    from baton.kernels.silu_mul import silu_mul
+
+    weight = torch.randn(16, 64, device=device).to(torch.bfloat16)
+    x = torch.randn(1, 128, device=device).to(torch.bfloat16)
+    fused = gemv(x, weight, silu_mul=True, config=(8, 32, 4))
+    separate = gemv(silu_mul(x, block=16), weight, config=(8, 32, 4))
+    assert_close(fused, separate)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,silu", [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
+                                      (4096, 14336, True), (128256, 4096, False)])
+@pytest.mark.parametrize("m", [1, 4])
+def test_llama3_8b_projections(m, n, k, silu):
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+    x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+    for config in CONFIGS:
+        assert_close(gemv(x, weight, silu_mul=silu, config=config), gemv_reference(x, weight, silu_mul=silu))
+    pick_config(m, weight, None, silu)  # runs: returns a config or None (cuBLAS)
