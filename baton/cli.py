@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "baton.router.cli",
     "baton.prefill_worker.cli",
     "baton.decode_worker.cli",
+    "baton.embed_worker.cli",
     "baton.controlplane.cli",
 )
 

@@ -142,7 +142,10 @@ def up_cmd(
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template, or a file "
                                                 "holding one; replaces the model's own."),
     prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
-    decode: int = typer.Option(1, "--decode", min=1, help="Decode workers."),
+    decode: int = typer.Option(1, "--decode", min=0, help="Decode workers (0: an embedding-only cluster)."),
+    embed_workers: int = typer.Option(0, "--embed-workers", min=0, help="Embedding workers (POST /v1/embeddings)."),
+    max_batch_delay_ms: Optional[float] = typer.Option(None, "--max-batch-delay-ms", min=0, help="Embedding "
+                                                       "workers: longest wait for more inputs per forward (5)."),
     max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="Let the control plane scale prefill "
                                               "up to this many workers (default: --prefill)."),
     max_decode: Optional[int] = typer.Option(None, "--max-decode", help="Likewise for decode workers."),
@@ -172,11 +175,16 @@ def up_cmd(
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
     if gpu_memory_utilization is not None:
         workers["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_batch_delay_ms is not None:
+        workers["max_batch_delay_ms"] = max_batch_delay_ms
+    if decode == 0 and embed_workers == 0:
+        typer.echo("error: --decode 0 needs --embed-workers N (a cluster must serve something)", err=True)
+        raise typer.Exit(2)
     try:
         cluster = LocalCluster(UpOptions(
             model=model, revision=revision, served_model_name=served_model_name, host=host,
             chat_template=chat_template, block_size=block_size, max_model_len=max_model_len, worker_settings=workers,
-            prefill=prefill, decode=decode, max_prefill=max_prefill, max_decode=max_decode, port=port,
+            prefill=prefill, decode=decode, embed=embed_workers, max_prefill=max_prefill, max_decode=max_decode, port=port,
             grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
             kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
             ray_address=ray_address, run_dir=run_dir))
@@ -187,7 +195,7 @@ def up_cmd(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode workers, model {cluster.model_dir}, "
+        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode + {embed_workers} embed workers, model {cluster.model_dir}, "
                    f"logs in {cluster.run_dir}")
         cluster.start()
         typer.echo(f"""[baton] ready at {cluster.url}  (OpenAI API; gRPC on :{grpc_port}; control plane on \

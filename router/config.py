@@ -50,6 +50,8 @@ class RouterConfig(ProcessSettings):
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest HTTP request body accepted (413 beyond)")
     tool_call_parser: str = Field("hermes", description="how chat answers hold tool calls (vLLM's "
                                                           "--tool-call-parser): hermes | llama3_json")
+    max_embedding_inputs: int = Field(2048, ge=1, description="most inputs one /v1/embeddings request may carry "
+                                                               "(400 beyond)")
     max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for (400 "
                                                                  "beyond); default: what the context leaves")
     api_key: SecretStr | None = Field(

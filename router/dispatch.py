@@ -84,7 +84,8 @@ class Dispatcher:
         excluded = {"decode": excluded_decode, "prefill": excluded_prefill}
         # A worker that refused a connection stays in Redis until its TTL runs out; skip it until then.
         workers = [self.inflight.adjust(worker_state(w, healthy=self._suspect_until.get(w.worker_id, 0.0) <= now))
-                   for w in self._in_region(self.routable()) if w.worker_id not in excluded[w.pool]]
+                   for w in self._in_region(self.routable())
+                   if w.pool in excluded and w.worker_id not in excluded[w.pool]]  # embed workers never generate
         route = select_route(self._policy, self._decider, request, workers)
         for selection in (route.decode, route.prefill):
             if selection is not None:

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from baton.router.dispatch import new_request_id
+from baton.router.embeddings import add_embedding_routes
 from baton.router.limits import RequestLimits
 from baton.router.openai_protocol import (
     APIError,
@@ -108,9 +109,10 @@ def create_app(service: RouterService) -> FastAPI:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         dispatcher = service.dispatcher
-        decodes = len(dispatcher.routable("decode"))
-        body = {"ready": decodes > 0 and service.registry.connected, "decode_workers": decodes,
-                "prefill_workers": len(dispatcher.routable("prefill")), "redis": service.registry.connected,
+        decodes, embeds = len(dispatcher.routable("decode")), len(dispatcher.routable("embed"))
+        body = {"ready": (decodes > 0 or embeds > 0) and service.registry.connected, "decode_workers": decodes,
+                "prefill_workers": len(dispatcher.routable("prefill")), "embed_workers": embeds,
+                "redis": service.registry.connected,
                 "block_size": service.config.block_size,
                 "refused_workers": [{"worker_id": w.worker_id, "pool": w.pool, "block_size": w.block_size,
                                      "reason": f"KV block size {w.block_size}, the router's is "
@@ -180,4 +182,5 @@ def create_app(service: RouterService) -> FastAPI:
                         tools=body.tool_use.output(parser) if body.tool_use is not None else None)
         return await respond(service, request, rid, choices, how)
 
+    app.state.embeddings = add_embedding_routes(app, service, guarded)
     return app

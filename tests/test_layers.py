@@ -15,7 +15,8 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TOP = {"baton.cli", "baton.engine_cli", "baton.devtools"}
-PROCESSES = {"baton.router", "baton.controlplane", "baton.prefill_worker", "baton.decode_worker"}
+PROCESSES = {"baton.router", "baton.controlplane", "baton.prefill_worker", "baton.decode_worker",
+             "baton.embed_worker"}
 WORKER_HOST = "baton.worker"
 RUNTIME = {"baton.engine", "baton.kernels"}
 # Everything else under baton is the bottom: contracts, proto and the plumbing every process shares.
@@ -135,7 +136,8 @@ def violations(files: dict[pathlib.Path, str], root: pathlib.Path = ROOT) -> lis
             elif src_floor == "process" and dst_floor == "process":
                 found.append(f"{where} (a process package never imports a sibling)")
             elif src_floor == "process" and dst == WORKER_HOST and src not in ("baton.prefill_worker",
-                                                                               "baton.decode_worker"):
+                                                                               "baton.decode_worker",
+                                                                               "baton.embed_worker"):
                 found.append(f"{where} (only the workers build on the worker host)")
     return found
 

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 2.0
 TTL_S = 10.0
-POOLS = ("prefill", "decode")
+POOLS = ("prefill", "decode")  # the generation pools
+EMBED_POOL = "embed"  # embedding workers: prefill-only forwards, no KV kept
+WORKER_POOLS = (*POOLS, EMBED_POOL)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class WorkerRecord:
     heartbeat_at: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.pool not in POOLS:
-            raise ValueError(f"worker {self.worker_id!r}: pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pool not in WORKER_POOLS:
+            raise ValueError(f"worker {self.worker_id!r}: pool must be one of {WORKER_POOLS}, got {self.pool!r}")
         if not self.worker_id or not self.grpc_address:
             raise ValueError("worker_id and grpc_address must be non-empty")
 

@@ -21,7 +21,7 @@ from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
 from baton.contracts.keys import WORKER_KEY_PREFIX
-from baton.contracts.worker_registry import POOLS, WorkerRecord
+from baton.contracts.worker_registry import EMBED_POOL, POOLS, WORKER_POOLS, WorkerRecord
 from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
 from baton.devtools.fetch_model import DEFAULT_MODEL, models_cache_dir, resolve_any_model
 
@@ -59,6 +59,7 @@ class UpOptions:
     worker_settings: dict = field(default_factory=dict)
     prefill: int = 1
     decode: int = 1
+    embed: int = 0  # embedding workers, started here (not scaled by the control plane)
     max_prefill: int | None = None
     max_decode: int | None = None
     port: int = 8000
@@ -175,6 +176,10 @@ class LocalCluster:
                                      "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
                     env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
         self._spawn("router", [*self._baton(), "router", *self.router_args()])
+        for i in range(self.opts.embed):
+            self._spawn(f"embed-{i}", [*self._baton(), "embed-worker", "--model", str(self.model_dir), "--redis-url",
+                                       self.redis_url, "--worker-id", f"embed-{i}-{secrets.token_hex(3)}",
+                                       "--grpc-port", "0", "--http-port", "0", *self.worker_args()])
         self.wait_ready()
 
     def router_args(self) -> list[str]:
@@ -193,7 +198,7 @@ class LocalCluster:
 
     def worker_args(self) -> list[str]:
         o = self.opts
-        most = max(o.prefill, o.max_prefill or 0) + max(o.decode, o.max_decode or 0)
+        most = max(o.prefill, o.max_prefill or 0) + max(o.decode, o.max_decode or 0) + o.embed
         settings = {"gpu_memory_utilization": round(0.9 / most, 3), "num_kv_blocks": o.num_kv_blocks,
                     "torch_threads": o.torch_threads, "kv_transport": o.kv_transport, **o.worker_settings}
         args = self._shared_args()
@@ -259,7 +264,7 @@ class LocalCluster:
         return records
 
     def registered(self) -> dict[str, int]:
-        counts = dict.fromkeys(POOLS, 0)
+        counts = dict.fromkeys(WORKER_POOLS, 0)
         for record in self.workers():
             counts[record.pool] += 1
         return counts
@@ -275,7 +280,8 @@ class LocalCluster:
                 ready = httpx.get(f"{self.url}/ready", timeout=1).status_code == 200
             except httpx.HTTPError:
                 ready = False
-            if ready and counts["prefill"] >= self.opts.prefill and counts["decode"] >= self.opts.decode:
+            if ready and all(counts[p] >= n for p, n in (("prefill", self.opts.prefill), ("decode", self.opts.decode),
+                                                          (EMBED_POOL, self.opts.embed))):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"cluster not ready after {self.opts.ready_timeout_s:.0f}s; logs in {self.run_dir}")

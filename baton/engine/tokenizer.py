@@ -177,6 +177,11 @@ class Tokenizer:
             raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Many texts in one call: the tokenizers library runs it in Rust with the GIL released (and on several
+        threads), so a caller on another thread keeps its event loop running meanwhile."""
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         try:
             ids = [operator.index(i) for i in ids]  # numpy / torch integers too, but no floats

@@ -55,6 +55,20 @@ class WorkerRuntime:
         self.draining = False
         REGISTRY.register(EngineCollector(self))  # beside the process's KV-transfer metrics
 
+    def start(self) -> None:
+        self.aengine.start()
+
+    async def stop(self) -> None:
+        self.aengine.stop()
+        self.events.close()
+        for transport in self.transports:
+            transport.close()
+
+    def fill_signals(self, publisher) -> None:
+        stats = self.engine.stats()
+        publisher.set_queue_depth(stats.waiting)
+        publisher.set_kv_utilization(stats.blocks.usage)
+
     def load(self) -> WorkerLoad:
         s = self.engine.stats()
         return WorkerLoad(num_requests_running=s.running + s.prefilled + s.pending_remote,
@@ -122,8 +136,9 @@ class WorkerRPCs:
         return self.rt.health()
 
 
-async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> None:
-    """Queue depth and KV utilisation for the control plane; routers publish rates and latencies."""
+async def publish_signals(runtime, interval_s: float = 2.0) -> None:
+    """What `runtime.fill_signals` sets (queue depth, KV utilisation) for the control plane; routers publish rates
+    and latencies."""
     import redis.asyncio as aioredis
 
     from baton.contracts.signals import SignalPublisher
@@ -134,9 +149,7 @@ async def publish_signals(runtime: WorkerRuntime, interval_s: float = 2.0) -> No
                                 source=s.worker_id)
 
     async def publish() -> None:
-        stats = runtime.engine.stats()
-        publisher.set_queue_depth(stats.waiting)
-        publisher.set_kv_utilization(stats.blocks.usage)
+        runtime.fill_signals(publisher)
         await publisher.flush()
 
     try:
@@ -151,8 +164,12 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    runtime = await asyncio.to_thread(WorkerRuntime, settings)
-    runtime.aengine.start()
+    if settings.pool == "embed":
+        from baton.worker.embedding_runtime import EmbeddingRuntime as make_runtime
+    else:
+        make_runtime = WorkerRuntime
+    runtime = await asyncio.to_thread(make_runtime, settings)
+    runtime.start()
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20),
                                       ("grpc.max_receive_message_length", 64 << 20)])
     add_servicer(server, runtime)
@@ -193,7 +210,4 @@ async def serve(settings: WorkerSettings, add_servicer: Callable[[grpc.aio.Serve
     await server.stop(grace=settings.drain_timeout_s)
     http.should_exit = True
     await http_task
-    runtime.aengine.stop()
-    runtime.events.close()
-    for transport in runtime.transports:
-        transport.close()
+    await runtime.stop()

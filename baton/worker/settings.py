@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from baton.engine.config import EngineConfig
 
 # (gRPC, HTTP) ports of each pool when none is given, so one prefill and one decode worker fit on a host.
-DEFAULT_PORTS = {"prefill": (50061, 8081), "decode": (50062, 8082)}
+DEFAULT_PORTS = {"prefill": (50061, 8081), "decode": (50062, 8082), "embed": (50063, 8083)}
 
 
 def _pool_ports(validated: dict[str, Any]) -> tuple[int, int]:
@@ -27,7 +27,8 @@ def _pool_ports(validated: dict[str, Any]) -> tuple[int, int]:
 class WorkerSettings(ProcessSettings):
     model_config = SettingsConfigDict(env_prefix="BATON_WORKER_")
 
-    pool: Literal["prefill", "decode"] = Field(description="set by the command: prefill-worker / decode-worker")
+    pool: Literal["prefill", "decode", "embed"] = Field(
+        description="set by the command: prefill-worker / decode-worker / embed-worker")
     model: str = Field(description="Hugging Face-format model directory, or a Hugging Face Hub id (org/name)")
     revision: str | None = Field(None, description="Hub branch, tag or commit of a Hub id (default: main)")
     model_name: str | None = Field(None, description="name served to clients, also --served-model-name "
@@ -75,8 +76,15 @@ class WorkerSettings(ProcessSettings):
     def kv_transports(self) -> list[str]:
         return self.kv_transport.split(",")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV hand-off")
+    prefill_timeout_s: float = Field(60.0, gt=0, description="how long a decode worker waits for a remote "
+                                     "prefill (queueing and compute) on top of the KV hand-off's deadline")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long running requests may finish on shutdown")
+    # Embedding workers: --max-num-batched-tokens and --max-num-seqs bound one forward's tokens and inputs.
+    max_batch_delay_ms: float = Field(5.0, ge=0, description="embed: how long a forward may wait for more inputs "
+                                                             "once the first is queued")
+    dynamic_batching: bool = Field(True, description="embed: pack the inputs of many requests into one forward "
+                                                     "(off: one request per forward, in arrival order)")
 
     @field_validator("model")
     @classmethod
