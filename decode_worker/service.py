@@ -109,7 +109,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                         offers=[worker_pb2.KVOffer(transport=t.name, endpoint=t.endpoint()) for t in rt.transports],
                         num_cached_tokens=res.num_cached_tokens, transfer_id=transfer_id, block_size=rt.block_size,
                         decode_worker_id=rt.settings.worker_id)),
-                timeout=rt.settings.transfer_timeout_s + 60)
+                timeout=rt.settings.prefill_timeout_s + rt.settings.transfer_timeout_s)
             try:
                 response = await call
             except asyncio.CancelledError:

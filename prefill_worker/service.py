@@ -55,8 +55,17 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
             if len(src) != len(dst):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{len(dst)} destination blocks for {len(src)} uncached prompt blocks")
+            # Never write after the decode worker's deadline for this call: it keeps the destination blocks only
+            # a hand-off timeout past it, and a worker stalled longer (stopped, swapping) must not write into
+            # blocks that another request may hold by then.
+            remaining = context.time_remaining()
+            timeout_s = rt.settings.transfer_timeout_s if remaining is None else min(rt.settings.transfer_timeout_s,
+                                                                                    remaining)
+            if timeout_s <= 0:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the decode worker's deadline passed "
+                                                                       "before the KV hand-off started")
             send = asyncio.get_running_loop().run_in_executor(
-                None, transport.send, endpoint, kv.transfer_id, src, dst, rt.settings.transfer_timeout_s)
+                None, transport.send, endpoint, kv.transfer_id, src, dst, timeout_s)
             try:
                 result = await asyncio.shield(send)
             except asyncio.CancelledError:
