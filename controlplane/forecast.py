@@ -1,13 +1,21 @@
 """Load forecasting per pool: Holt's linear trend on each windowed rate, forecast over the replica start-up
 time, with an error band for the level (from the one-step residuals, never narrower than the window's Poisson
-noise) and a jump to a new level when a window lands far above the band."""
+noise) and a jump to a new level when a window lands far above the band. A sudden change shows first in the
+window's newest interval: a count there far off the level (in its own Poisson noise) starts a shift, whose
+level is measured from its start until the window holds nothing older."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
 from baton.controlplane.capacity import Load
-from baton.controlplane.signals import SignalWindow
+from baton.controlplane.signals import Interval, SignalWindow
+
+# A shift: the newest interval's request count this many Poisson sigmas off the level, and by this factor at
+# least. At 5 sigma noise triggers about once in 3.5 million intervals; the factor keeps a busy pool's small
+# but significant drift (Holt's trend follows that) from reading as a step.
+SHIFT_Z = 5.0
+SHIFT_RATIO = 1.5
 
 
 @dataclass
@@ -71,6 +79,41 @@ class Forecast:
     upper: Load  # expected + z sigma of the level: what the planner provisions for (the capacity model's
     # queueing already covers the arrivals' own randomness around it)
     noise: float  # the band's width relative to the expected prompt tokens/s, for the decision record
+    rising: bool = False  # in a sudden step up: a queue is the step's, not the ordinary one of a busy pool
+
+
+@dataclass
+class Shift:
+    """Arrivals since a sudden change of level began; `direction` +1 for a step up, -1 down."""
+
+    start: float
+    direction: int
+    seconds: float = 0.0
+    requests: float = 0.0
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+
+    def add(self, iv: Interval) -> None:
+        self.seconds += iv.seconds
+        self.requests += iv.requests
+        self.prompt_tokens += iv.prompt_tokens
+        self.output_tokens += iv.output_tokens
+
+    def rates(self) -> dict[str, float]:
+        s = max(self.seconds, 1e-3)
+        return {"request_rate": self.requests / s, "prompt_tokens_per_s": self.prompt_tokens / s,
+                "output_tokens_per_s": self.output_tokens / s}
+
+
+def shifted(level_rate: float, iv: Interval) -> int:
+    """+1 or -1 when the interval's request count is a step up or down from `level_rate`, else 0."""
+    expected, n = level_rate * iv.seconds, iv.requests
+    off = SHIFT_Z * math.sqrt(max(expected, 1.0))
+    if n - expected > off and n >= SHIFT_RATIO * expected:
+        return 1
+    if expected - n > off and n * SHIFT_RATIO <= expected:
+        return -1
+    return 0
 
 
 @dataclass
@@ -79,25 +122,45 @@ class LoadForecaster:
 
     series: dict[str, HoltSeries] = field(default_factory=lambda: {
         "request_rate": HoltSeries(), "prompt_tokens_per_s": HoltSeries(), "output_tokens_per_s": HoltSeries()})
+    shift: Shift | None = None
 
     def update(self, t: float, window: SignalWindow, window_s: float) -> None:
+        """While a shift lasts, its own rates are the level (the window still averages in the old one); it
+        ends once the window holds only arrivals since it began."""
+        iv = window.recent
+        level = self.series["request_rate"].level
+        step = shifted(level, iv) if iv is not None and iv.seconds > 0 and level is not None else 0
+        if step:
+            self.shift = Shift(start=t - iv.seconds, direction=step)
+        if self.shift is not None and iv is not None:
+            self.shift.add(iv)
+            for name, rate in self.shift.rates().items():
+                s = self.series[name]
+                s.level, s.trend, s.last_t, s.jumping = rate, 0.0, t, 0
+            if t - self.shift.start >= window_s:
+                self.shift = None
+            return
+        self.shift = None
         poisson = _poisson(window.request_rate, window_s)
         for name, s in self.series.items():
             y = getattr(window, name)
             s.update(t, y, poisson * max(y, s.level or 0.0))
 
     def forecast(self, horizon_s: float, z: float, window_s: float) -> Forecast:
-        """Never below the level: a falling trend waits for the load itself to fall before replicas go."""
+        """Never below the level: a falling trend waits for the load itself to fall before replicas go. During
+        a shift the band is the sampling noise of the arrivals since it began."""
         expected, upper = {}, {}
         poisson = _poisson(self.series["request_rate"].level or 0.0, window_s)
+        since = math.sqrt(2.0 / max(1.0, self.shift.requests)) if self.shift is not None else 0.0
         for name, s in self.series.items():
             level = s.level or 0.0
             smoothing = math.sqrt(s.alpha / (2 - s.alpha))  # how much smoothing narrows errors for the level
             expected[name] = max(level, s.forecast(horizon_s))
-            upper[name] = expected[name] + z * smoothing * max(s.sigma, poisson * level)
+            upper[name] = expected[name] + z * max(smoothing * max(s.sigma, poisson * level), since * level)
         exp_prompt = expected["prompt_tokens_per_s"]
         noise = (upper["prompt_tokens_per_s"] - exp_prompt) / exp_prompt if exp_prompt > 0 else 0.0
-        return Forecast(expected=Load(**expected), upper=Load(**upper), noise=noise)
+        return Forecast(expected=Load(**expected), upper=Load(**upper), noise=noise,
+                        rising=self.shift is not None and self.shift.direction > 0)
 
 
 def _poisson(request_rate: float, window_s: float) -> float:

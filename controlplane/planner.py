@@ -67,6 +67,19 @@ class _PoolState:
     ready: int = -1
     ready_since: float = 0.0
     queue: tuple[float, float] | None = None  # (time, queue depth) of the last tick
+    raises: list[tuple[float, int]] = field(default_factory=list)  # (when, how many) of replicas asked for
+
+    def pending(self, ready: int, startup_s: float, now: float) -> list[tuple[float, int]]:
+        """(ready at, count) of the replicas asked for and not ready yet: the newest raises (a backend removes
+        replicas that are still starting first), each `startup_s` after it was asked for."""
+        left, out = max(0, self.spec - ready), []
+        for t, k in reversed(self.raises):
+            if left <= 0:
+                break
+            out.append((max(now, t + startup_s), min(k, left)))
+            left -= k
+        self.raises = self.raises[len(self.raises) - len(out):] if out else []
+        return sorted(out)
 
 
 class Planner:
@@ -154,22 +167,28 @@ class Planner:
             growth = max(0.0, (sig.queue_depth - st.queue[1]) / (now - st.queue[0]))
         st.queue = (now, sig.queue_depth)
         breached = latency is None or latency > slo_s
-        if breached and sig.queue_depth / base > pol.max_queue_per_replica and sig.request_rate > 0:
-            # A queue that breaks the SLO (the capacity model already allows for the ordinary one). While it
-            # grows, requests arrive as fast as the ready replicas serve plus that growth: after a step, sooner
-            # than the window's average shows it.
-            arriving = (ready * capacity.busy_rate(measured, slo_s)
-                        + growth * measured.tokens(pool_name) / sig.request_rate)
+        if (breached or fc.rising) and sig.queue_depth / base > pol.max_queue_per_replica and sig.request_rate > 0:
+            # A queue that breaks the SLO, or that a sudden step has begun (the capacity model already allows
+            # for the ordinary one). While it grows, requests arrive as fast as the ready replicas serve plus
+            # that growth: after a step, sooner than the window's average shows it.
+            busy = capacity.busy_rate(measured, slo_s)
+            per_request = measured.tokens(pool_name) / sig.request_rate
+            arriving = ready * busy + growth * per_request
             inflow = plan
             if arriving > measured.tokens(pool_name) > 0:
                 inflow = max(plan, measured.scaled(arriving / measured.tokens(pool_name) * headroom),
                              key=lambda load: load.tokens(pool_name))
-            # Replicas asked for now arrive after startup_s, so drain the queue they will find (growing
-            # meanwhile at the rate it grew over the last tick) within another startup_s.
+            # Replicas asked for now serve from startup_s on: drain the queue they will find then (grown at
+            # the arrival rate, worked off by the ready replicas and by those already starting as each
+            # arrives) within another startup_s.
             drain_s = max(pol.startup_s, policy.tick_s)
-            queued_then = sig.queue_depth + growth * pol.startup_s
-            drain = measured.scaled(queued_then / (drain_s * sig.request_rate))
+            arrival = max(arriving, fc.expected.tokens(pool_name))
+            queued_then = _queue_after(sig.queue_depth * per_request, arrival, busy, ready,
+                                       st.pending(ready, pol.startup_s, now), now, now + pol.startup_s)
+            drain = measured.scaled(queued_then / per_request / (drain_s * sig.request_rate))
             needs["queue"] = capacity.replicas(inflow.plus(drain.scaled(headroom)), slo_s)
+            if current > ready:  # those still starting drain the queue before ones asked for now could: keep them
+                needs["queue"] = max(needs["queue"], float(current))
         # A profile's decode model already bounds concurrency by the KV pool; a flat capacity knows no KV.
         if isinstance(pol, DecodePool) and policy.model(model).profile is None and sig.kv_utilization is not None \
                 and ready > 0 and sig.kv_utilization > pol.kv_target_utilization * (1 + pol.tolerance):
@@ -251,6 +270,7 @@ class Planner:
                 proposals: dict[str, int], limits: list[str], inputs: dict) -> Decision:
         if desired > current:
             st.history.last_up = now
+            st.raises.append((now, desired - current))
         elif desired < current:
             st.history.last_down = now
         st.spec = desired
@@ -259,6 +279,18 @@ class Planner:
         return Decision(ts=now, model=model, region=region, pool=pool, current=current, desired=desired,
                         reason=reason, proposals=dict(proposals), limits=tuple(dict.fromkeys(limits)),
                         inputs=inputs)
+
+
+def _queue_after(queued: float, arrival: float, busy: float, ready: int, pending: list[tuple[float, int]],
+                 now: float, until: float) -> float:
+    """Tokens queued at `until`: `queued` now, growing at `arrival` tokens/s, served at `busy` per replica by
+    the ready ones and by each pending one from when it is ready."""
+    t, serving = now, ready
+    for at, k in [*pending, (until, 0)]:
+        at = min(at, until)
+        queued = max(0.0, queued + (arrival - serving * busy) * (at - t))
+        t, serving = at, serving + k
+    return queued
 
 
 def _why(proposals: dict[str, int]) -> str:

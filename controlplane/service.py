@@ -123,7 +123,7 @@ class ControlPlane:
         policy, now = self.policy, self.clock()
         keys = policy.pool_keys()
         self.last_signals = await self.reader.windows(keys, now, policy.signals.window_s,
-                                                      policy.signals.stale_after_s)
+                                                      policy.signals.stale_after_s, recent_s=policy.tick_s)
         pairs = sorted({(m, p) for m, _r, p in keys})
         names = [c.name for c in policy.clusters]
         states = await asyncio.gather(*(asyncio.to_thread(self._read_cluster, n, pairs) for n in names))

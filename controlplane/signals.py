@@ -21,8 +21,20 @@ def p90(samples: list[float] | tuple[float, ...]) -> float | None:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """What arrived over the newest part of a window (the last tick): counts, not rates, so the planner can test
+    a change of level against the count's own Poisson noise."""
+
+    seconds: float
+    requests: float
+    prompt_tokens: float
+    output_tokens: float
+
+
+@dataclass(frozen=True)
 class SignalWindow:
-    """Traffic of one (model, region, pool) over the last window; rates are per second."""
+    """Traffic of one (model, region, pool) over the last window; rates are per second. `recent`: the newest
+    part of it, where a sudden change shows a window's length before the window's average catches up."""
 
     request_rate: float
     prompt_tokens_per_s: float
@@ -33,6 +45,7 @@ class SignalWindow:
     kv_utilization: float | None = None
     sources: int = 1
     age_s: float = 0.0
+    recent: Interval | None = None
 
     def load(self, pool: str) -> float:
         """The token rate that sizes `pool`: prompt tokens for prefill, output tokens for decode."""
@@ -42,8 +55,10 @@ class SignalWindow:
         return self.ttft_p90_s if pool == "prefill" else self.itl_p90_s
 
 
-def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_after_s: float) -> SignalWindow | None:
-    """Aggregates entries into a window; None when nothing arrived within `stale_after_s`."""
+def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_after_s: float,
+                 recent_s: float | None = None) -> SignalWindow | None:
+    """Aggregates entries into a window; None when nothing arrived within `stale_after_s`. `recent_s`: also sum
+    the entries of the window's last `recent_s` seconds."""
     recent = [e for e in entries if now - window_s <= e.ts <= now + 1.0]
     if not recent:
         return None
@@ -57,6 +72,14 @@ def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_
         latest[e.source] = e
     queues = [e.queue_depth for e in latest.values() if e.queue_depth is not None]
     kvs = [e.kv_utilization for e in latest.values() if e.kv_utilization is not None]
+    recent_interval = None
+    if recent_s is not None and recent_s < window_s:
+        last = [e for e in recent if e.ts > now - recent_s]
+        if last:
+            recent_interval = Interval(
+                seconds=max(1e-3, min(recent_s, now - min(e.ts - e.period_s for e in last))),
+                requests=sum(e.requests for e in last), prompt_tokens=sum(e.prompt_tokens for e in last),
+                output_tokens=sum(e.output_tokens for e in last))
     return SignalWindow(
         request_rate=sum(e.requests for e in recent) / covered,
         prompt_tokens_per_s=sum(e.prompt_tokens for e in recent) / covered,
@@ -67,6 +90,7 @@ def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_
         kv_utilization=sum(kvs) / len(kvs) if kvs else None,
         sources=len(latest),
         age_s=max(0.0, now - newest),
+        recent=recent_interval,
     )
 
 
@@ -91,12 +115,14 @@ class SignalReader:
         return out
 
     async def windows(self, keys: list[tuple[str, str, str]], now: float, window_s: float,
-                      stale_after_s: float) -> dict[tuple[str, str, str], SignalWindow | None]:
+                      stale_after_s: float, recent_s: float | None = None,
+                      ) -> dict[tuple[str, str, str], SignalWindow | None]:
         by_stream: dict[tuple[str, str], list[SignalEntry]] = {}
         for _model, region, pool in keys:
             if (region, pool) not in by_stream:
                 by_stream[(region, pool)] = await self.entries(region, pool, now - max(window_s, stale_after_s))
         return {
-            (m, r, p): build_window([e for e in by_stream[(r, p)] if e.model == m], now, window_s, stale_after_s)
+            (m, r, p): build_window([e for e in by_stream[(r, p)] if e.model == m], now, window_s, stale_after_s,
+                                    recent_s)
             for m, r, p in keys
         }

@@ -26,7 +26,7 @@ from baton.controlplane.capacity import DecodeModel, Load
 from baton.controlplane.placement import ClusterState, place
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import Policy
-from baton.controlplane.signals import SignalWindow, p90
+from baton.controlplane.signals import Interval, SignalWindow, p90
 from baton.controlplane.trace import Trace
 
 WORLDS = ("planner", "oracle", "static")
@@ -310,7 +310,8 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
                 queue_depth=backlog / mean if mean > 0 else 0.0,
                 ttft_p90_s=p90(np.minimum(np.concatenate([e[3] for e in entries]), 3600.0).tolist()),
                 itl_p90_s=p90(np.minimum(np.concatenate([e[4] for e in entries]), 3600.0).tolist()),
-                kv_utilization=world.kv_utilization if counts["planner"][(m, r, "decode")] else None)
+                kv_utilization=world.kv_utilization if counts["planner"][(m, r, "decode")] else None,
+                recent=Interval(dt, *entries[-1][:3]) if window > 1 else None)
         clusters = {c.name: ClusterState(ready={(m, p): fleets[(c.name, m, p)].ready for m, _r, p in keys})
                     for c in policy.clusters}
         out = planner.tick(TickInput(now=now, policy=policy, signals=signals, clusters=clusters))
