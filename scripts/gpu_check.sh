@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs Baton's GPU checks on a machine with a CUDA GPU but no network (the lent H200): installs what that machine
+# lacks from wheels and Debian packages prepared on a networked machine, then runs the given steps.
+#
+# On the networked machine, once:   bash scripts/gpu_check.sh prepare   (fills .whl/ and .debs/, both ignored)
+# On the GPU machine:               bash scripts/gpu_check.sh tests|bench|kv|all [OUT_DIR]
+#   tests: GPU kernel/runtime tests, async scheduling on the GPU, real prefill + decode worker processes handing
+#          KV over CUDA IPC (token-exact at fp32 against one engine), and a `baton up` cluster serving the OpenAI API
+#   bench: bench/engine_gpu.py (Llama-3-8B-shaped bf16);  kv: bench/kv_transfer.py --device cuda
+set -euo pipefail
+R="$(cd "$(dirname "$0")/.." && pwd)"
+STEP="${1:-all}"
+OUT="${2:-$R/bench/results}"
+PY=python3
+
+if [ "$STEP" = prepare ]; then
+  cd "$R"
+  mkdir -p .whl .debs
+  pip_dl() {
+    .venv/bin/pip download -q -d .whl --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --no-deps "$@"
+  }
+  # What the GPU machine's Python 3.12 lacks for the workers, the router, the control plane and the tests.
+  pip_dl pytest pluggy iniconfig packaging pygments pytest-timeout xxhash pydantic pydantic-core pydantic-settings \
+    annotated-types typing-inspection python-dotenv fastapi starlette uvicorn redis typer click rich shellingham \
+    markdown-it-py mdurl h11 jinja2 markupsafe pyyaml xgrammar openai jiter distro jsonschema attrs referencing \
+    rpds-py jsonschema-specifications sniffio
+  (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 && for f in *%3a*; do
+     [ -e "$f" ] && mv "$f" "${f//%3a/_}"; done; true)
+  rm -f .whl/baton-*.whl
+  .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .
+  du -sh .whl .debs
+  exit 0
+fi
+
+SITE=/tmp/baton-site
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$R"/.whl/*.whl
+mkdir -p /tmp/redisroot
+for f in "$R"/.debs/*.deb; do dpkg -x "$f" /tmp/redisroot; done
+export PATH="$SITE/bin:/tmp/redisroot/usr/bin:$PATH"
+export LD_LIBRARY_PATH="/tmp/redisroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+# The installed wheel first: the repository's baton/ folder is not the whole package (router/ etc. map into it).
+export PYTHONPATH="$SITE:$R"
+mkdir -p "$OUT"
+cd /tmp  # so that ./baton never shadows the installed package
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+run_tests() {
+  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 -m gpu "$R"/tests/kernels "$R"/tests/engine/test_gpu_runtime.py
+  $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/engine/test_kv_transfer.py
+  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/engine/test_async_scheduling.py
+  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/workers/test_disaggregated.py -k "tcp or ipc"
+  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/e2e/test_gpu_cluster.py
+}
+
+case "$STEP" in
+  tests) run_tests ;;
+  bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
+  kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
+  all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
+  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|all [OUT_DIR]" >&2; exit 2 ;;
+esac
