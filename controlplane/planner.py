@@ -1,7 +1,8 @@
 """The planner core, with zero I/O: TickInput -> desired replicas per region/pool, placement and reasons.
 
-Per pool and tick: forecast the load over the start-up time (forecast.py), turn its upper band into replicas
-with the pool's capacity model (capacity.py), add what drains a queue, then HPA-style hysteresis,
+Per pool and tick: forecast the load over the start-up time (forecast.py; a sudden step is taken from the
+newest tick), turn its upper band into replicas with the pool's capacity model (capacity.py), add what drains
+a queue (projected to when new replicas serve, with those already starting), then HPA-style hysteresis,
 stabilisation, step limits, cooldowns and clamps (replica_math.py). The live service and the what-if simulator
 both call `Planner.tick`, so a replay exercises the same code.
 """
@@ -55,6 +56,10 @@ class TickOutput:
 # How far above the forecast the planner provisions, in sigmas of its one-step error (one-sided, about 98%):
 # a window that far above the level is taken as a change in load rather than noise.
 NOISE_Z = 2.0
+# Every request in a queue that breaks the SLO misses until the queue is gone, so replicas added for one drain
+# it in this share of their start-up time: on the 5x spike example, 98.3% of checks met at 1.170x the oracle's
+# GPU-hours, against 97.9% at 1.159x when draining over a whole start-up time.
+DRAIN_SHARE = 0.25
 
 
 @dataclass
@@ -164,31 +169,34 @@ class Planner:
         base = ready if ready > 0 else max(current, 1)
         growth = 0.0
         if st.queue is not None and now > st.queue[0]:
-            growth = max(0.0, (sig.queue_depth - st.queue[1]) / (now - st.queue[0]))
+            growth = (sig.queue_depth - st.queue[1]) / (now - st.queue[0])
         st.queue = (now, sig.queue_depth)
         breached = latency is None or latency > slo_s
         if (breached or fc.rising) and sig.queue_depth / base > pol.max_queue_per_replica and sig.request_rate > 0:
             # A queue that breaks the SLO, or that a sudden step has begun (the capacity model already allows
-            # for the ordinary one). While it grows, requests arrive as fast as the ready replicas serve plus
-            # that growth: after a step, sooner than the window's average shows it.
+            # for the ordinary one). While there is a queue, requests arrive as fast as the ready replicas serve
+            # plus its growth (less its shrinking): after a step, sooner than the window's average shows it.
             busy = capacity.busy_rate(measured, slo_s)
             per_request = measured.tokens(pool_name) / sig.request_rate
-            arriving = ready * busy + growth * per_request
+            arriving = max(0.0, ready * busy + growth * per_request)
             inflow = plan
             if arriving > measured.tokens(pool_name) > 0:
                 inflow = max(plan, measured.scaled(arriving / measured.tokens(pool_name) * headroom),
                              key=lambda load: load.tokens(pool_name))
             # Replicas asked for now serve from startup_s on: drain the queue they will find then (grown at
             # the arrival rate, worked off by the ready replicas and by those already starting as each
-            # arrives) within another startup_s.
-            drain_s = max(pol.startup_s, policy.tick_s)
+            # arrives) within a DRAIN_SHARE of another startup_s.
+            drain_s = max(pol.startup_s * DRAIN_SHARE, policy.tick_s)
             arrival = max(arriving, fc.expected.tokens(pool_name))
             queued_then = _queue_after(sig.queue_depth * per_request, arrival, busy, ready,
                                        st.pending(ready, pol.startup_s, now), now, now + pol.startup_s)
             drain = measured.scaled(queued_then / per_request / (drain_s * sig.request_rate))
             needs["queue"] = capacity.replicas(inflow.plus(drain.scaled(headroom)), slo_s)
-            if current > ready:  # those still starting drain the queue before ones asked for now could: keep them
-                needs["queue"] = max(needs["queue"], float(current))
+            # Those ready keep working off today's queue, and those still starting join before any asked for
+            # now could: neither goes while the queue lasts.
+            now_drain = measured.scaled(sig.queue_depth / (drain_s * sig.request_rate))
+            keep = min(float(ready), capacity.replicas(inflow.plus(now_drain.scaled(headroom)), slo_s))
+            needs["queue"] = max(needs["queue"], keep, float(current) if current > ready else 0.0)
         # A profile's decode model already bounds concurrency by the KV pool; a flat capacity knows no KV.
         if isinstance(pol, DecodePool) and policy.model(model).profile is None and sig.kv_utilization is not None \
                 and ready > 0 and sig.kv_utilization > pol.kv_target_utilization * (1 + pol.tolerance):
