@@ -26,6 +26,8 @@ from baton.router.service import RouterService
 
 log = logging.getLogger(__name__)
 ROUTE = "/v1/embeddings"
+# Texts per tokenizer call: the GIL-holding part of a call (building the id lists) stays short.
+TOKENIZE_CHUNK = 512
 _INPUT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
@@ -90,13 +92,15 @@ class Embeddings:
         return self._spec
 
     async def tokenize(self, items: list[str | list[int]]) -> list[list[int]]:
-        """Token ids of every input. Texts are encoded in one batch call on a thread (bench/embeddings.py measured
-        it against a process pool); the event loop keeps serving other requests meanwhile."""
+        """Token ids of every input. Texts are encoded by the tokenizers batch API on a thread, TOKENIZE_CHUNK at a
+        time, so the event loop keeps serving other requests meanwhile (bench/embeddings.py measures this against
+        a process pool)."""
         texts = [(i, self.spec.prefix + x) for i, x in enumerate(items) if isinstance(x, str)]
         out: list[list[int]] = [x if isinstance(x, list) else [] for x in items]
-        if texts:
-            encoded = await asyncio.to_thread(self.service.tokenizer.encode_batch, [t for _, t in texts])
-            for (i, _), ids in zip(texts, encoded):
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = texts[start:start + TOKENIZE_CHUNK]
+            encoded = await asyncio.to_thread(self.service.tokenizer.encode_batch, [t for _, t in chunk])
+            for (i, _), ids in zip(chunk, encoded):
                 out[i] = ids
         limit, vocab = self.service.max_model_len, self.service.vocab_size
         for i, ids in enumerate(out):
