@@ -135,6 +135,12 @@ class BlockManager:
         for _ in range(needed):
             seq.block_table.append(self._take_free())
 
+    def trim(self, seq: Sequence) -> None:
+        """Frees trailing blocks past seq's computed tokens (speculative decoding: rejected tokens' slots)."""
+        keep = self.num_blocks_for(seq.num_computed_tokens)
+        self._release(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
     def register_computed(self, seq: Sequence) -> None:
         """Publishes hashes of blocks that became full and computed, so later prompts can reuse them."""
         if not self.enable_prefix_caching:
@@ -158,7 +164,14 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drops seq's references; later blocks go first into the LRU so they are evicted first."""
-        for block_id in reversed(seq.block_table):
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    # ---- internals -----------------------------------------------------------------------
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
@@ -166,11 +179,7 @@ class BlockManager:
                     self.cached_lru[block_id] = None
                 else:
                     self.free_ids.append(block_id)
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
-    # ---- internals -----------------------------------------------------------------------
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

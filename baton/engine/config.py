@@ -145,6 +145,8 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take (weights + KV + work)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    quantization: str | None = None  # fp8: decoder projections in FP8 e4m3, per-channel scales, quantized at load
+    fp8_all_layers: bool = False  # also the first and last decoder layers (kept in the model dtype by default)
     # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the safetensors files; dummy: random weights (benchmarks; needs config.json)
@@ -154,6 +156,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     show_progress: bool = True
+    # Speculative decoding for requests that don't choose: ngram (prompt lookup), draft (speculative_model) or off.
+    speculative_method: str = "off"
+    num_speculative_tokens: int = 4
+    speculative_model: str | None = None  # a smaller checkpoint with the target's vocabulary (the draft proposer)
+    ngram_max: int = 4  # prompt lookup matches the last ngram_max..ngram_min tokens, longest first
+    ngram_min: int = 2
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -170,6 +178,18 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.speculative_method not in ("ngram", "draft", "off"):
+            raise ValueError(f"speculative_method must be ngram, draft or off, got {self.speculative_method!r}")
+        if self.speculative_method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method draft needs speculative_model (a draft checkpoint directory)")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be fp8 or none, got {self.quantization!r}")
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from baton.engine.attention import allocate_kv_cache
 from baton.engine.block_manager import BlockManager, BlockStats, KVEventSink
 from baton.engine.config import EngineConfig, ModelConfig
@@ -17,8 +19,9 @@ from baton.engine.model_runner import ModelRunner
 from baton.engine.output_text import TextTracker
 from baton.engine.sampler import PendingSample, PromptScoring, Sampler, TopLogprobs
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.scheduler import Scheduler
+from baton.engine.scheduler import ScheduledSeq, Scheduler
 from baton.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
+from baton.engine.speculation import NgramProposer, Proposer, SpecStats, Speculator, Verified
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class EngineStats:
     queued_prefill_tokens: int  # prompt tokens admitted but not yet computed
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
+    spec: SpecStats = SpecStats(0, 0, 0)  # speculative decoding: drafts verified, tokens proposed and accepted
 
 
 @dataclass
@@ -105,6 +109,12 @@ class LLMEngine:
         self.dtype = next(self.model.parameters()).dtype
         bs = config.block_size
         block_nbytes = mc.num_layers * 2 * bs * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        draft = None
+        if config.speculative_model:
+            from baton.engine.draft_model import kv_block_nbytes, load_draft
+
+            draft = load_draft(config, mc)
+            block_nbytes += kv_block_nbytes(draft[1], bs, self.dtype)  # the draft's pool has as many blocks
         num_blocks = config.num_kv_blocks
         if num_blocks is None and config.device.startswith("cuda"):
             from baton.engine.gpu_memory import kv_blocks_for_gpu
@@ -127,6 +137,12 @@ class LLMEngine:
         if tokenizer is not None:
             self.eos_token_ids |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.sampler = Sampler(config.seed, self.eos_token_ids)
+        proposers: dict[str, Proposer] = {"ngram": NgramProposer(config.ngram_min, config.ngram_max)}
+        if draft is not None:
+            from baton.engine.draft_model import DraftModelProposer
+
+            proposers["draft"] = DraftModelProposer(*draft, num_blocks, config, self._sample_vocab, self.max_model_len)
+        self.speculator = Speculator(config.speculative_method, config.num_speculative_tokens, proposers)
         self._grammar: GrammarBackend | None = None  # built on the first structured-output request
         # Called on the engine thread for every request that finishes, is aborted or is handed off (metrics).
         self.finish_listeners: list[Callable[[FinishedRequest], None]] = []
@@ -139,7 +155,7 @@ class LLMEngine:
         self._prefill_cached = 0
         self._generated = 0
         # Async scheduling: while a decode step runs on the device, the host schedules and queues the next one.
-        self._async = config.async_scheduling if config.async_scheduling is not None \
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
         self._inflight: _InFlight | None = None
 
@@ -156,6 +172,7 @@ class LLMEngine:
             bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self._sample_vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"{name}: token id {bad!r} is outside the vocabulary [0, {self._sample_vocab})")
+        self.speculator.validate(params)
         if params.structured_output is not None and self.tokenizer is None:
             raise InvalidRequestError("structured output needs the model's tokenizer, and this engine has none")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -244,7 +261,7 @@ class LLMEngine:
         admissions, no preemption possible, and nothing that needs the ids on the host to sample (grammar
         masks, penalties) or to decide whether there is a next token at all (the limits)."""
         sched = self.scheduler
-        if not self._async or sched.waiting or not sched.running:
+        if not self.async_scheduling or sched.waiting or not sched.running:
             return False
         if len(sched.running) > self.block_manager.num_available or len(sched.running) > sched.max_num_seqs \
                 or len(sched.running) > sched.max_num_batched_tokens:
@@ -254,7 +271,8 @@ class LLMEngine:
         for seq in sched.running:
             p = seq.params
             if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
-                    or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                    or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len \
+                    or self.speculator.wants(seq):  # speculative steps run synchronously
                 return False
         return True
 
@@ -288,6 +306,7 @@ class LLMEngine:
         return outputs
 
     def _step_sync(self) -> list[RequestOutput]:
+        self.speculator.propose(self.scheduler.running, self.max_model_len)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -297,6 +316,9 @@ class LLMEngine:
                 item.seq.scheduled_time = now
         logits = self.runner.run(scheduled)[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
+        verified: list[tuple[Sequence, Verified]] = []
+        if any(s.seq.num_draft for s in sampling):
+            sampling, logits, verified = self._verify(sampling, logits)
         scoring = [(s.seq, s.prompt_positions) for s in scheduled if s.prompt_positions]
         prompt = None
         if scoring:
@@ -315,14 +337,56 @@ class LLMEngine:
                             - seq.num_computed_tokens)
             self._prefill_computed += in_prompt
             seq.num_computed_tokens += item.num_tokens
-            self.block_manager.register_computed(seq)
-        outputs = []
+            if not seq.num_draft:  # a verified request's blocks are registered once its accepted tokens are known
+                self.block_manager.register_computed(seq)
+        outputs = [self._accept(seq, v) for seq, v in verified]
         for i, item in enumerate(sampling):
             seq = item.seq
             if seq.num_preemptions == 0 and seq.num_tokens == seq.num_prompt_tokens:
                 self._prefill_cached += seq.num_cached_tokens
             outputs.append(self._append_token(seq, result.tokens[i], result.logprobs[i], result.top_logprobs[i]))
         return outputs
+
+    def _verify(self, sampling: list[ScheduledSeq], logits: torch.Tensor):
+        """Splits off the rows of requests verifying proposed tokens (1 + num_draft each, in order) and verifies
+        them; returns the other sampling requests, their rows followed by the prompt-scoring rows, and verdicts."""
+        plain, plain_rows, spec_rows, spec = [], [], [], []
+        row = 0
+        for item in sampling:
+            n = 1 + item.seq.num_draft
+            if item.seq.num_draft:
+                spec_rows += range(row, row + n)
+                spec.append(item.seq)
+            else:
+                plain_rows.append(row)
+                plain.append(item)
+            row += n
+        device = logits.device
+        gens = [None if seq.params.greedy else self.sampler.generator(seq, device) for seq in spec]
+        verdicts = self.speculator.verify(spec, logits[torch.tensor(spec_rows, device=device)], gens)
+        rest = torch.tensor(plain_rows + list(range(row, len(logits))), dtype=torch.long, device=device)
+        return plain, logits[rest], list(zip(spec, verdicts))
+
+    def _accept(self, seq: Sequence, verdict: Verified) -> RequestOutput:
+        """Rolls seq back to its accepted tokens (rejected ones' KV slots are dropped, trailing blocks freed) and
+        appends the verified tokens, stopping where one-at-a-time decoding would have stopped."""
+        base = seq.num_tokens - seq.num_draft
+        seq.drop_draft()
+        seq.num_computed_tokens = base + verdict.num_accepted
+        self.block_manager.trim(seq)
+        outs = []
+        tops = verdict.top_logprobs or [None] * len(verdict.tokens)
+        for token, logprob, top in zip(verdict.tokens, verdict.logprobs, tops):
+            outs.append(self._append_token(seq, token, logprob, top))
+            if outs[-1].finished:
+                break
+        if not outs[-1].finished:
+            self.block_manager.register_computed(seq)
+        out = outs[-1]
+        for field_name in ("new_token_ids", "new_logprobs", "new_top_logprobs"):
+            setattr(out, field_name, [x for o in outs for x in getattr(o, field_name)])
+        out.text = "".join(o.text for o in outs)
+        return out
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs | None = None,
                       position: int | None = None) -> RequestOutput:
@@ -417,8 +481,9 @@ class LLMEngine:
             self._text[seq.request_id] = tracker
 
     def _forget(self, request_id: str) -> str:
-        """Drops the request's text and sampler state; returns the text its detokenizer still held back."""
+        """Drops the request's text, sampler and proposer state; returns the text its detokenizer still held back."""
         self.sampler.forget(request_id)
+        self.speculator.forget(request_id)
         tracker = self._text.pop(request_id, None)
         return tracker.flush() if tracker is not None else ""
 
@@ -488,6 +553,7 @@ class LLMEngine:
             queued_prefill_tokens=sum(max(0, q.num_prompt_tokens - q.num_computed_tokens) for q in queued),
             prefix_cache_queries=self.block_manager.prefix_queries,
             prefix_cache_hits=self.block_manager.prefix_hits,
+            spec=self.speculator.stats(),
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:

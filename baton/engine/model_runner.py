@@ -45,14 +45,15 @@ class ModelRunner:
             first = len(ids)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            if item.samples:
-                logits_indices.append(len(ids) - 1)
+            if item.samples:  # speculative decoding: one row per proposed token, then the bonus one
+                logits_indices.extend(range(len(ids) - 1 - seq.num_draft, len(ids)))
             prompt_indices.extend(first + p - start for p in item.prompt_positions)
         return ids, positions, queries, logits_indices, prompt_indices
 
     def run(self, scheduled: list[ScheduledSeq], previous: PreviousTokens | None = None) -> torch.Tensor:
         """Computes every scheduled token; returns logits (float32, on the model's device): one row per request
-        that samples, then one per `prompt_positions` of each request in order (prompt logprobs).
+        that samples (1 + num_draft rows for one verifying proposed tokens), then one per `prompt_positions` of
+        each request in order (prompt logprobs).
 
         A token id not known on the host yet (PLACEHOLDER: sampled by the step still in flight) is taken on the
         device from `previous`, so this step can be queued before that one's ids reach the host."""

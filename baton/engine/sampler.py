@@ -79,7 +79,7 @@ class Sampler:
         self._generators.pop(request_id, None)
         self._prompt_masks.pop(request_id, None)
 
-    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+    def generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         params = seq.params
         if params.seed is None:
             gen = self._defaults.get(device)
@@ -106,8 +106,8 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:
-                probs = _filtered_probs(logits[row], seq.params)
-                tokens[row] = torch.multinomial(probs, 1, generator=self._generator(seq, logits.device))[0]
+                probs = filtered_probs(logits[row], seq.params)
+                tokens[row] = torch.multinomial(probs, 1, generator=self.generator(seq, logits.device))[0]
         parts = [tokens.double(), raw.gather(1, tokens[:, None])[:, 0].double()]
         k = max((s.params.top_logprobs for s in seqs), default=0)
         if k:
@@ -193,7 +193,7 @@ class Sampler:
         return mask
 
 
-def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
     scaled = logits / params.temperature
     if params.top_k > 0 and params.top_k < scaled.numel():
         kth = torch.topk(scaled, params.top_k).values[-1]

@@ -7,6 +7,25 @@ from baton.engine.errors import InvalidRequestError
 from baton.engine.grammar import StructuredOutput
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+SPECULATION_METHODS = ("ngram", "draft", "off")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculationParams:
+    """A request's speculative decoding: ngram (prompt lookup), draft (the server's draft model) or off.
+    num_tokens None: the server's --num-speculative-tokens."""
+
+    method: str = "ngram"
+    num_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATION_METHODS:
+            raise InvalidRequestError(f"speculative.method must be one of {', '.join(SPECULATION_METHODS)}, "
+                                      f"got {self.method!r}")
+        n = self.num_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPECULATIVE_TOKENS):
+            raise InvalidRequestError(f"speculative.num_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {n!r}")
 
 
 @dataclass
@@ -30,6 +49,7 @@ class SamplingParams:
     top_logprobs: int = 0  # most likely alternatives returned per sampled token
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus k alternatives
     structured_output: StructuredOutput | None = None  # the output must match this grammar (JSON)
+    speculation: SpeculationParams | None = None  # None: the server's default
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -70,6 +70,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            # Drafts are verified whole or not at all: without room for them, the request decodes one token.
+            if seq.num_draft and (n < seq.num_uncomputed or not self.blocks.can_append(seq, n)):
+                seq.drop_draft()
+                n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_append(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -82,6 +86,8 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        for seq in self.running[i:]:
+            seq.drop_draft()
         # Admitting new work in a step that had to preempt would only thrash the cache.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -97,6 +103,7 @@ class Scheduler:
         return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.drop_draft()
         self.blocks.free(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1

@@ -42,6 +42,8 @@ class Sequence:
     first_token_time: float | None = None
     # Structured output: the request's xgrammar matcher, advanced with every token appended.
     grammar: object | None = None
+    # Speculative decoding: proposed tokens at the end of token_ids, to be verified by this step (then removed).
+    num_draft: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -67,3 +69,9 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def drop_draft(self) -> None:
+        """Takes back proposed tokens this step will not verify."""
+        if self.num_draft:
+            del self.token_ids[-self.num_draft:]
+            self.num_draft = 0

@@ -1,0 +1,202 @@
+"""Speculative decoding: proposers of draft tokens behind one interface (n-gram prompt lookup here, a draft model in
+draft_model.py), and the rule that accepts them so that the output stays the target model's own: greedy requests
+get the same tokens, sampled ones the same distribution (rejection sampling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from baton.engine.errors import InvalidRequestError
+from baton.engine.sampler import TopLogprobs, filtered_probs
+from baton.engine.sampling_params import SamplingParams
+from baton.engine.sequence import Sequence
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    # [len(tokens), vocab]: the distribution each token was drawn from; None: a deterministic proposal.
+    probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    def propose(self, requests: list[tuple[Sequence, int]]) -> list[Proposal]:
+        """At most k tokens that may follow each sequence's tokens (fewer or none when it has no guess)."""
+        ...
+
+    def forget(self, request_id: str) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup: the last n tokens (n from max_n down to min_n) also occur earlier in prompt + output; propose
+    what followed that occurrence. Costs no model, and wins where outputs copy their context (code edits, RAG)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, requests: list[tuple[Sequence, int]]) -> list[Proposal]:
+        return [Proposal(ngram_lookup(seq.token_ids, k, self.min_n, self.max_n)) for seq, k in requests]
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def ngram_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The continuation of the latest earlier occurrence of the longest matching suffix; where that runs into the
+    suffix itself the text is taken as periodic and the copy goes on over the proposal (as LZ77 copies overlap)."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    total = len(arr)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. total-1-n
+        hits = np.flatnonzero((windows == arr[total - n:]).all(axis=1))
+        if hits.size:
+            period = total - n - int(hits[-1])
+            out: list[int] = []
+            for m in range(k):
+                src = total + m - period
+                out.append(int(arr[src]) if src < total else out[src - total])
+            return out
+    return []
+
+
+@dataclass
+class Verified:
+    tokens: list[int]  # accepted drafts, then the target's own next token
+    logprobs: list[float]
+    top_logprobs: list[TopLogprobs]
+    num_accepted: int
+
+
+@dataclass(frozen=True)
+class SpecStats:
+    num_drafts: int  # verification steps that had at least one proposed token
+    num_draft_tokens: int
+    num_accepted_tokens: int
+
+
+class Speculator:
+    """Decides which running requests speculate and by how much, asks their proposer, verifies the drafts."""
+
+    def __init__(self, default_method: str, default_tokens: int, proposers: dict[str, Proposer]) -> None:
+        self.default_method = default_method
+        self.default_tokens = default_tokens
+        self.proposers = proposers
+        self._draft_probs: dict[str, torch.Tensor] = {}
+        self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
+
+    def validate(self, params: SamplingParams) -> None:
+        spec = params.speculation
+        if spec is not None and spec.method != "off" and spec.method not in self.proposers:
+            raise InvalidRequestError(f"speculative method {spec.method!r} is not served here: this server has "
+                                      f"{', '.join(self.proposers) or 'no'} proposers (--speculative-model for draft)")
+
+    def _method(self, params: SamplingParams) -> tuple[str, int]:
+        spec = params.speculation
+        if spec is None:
+            return self.default_method, self.default_tokens
+        return spec.method, spec.num_tokens or self.default_tokens
+
+    def wants(self, seq: Sequence) -> bool:
+        """Whether seq speculates when it decodes. Not where sampling needs host state per token (grammar, penalties,
+        logit bias, min_tokens still pending, prompt logprobs): those requests decode one token a step."""
+        p = seq.params
+        method, _ = self._method(p)
+        return (method in self.proposers and not seq.prefill_only and seq.grammar is None and not p.penalized
+                and not p.logit_bias and p.prompt_logprobs is None and len(seq.output_ids) >= max(1, p.min_tokens))
+
+    def propose(self, running: list[Sequence], max_model_len: int) -> None:
+        """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""
+        by_method: dict[str, list[tuple[Sequence, int]]] = {}
+        for seq in running:
+            if seq.num_uncomputed != 1 or not self.wants(seq):
+                continue
+            method, k = self._method(seq.params)
+            # The step emits up to k + 1 tokens: none past max_tokens nor the context.
+            k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1, max_model_len - 1 - seq.num_tokens)
+            if k > 0:
+                by_method.setdefault(method, []).append((seq, k))
+        for method, requests in by_method.items():
+            for (seq, _), proposal in zip(requests, self.proposers[method].propose(requests)):
+                if not proposal.tokens:
+                    continue
+                seq.token_ids.extend(proposal.tokens)
+                seq.num_draft = len(proposal.tokens)
+                if proposal.probs is not None:
+                    self._draft_probs[seq.request_id] = proposal.probs
+
+    def forget(self, request_id: str) -> None:
+        self._draft_probs.pop(request_id, None)
+        for proposer in self.proposers.values():
+            proposer.forget(request_id)
+
+    def verify(self, seqs: list[Sequence], logits: torch.Tensor, generators: list[torch.Generator | None]
+               ) -> list[Verified]:
+        """logits: 1 + num_draft rows per sequence, in order (the target at each proposed token, then the bonus
+        position). Greedy: drafts count while they are the argmax, then the argmax; sampled: accept draft x with
+        probability min(1, p(x) / q(x)), else draw from max(0, p - q) renormalised (q: the draft's distribution,
+        a point mass for a deterministic proposal); all accepted: one more token from p."""
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        best_values, best_ids = raw.max(dim=-1)
+        k = max((s.params.top_logprobs for s in seqs), default=0)
+        top = raw.topk(k, dim=-1) if k else None
+        host = torch.cat([best_ids.double(), best_values.double()]
+                         + ([top.indices.double().flatten(), top.values.double().flatten()] if top else [])).tolist()
+        rows = len(raw)
+        argmax, maxlp = [int(t) for t in host[:rows]], host[rows:2 * rows]
+        out = []
+        row = 0
+        for seq, gen in zip(seqs, generators):
+            d = seq.num_draft
+            drafts = seq.token_ids[len(seq.token_ids) - d:]
+            if seq.params.greedy:
+                a = 0
+                while a < d and drafts[a] == argmax[row + a]:
+                    a += 1
+                tokens, logprobs = argmax[row:row + a + 1], maxlp[row:row + a + 1]
+            else:
+                q = self._draft_probs.pop(seq.request_id, None)
+                tokens = rejection_sample(logits[row:row + d + 1], drafts, q, seq.params, gen)
+                a = len(tokens) - 1
+                at = torch.arange(row, row + a + 1, device=raw.device)
+                logprobs = raw[at, torch.tensor(tokens, device=raw.device)].tolist()
+            tops = []
+            if seq.params.top_logprobs:
+                want = seq.params.top_logprobs
+                ids, values = host[2 * rows:2 * rows + rows * k], host[2 * rows + rows * k:]
+                tops = [[(int(ids[r * k + j]), values[r * k + j]) for j in range(want)]
+                        for r in range(row, row + a + 1)]
+            out.append(Verified(tokens, logprobs, tops, a))
+            self.num_drafts += 1
+            self.num_draft_tokens += d
+            self.num_accepted_tokens += a
+            row += d + 1
+        return out
+
+    def stats(self) -> SpecStats:
+        return SpecStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens)
+
+
+def rejection_sample(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
+                     params: SamplingParams, generator: torch.Generator | None) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) over d + 1 target rows: the tokens it returns
+    are distributed exactly as sampling the target one token at a time."""
+    d = len(drafts)
+    device = logits.device
+    p = torch.stack([filtered_probs(row, params) for row in logits.float()])  # [d + 1, vocab]
+    x = torch.tensor(drafts, dtype=torch.long, device=device)
+    ratio = p[:d].gather(1, x[:, None])[:, 0]
+    if draft_probs is not None:
+        ratio = ratio / draft_probs.gather(1, x[:, None])[:, 0].to(ratio)
+    accepted = (torch.rand(d, generator=generator, device=device) < ratio).tolist()
+    a = accepted.index(False) if False in accepted else d
+    if a == d:
+        dist = p[d]
+    else:
+        q = draft_probs[a].to(p) if draft_probs is not None else torch.zeros_like(p[a]).index_fill_(0, x[a:a + 1], 1.0)
+        dist = (p[a] - q).clamp_(min=0)
+        if not dist.sum() > 0:  # p == q: rejection had probability 0; only rounding lands here
+            dist = p[a]
+    return drafts[:a] + [int(torch.multinomial(dist, 1, generator=generator)[0])]
