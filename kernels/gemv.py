@@ -17,9 +17,9 @@ MAX_ROWS = 4  # above this, tensor-core GEMMs win
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -42,6 +42,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
         else:
             x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_SCALE:  # FP8 weights: one float32 scale per output channel
+        acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -53,7 +55,9 @@ CONFIGS = ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-         config: tuple[int, int, int] = (8, 256, 4), out: torch.Tensor | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] = (8, 256, 4), out: torch.Tensor | None = None,
+         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype."""
     m = x.shape[0]
     n, k = weight.shape
     assert 0 < m <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
@@ -62,20 +66,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config
     even = n % block_n == 0 and k % block_k == 0
+    assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=warps,
     )
     return out
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                   silu_mul: bool = False) -> torch.Tensor:
+                   silu_mul: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
     if silu_mul:
         gate, up = x.float().chunk(2, dim=-1)
         x = (F.silu(gate) * up).to(x.dtype)
     out = x.float() @ weight.float().t()
+    if scale is not None:
+        out = out * scale.float()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -92,24 +99,26 @@ def _time_ms(fn, reps: int = 25) -> float:
     return start.elapsed_time(end) / reps
 
 
-def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool
-                ) -> tuple[int, int, int] | None:
+def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
+                scale: torch.Tensor | None = None, baseline=None) -> tuple[int, int, int] | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
-    kernel, for silu_mul) is as fast. Runs kernels: call it outside CUDA-graph capture."""
+    kernel, for silu_mul) is as fast; `baseline(x)` replaces cuBLAS's linear (FP8 weights). Runs kernels: call it
+    outside CUDA-graph capture."""
     k = weight.shape[1]
-    x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(weight.dtype)
+    dtype = weight.dtype if scale is None else torch.bfloat16
+    x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)
 
-    def baseline():
+    def reference():
         h = x
         if silu_mul:
             from baton.kernels.silu_mul import silu_mul as act
 
             h = act(x)
-        return F.linear(h, weight, bias)
+        return baseline(h) if baseline is not None else F.linear(h, weight, bias)
 
-    best, best_ms = None, _time_ms(baseline)
+    best, best_ms = None, _time_ms(reference)
     for config in CONFIGS:
-        ms = _time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c))
+        ms = _time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c, scale=scale))
         if ms < 0.97 * best_ms:  # a clear win only: equal time is not worth leaving cuBLAS for
             best, best_ms = config, ms
     return best

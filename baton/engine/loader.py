@@ -46,7 +46,7 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     model.rotary.inv_freq = rope_inv_freq(mc.rope, mc.head_dim).to(config.device)
     model.rotary.reset_tables()
     if config.load_format == "dummy":
-        return _random_weights(model, config.seed)
+        return _quantized(_random_weights(model, config.seed), config)
     params = dict(model.named_parameters())
     expected = {target for name in params for target in _checkpoint_names(name, params[name], mc)}
     seen: set[str] = set()
@@ -80,7 +80,15 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
-    return model.eval()
+    return _quantized(model.eval(), config)
+
+
+def _quantized(model: CausalLM, config: EngineConfig) -> CausalLM:
+    if config.quantization == "fp8":
+        from baton.engine.quantization import quantize_fp8_
+
+        quantize_fp8_(model, all_layers=config.fp8_all_layers)
+    return model
 
 
 # Merged parameters and the checkpoint tensors that fill their row blocks, in order.

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baton.engine.config import ModelConfig, RopeConfig
+from baton.engine.quantization import Fp8Linear
 
 # oneDNN's linear (the one torch.compile's CPU backend calls) on the same dense weights; bench/engine_cpu.py
 # measures it well ahead of F.linear's default at decode batch sizes on CPU. Results differ from F.linear
@@ -40,8 +41,10 @@ def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _gemv_plans[key]
 
 
-def linear(x: torch.Tensor, layer: nn.Linear | torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Linear | Fp8Linear | torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
     """x @ W^T (+ b). silu_mul: x holds gate||up and the layer takes silu(gate) * up (SwiGLU's down proj)."""
+    if isinstance(layer, Fp8Linear):
+        return layer(x, silu_mul)
     weight, bias = (layer, None) if isinstance(layer, torch.Tensor) else (layer.weight, layer.bias)
     plan = _gemv_plan(x, weight, bias, silu_mul)
     if plan is not None:

@@ -1,0 +1,86 @@
+"""FP8 (e4m3) weights: quantized at load with one float32 scale per output channel (`--quantization fp8`).
+
+Decode is a stream of weight bytes, so halving them is worth up to 2x at small batches. Which kernel runs:
+- GPU, a few rows (decode): kernels/gemv.py reads the FP8 weight and applies the scale after the dot product;
+- GPU, larger batches and prefill: `torch._scaled_mm` (Hopper FP8 tensor cores) with the activations quantized
+  per token on the fly (row-wise scales on both sides);
+- CPU: the weight dequantized to the activations' dtype (correctness and quality checks, not speed).
+Norms, embeddings, the LM head and attention stay in the model dtype; so do the first and last decoder layers
+(the most sensitive ones) unless `all_layers`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+QUANTIZATIONS = ("fp8",)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (weight * scale[:, None])^T + bias, weight in FP8 e4m3 [N, K], scale float32 [N]."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.bias = bias
+        self._plans: dict[tuple[int, bool], tuple | None] = {}
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> "Fp8Linear":
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scale, bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token FP8 activations times per-channel FP8 weights on the tensor cores."""
+        x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+        xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale[None, :].contiguous(),
+                               out_dtype=x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        if not x.is_cuda:
+            if silu_mul:
+                gate, up = x.split(x.shape[-1] // 2, dim=-1)
+                x = F.silu(gate) * up
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        from baton.kernels.gemv import MAX_ROWS, gemv, pick_config
+
+        m = x.shape[0]
+        if 0 < m <= MAX_ROWS and x.stride(-1) == 1:
+            key = (1 << (m - 1).bit_length(), silu_mul)
+            if key not in self._plans and not torch.cuda.is_current_stream_capturing():
+                self._plans[key] = pick_config(key[0], self.weight, self.bias, silu_mul, scale=self.scale,
+                                               baseline=self._scaled_mm)
+            plan = self._plans.get(key)
+            if plan is not None:
+                return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
+        if silu_mul:
+            from baton.kernels.silu_mul import silu_mul as silu_mul_kernel
+
+            x = silu_mul_kernel(x)
+        return self._scaled_mm(x)
+
+
+def quantize_fp8_(model: nn.Module, all_layers: bool = False) -> int:
+    """Replaces the decoder layers' projections with Fp8Linear in place; returns how many were quantized."""
+    layers = model.model.layers
+    keep = set() if all_layers or len(layers) <= 2 else {0, len(layers) - 1}
+    count = 0
+    for i, layer in enumerate(layers):
+        if i in keep:
+            continue
+        for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                            (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            setattr(owner, name, Fp8Linear.quantize(getattr(owner, name)))
+            count += 1
+    return count

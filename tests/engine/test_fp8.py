@@ -1,0 +1,98 @@
+"""FP8 weights (`--quantization fp8`): quantization error bounds, which layers stay in the model dtype, the
+engine end to end on the CPU (dequantized path), and the GPU kernels (gemv, _scaled_mm) against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baton.engine.config import EngineConfig
+from baton.engine.llm_engine import LLMEngine
+from baton.engine.quantization import FP8, Fp8Linear
+from baton.engine.sampling_params import SamplingParams
+from tests.engine.checkpoints import make_hf_checkpoint
+
+
+def test_per_channel_quantization_error_is_bounded():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    with torch.no_grad():
+        lin.weight[3] *= 50  # one loud channel must not cost the others their precision (per-channel scales)
+    q = Fp8Linear.quantize(lin)
+    assert q.weight.dtype == FP8 and q.scale.shape == (96,)
+    w = lin.weight.detach()
+    err = (q.dequantized(torch.float32) - w).abs() / w.abs().amax(dim=1, keepdim=True)
+    assert err.max() <= 2 ** -4 + 1e-6  # e4m3: 3 mantissa bits, relative to the channel's absmax
+    x = torch.randn(5, 256)
+    ref, out = lin(x), q(x)
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).min() > 0.999
+    assert torch.allclose(q(x[:1]), out[:1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("fp8") / "llama", "llama", seed=5, layers=4,
+                                  max_position=512))
+
+
+def test_first_and_last_layers_stay_in_the_model_dtype(model_dir):
+    engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, quantization="fp8", show_progress=False))
+    kinds = [type(layer.mlp.down_proj).__name__ for layer in engine.model.model.layers]
+    assert kinds == ["Linear", "Fp8Linear", "Fp8Linear", "Linear"]
+    assert isinstance(engine.model.model.layers[1].self_attn.qkv_proj, Fp8Linear)
+    every = LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, quantization="fp8", fp8_all_layers=True,
+                                   show_progress=False))
+    assert all(isinstance(layer.mlp.gate_up_proj, Fp8Linear) for layer in every.model.model.layers)
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(model_dir, quantization="int3")
+
+
+def test_fp8_engine_scores_text_like_the_model_dtype(model_dir):
+    """Teacher-forced: the log-probability of every prompt token moves little under FP8 (greedy agreement of a
+    random tiny model says nothing: its logits are nearly flat)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    prompt = [7, 19, 23, 101, 5, 77] * 6 + list(range(30, 70))
+    scores = []
+    for quantization in (None, "fp8"):
+        engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, quantization=quantization, fp8_all_layers=True,
+                                        show_progress=False))
+        engine.add_request("r", prompt, params)
+        outs = [o for _ in range(8) for o in engine.step()]
+        scores.append(torch.tensor(outs[0].prompt_logprobs))
+        assert engine.stats().blocks.in_use == 0
+    base, fp8 = scores
+    assert (fp8 - base).abs().mean() < 0.02 * base.abs().mean(), (base, fp8)
+    assert not torch.equal(fp8, base)  # the weights really changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 3, 8, 64])
+@pytest.mark.parametrize("silu", [False, True])
+def test_fp8_linear_on_the_gpu_matches_the_dequantized_reference(m, silu):
+    torch.manual_seed(m)
+    lin = nn.Linear(4096, 6144, bias=False, device="cuda", dtype=torch.bfloat16)
+    q = Fp8Linear.quantize(lin)
+    x = torch.randn(m, 2 * 4096 if silu else 4096, device="cuda").to(torch.bfloat16)
+    h = x
+    if silu:
+        gate, up = x.float().chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    ref = h.float() @ q.dequantized(torch.float32).t()
+    out = q(x, silu_mul=silu).float()
+    # gemv (m <= 4) is exact up to float rounding; _scaled_mm also quantizes the activations per token.
+    tol = 0.02 if m <= 4 else 0.08
+    assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_engine_on_the_gpu_with_cuda_graphs(model_dir):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=64, max_num_seqs=8,
+                                    quantization="fp8", fp8_all_layers=True, show_progress=False))
+    prompts = [[5 + i, 9, 13, 200, 7] * 4 for i in range(6)]
+    out = [s.output_ids for s in engine.generate(prompts, params)]
+    assert all(len(o) == 12 for o in out)
+    alone = [engine.generate([p], params)[0].output_ids for p in prompts[:2]]
+    assert alone == out[:2]  # batch 6 (graph bucket 8, _scaled_mm) vs batch 1 (gemv): same greedy tokens
