@@ -132,15 +132,15 @@ class LoadForecaster:
         step = shifted(level, iv) if iv is not None and iv.seconds > 0 and level is not None else 0
         if step:
             self.shift = Shift(start=t - iv.seconds, direction=step)
-        if self.shift is not None and iv is not None:
-            self.shift.add(iv)
-            for name, rate in self.shift.rates().items():
-                s = self.series[name]
-                s.level, s.trend, s.last_t, s.jumping = rate, 0.0, t, 0
+        if self.shift is not None:
+            if iv is not None:
+                self.shift.add(iv)
+                for name, rate in self.shift.rates().items():
+                    s = self.series[name]
+                    s.level, s.trend, s.last_t, s.jumping = rate, 0.0, t, 0
             if t - self.shift.start >= window_s:
                 self.shift = None
             return
-        self.shift = None
         poisson = _poisson(window.request_rate, window_s)
         for name, s in self.series.items():
             y = getattr(window, name)

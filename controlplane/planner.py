@@ -206,6 +206,7 @@ class Planner:
         inputs = {"load_tokens_per_s": round(measured.tokens(pool_name), 3),
                   "forecast_tokens_per_s": round(fc.expected.tokens(pool_name), 3),
                   "upper_tokens_per_s": round(fc.upper.tokens(pool_name), 3), "noise": round(fc.noise, 4),
+                  "shift": st.forecaster.shift.direction if st.forecaster.shift is not None else 0,
                   "needed_replicas": round(needed, 3) if math.isfinite(needed) else None,
                   "capacity_factor": round(st.correction.value, 3), "request_rate": round(sig.request_rate, 4),
                   "queue_depth": sig.queue_depth, "queue_growth_per_s": round(growth, 4), "latency_p90_s": latency,

@@ -77,7 +77,8 @@ def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_
         last = [e for e in recent if e.ts > now - recent_s]
         if last:
             recent_interval = Interval(
-                seconds=max(1e-3, min(recent_s, now - min(e.ts - e.period_s for e in last))),
+                # what the entries cover, which is more than recent_s when publishers flush less often
+                seconds=max(1e-3, now - min(e.ts - e.period_s for e in last)),
                 requests=sum(e.requests for e in last), prompt_tokens=sum(e.prompt_tokens for e in last),
                 output_tokens=sum(e.output_tokens for e in last))
     return SignalWindow(

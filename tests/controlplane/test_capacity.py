@@ -9,8 +9,8 @@ import random
 import pytest
 
 from baton.controlplane.capacity import DecodeModel, FlatCapacity, Load, PrefillModel, ProfileError, read_profile
-from baton.controlplane.forecast import HoltSeries, LoadForecaster
-from baton.controlplane.signals import SignalWindow
+from baton.controlplane.forecast import HoltSeries, LoadForecaster, shifted
+from baton.controlplane.signals import Interval, SignalWindow
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "deploy" / "policies" / "profiles" / "llama-3-8b_h200.json"
@@ -118,3 +118,29 @@ def test_forecast_band_is_never_narrower_than_the_windows_sampling_noise():
     # 120 requests a window: sqrt(2/120) = 13% sampling noise, smoothed (alpha 0.2) to a third of it, times z 2.
     assert fc.expected.prompt_tokens_per_s == pytest.approx(40_000)
     assert fc.noise == pytest.approx(2 * math.sqrt(0.2 / 1.8) * math.sqrt(2 / 120), rel=1e-3)
+
+
+def test_a_shift_needs_five_poisson_sigmas_and_half_again():
+    iv = lambda n: Interval(5.0, n, 1000 * n, 100 * n)  # noqa: E731 - 5 s ticks
+    assert shifted(3.0, iv(15 + 5 * 4 + 1)) == 1  # 15 expected: beyond 5 sqrt(15) = 19.4 and 1.5x
+    assert shifted(3.0, iv(34)) == 0  # 19 above: 4.9 sigma
+    assert shifted(100.0, iv(700)) == 0  # 500 expected, 9 sigma above, but only 1.4x: a drift, not a step
+    assert shifted(15.0, iv(15)) == -1 and shifted(15.0, iv(50)) == 0  # 75 expected: 15 is a drop, 50 is not
+
+
+def test_a_shift_measures_its_level_from_its_start_until_the_window_holds_only_it():
+    f = LoadForecaster()
+    for i in range(24):  # 3 requests/s of 1,000 tokens, 5 s ticks, a 60 s window
+        f.update(i * 5.0, SignalWindow(3.0, 3000.0, 300.0, recent=Interval(5.0, 15, 15_000, 1500)), 60)
+    assert f.shift is None
+    for k, n in enumerate((75, 80, 70)):  # 15 requests/s now; the 60 s window still mostly the old level
+        window = SignalWindow(4.0, 4000.0, 400.0, recent=Interval(5.0, n, 1000 * n, 100 * n))
+        f.update(120.0 + 5 * k, window, 60)
+    assert f.shift is not None and f.shift.direction == 1
+    fc = f.forecast(25, 2.0, 60)
+    assert fc.rising and fc.expected.prompt_tokens_per_s == pytest.approx(15_000)  # 225 requests in 15 s
+    assert fc.noise == pytest.approx(2 * math.sqrt(2 / 225), rel=1e-6)  # the band of those 225 requests
+    for k in range(3, 12):  # the window fills with the new level: the shift ends, Holt takes over from it
+        f.update(120.0 + 5 * k, SignalWindow(15.0, 15_000.0, 1500.0, recent=Interval(5.0, 75, 75_000, 7500)), 60)
+    assert f.shift is None and not f.forecast(25, 2.0, 60).rising
+    assert f.series["prompt_tokens_per_s"].level == pytest.approx(15_000, rel=0.01)

@@ -66,6 +66,26 @@ def test_signal_windows_from_redis(redis_url):
     assert w.itl_p90_s == 0.5 and w.kv_utilization == 0.4
     assert fresh[("m", "b", "decode")] is None  # nothing published: missing, not zero
     assert stale[("m", "a", "decode")] is None
+    assert w.recent is None  # not asked for
+
+
+def test_the_newest_tick_of_a_window_from_redis(redis_url):
+    """A router publishing every 2 s, 10 requests a flush, then 50: the window averages them, the newest 4 s
+    (the planner's tick) hold only the jump."""
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url)
+        pub = SignalPublisher(client, "a", "prefill", "m", "router-a", _last=80.0)
+        for ts in range(82, 102, 2):
+            for _ in range(50 if ts > 96 else 10):
+                pub.record_request(prompt_tokens=100)
+            await pub.flush(now=float(ts))
+        windows = await SignalReader(client).windows([("m", "a", "prefill")], 100.0, 20.0, 10.0, recent_s=4.0)
+        await client.aclose()
+        return windows[("m", "a", "prefill")]
+
+    w = asyncio.run(scenario())
+    assert w.request_rate == (8 * 10 + 2 * 50) / 20
+    assert (w.recent.seconds, w.recent.requests, w.recent.prompt_tokens) == (4.0, 100, 10_000)
 
 
 def test_saturation_spills_to_b_and_drains_back(redis_url, tmp_path):

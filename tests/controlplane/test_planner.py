@@ -7,10 +7,12 @@ import math
 import pathlib
 import random
 
+import numpy as np
+
 from baton.controlplane.placement import ClusterState
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import load_policy, parse_policy
-from baton.controlplane.signals import SignalWindow
+from baton.controlplane.signals import Interval, SignalWindow
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -198,3 +200,119 @@ def test_every_decision_records_its_reason_and_inputs():
     assert d.reason.startswith("forecast proposes 3")
     for field in ("load_tokens_per_s", "forecast_tokens_per_s", "upper_tokens_per_s", "needed_replicas", "ready"):
         assert field in d.inputs
+
+
+# Traffic as the signal reader sees it: arrivals per tick, a window over the last few ticks and the newest tick
+# on its own (`SignalWindow.recent`), where a sudden step shows a window's length before the average does.
+STEP_POLICY = """\
+tick_s: 10
+signals: {{window_s: 60}}
+clusters:
+  - {{name: a, region: r1, backend: local, gpus: 100}}
+models:
+  - name: m
+    regions:
+      r1:
+        prefill:
+          min_replicas: 1
+          max_replicas: 40
+          capacity_tokens_per_s: 1000
+          target_utilization: 1.0
+          tolerance: 0.1
+          ttft_p90_ms: 1000
+          startup_s: {startup}
+          scale_up: {{stabilization_s: 0, max_step: 40, cooldown_s: 0}}
+          scale_down: {{stabilization_s: 60, max_step: 40, cooldown_s: 0}}
+        decode: {{capacity_tokens_per_s: 100, itl_p90_ms: 50, min_replicas: 1}}
+"""
+
+
+def traffic(counts, tokens_per_request=100, window_ticks=6, tick_s=10.0, queue=None, ttft=0.2):
+    """SignalWindows from requests per tick; `queue` gives each tick's queue depth (default none)."""
+    out = []
+    for i in range(len(counts)):
+        last = counts[max(0, i - window_ticks + 1): i + 1]
+        span = len(last) * tick_s
+        n = sum(last)
+        out.append(SignalWindow(
+            request_rate=n / span, prompt_tokens_per_s=n * tokens_per_request / span,
+            output_tokens_per_s=n * 10 / span, queue_depth=queue[i] if queue else 0.0, ttft_p90_s=ttft,
+            recent=Interval(tick_s, counts[i], counts[i] * tokens_per_request, counts[i] * 10)))
+    return out
+
+
+def test_a_step_is_sized_at_the_first_tick_from_the_newest_interval():
+    # 9 -> 86 requests/s of 100 tokens (0.9 -> 8.6 replicas' worth): the 60 s window's average is still 2.2
+    # replicas' worth at the first tick after the step, the newest tick already 8.6.
+    pol = parse_policy(STEP_POLICY.format(startup=0))
+    desired, decisions = run(pol, traffic([90] * 12 + [860] * 12))
+    assert set(desired[:12]) == {1}
+    assert decisions[12].inputs["shift"] == 1
+    assert desired[12] == 9 + 1  # 8.6 plus the band of a level measured from one tick (860 requests, ~5%)
+    assert decisions[12].inputs["load_tokens_per_s"] < 2500  # what the window alone would have sized for
+    assert all(9 <= d <= 10 for d in desired[12:])  # held: the window catching up is no news
+    assert decisions[-1].inputs["shift"] == 0  # six ticks on, the window holds only the new level
+
+
+def test_poisson_noise_in_the_newest_interval_starts_no_shift():
+    """An hour of Poisson arrivals at 4.2 requests/s of 1,000 tokens (42 a tick: +-15% tick to tick): no shift,
+    no scale event."""
+    rng = np.random.default_rng(7)
+    counts = rng.poisson(42, 360).tolist()
+    desired, decisions = run(parse_policy(STEP_POLICY.format(startup=20)), traffic(counts, 1000), start=5)
+    assert all(d.inputs["shift"] == 0 for d in decisions)
+    assert changes(desired[6:]) == 0, desired  # after the first window fills
+    assert 5 <= desired[-1] <= 6
+
+
+def test_a_ramp_is_trend_not_a_step():
+    # 3x over half an hour in 10 s ticks: never 1.5x from one tick to the next, so the trend follows it.
+    counts = [round(20 * (1 + 2 * i / 180)) for i in range(180)]
+    desired, decisions = run(parse_policy(STEP_POLICY.format(startup=30)), traffic(counts, 1000))
+    assert all(d.inputs["shift"] == 0 for d in decisions)
+    assert all(b >= a for a, b in itertools.pairwise(desired))
+    assert desired[-1] >= 6  # 6 requests/s of 1,000 tokens
+
+
+def test_a_drop_releases_replicas_after_the_scale_down_window_not_the_signal_window():
+    pol = parse_policy(STEP_POLICY.format(startup=0))
+    desired, decisions = run(pol, traffic([90] * 12 + [860] * 30 + [90] * 30))
+    assert decisions[42].inputs["shift"] == -1
+    # The 60 s window still averages 8.6 replicas' worth for a minute; the drop is confirmed at once, and the
+    # stabilisation window (60 s: 6 ticks) is what holds the replicas.
+    assert min(desired[42:48]) >= 9
+    assert desired[49] <= 2
+    assert changes(desired[49:]) == 0
+
+
+def test_a_queue_is_drained_with_the_replicas_already_starting():
+    """A step to 5x with 30 s start-up: replicas asked for at the first tick are not cancelled while they start,
+    and later ticks add only what the queue they will find needs beyond them."""
+    pol = parse_policy(STEP_POLICY.format(startup=30))
+    key_ready = 1
+    planner = Planner()
+    counts = [90] * 12 + [450] * 12
+    queue, q = [], 0.0
+    desired_log, decisions = [], []
+    series = traffic(counts)
+    for i, c in enumerate(counts):
+        # One ready replica serves 1,000 tokens/s = 10 requests/s; the rest waits.
+        q = max(0.0, q + (c - 10 * key_ready * 10))
+        queue.append(q)
+        sig = series[i]
+        sig = SignalWindow(**{**sig.__dict__, "queue_depth": q, "ttft_p90_s": 0.2 if q == 0 else 5.0})
+        clusters = {"a": ClusterState(ready={("m", "prefill"): key_ready, ("m", "decode"): 1})}
+        out = planner.tick(TickInput(now=i * 10.0, policy=pol, signals={KEY: sig}, clusters=clusters))
+        d = next(d for d in out.decisions if d.pool == "prefill")
+        desired_log.append(d.desired)
+        decisions.append(d)
+        if i >= 15:  # replicas asked for at the step (tick 12) are ready 30 s later
+            key_ready = desired_log[12]
+    first = desired_log[12]
+    # 45 requests/s arrive, 10 are served: 350 more queued each tick, 1,400 (140k tokens) by the time new
+    # replicas serve; drained within a tick (a quarter of the start-up, at least a tick: 10 s) on top of the
+    # 4.5 replicas' worth and its band: 14 + 5 -> 20.
+    assert "queue" in decisions[12].proposals and 19 <= first <= 21
+    assert min(desired_log[12:16]) >= first  # none cancelled while they start
+    assert max(desired_log[12:16]) <= first + 2  # the projection foresaw the growth: no chase, tick after tick
+    assert desired_log[-1] <= 6  # queue gone: back to the load's 4.5 replicas plus the band

@@ -39,19 +39,22 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
     total = result.total()
     # The oracle, sized by the same capacity model, meets the SLO in the simulated world: model and world agree.
     assert total.attainment("oracle") >= 0.999 and total.attainment("static") >= 0.999
-    # This run (README, bench/autoscale.py): 1.29x the oracle, 0.46x static peak; 97.9% of request checks within
-    # their SLO, the misses being the spike's first minute, while new replicas take their 20 s to start.
-    assert total.ratio("static") <= 0.5
-    assert total.ratio("oracle") <= 1.35
-    assert total.attainment() >= 0.975
+    # This run (README, bench/autoscale.py): 1.17x the oracle, 0.42x static peak; 98.3% of request checks within
+    # their SLO, the misses being the spike's first ~25 s, until replicas asked for at the first tick after it
+    # serve (they take 20 s to start).
+    assert total.ratio("static") <= 0.45
+    assert total.ratio("oracle") <= 1.2
+    assert total.attainment() >= 0.98
     for key, pool in result.pools.items():
         assert pool.total > 0 and pool.events["planner"] > 0, key
+    for pool in ("prefill", "decode"):  # eu-west's steady 2 requests/s: no flapping
+        assert result.pools[("llama-3-8b", "eu-west", pool)].events["planner"] <= 5
     t, reps = result.series["t"], result.series["us-east/prefill"]
     before = max(n for x, n in zip(t, reps) if 300 <= x < 1100)
-    during = max(n for x, n in zip(t, reps) if 1300 <= x < 2100)
-    after = [n for x, n in zip(t, reps) if x >= 2400]
-    assert during >= 3 * before
-    assert max(after) <= before + 1  # back down once the spike has passed
+    first_tick = next(n for x, n in zip(t, reps) if x > 1205)  # what the tick at 1205 s asked for
+    after = [n for x, n in zip(t, reps) if x >= 2200]
+    assert first_tick >= 3 * before  # the step sized from the newest tick, not from a window still catching up
+    assert max(after) <= before + 1  # back down within 100 s of the spike's end
     doc = result.to_dict()
     assert doc["total"]["over_oracle"] == pytest.approx(total.ratio("oracle"))
     assert set(doc["pools"]) == {"llama-3-8b/us-east/prefill", "llama-3-8b/us-east/decode",
