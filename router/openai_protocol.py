@@ -54,6 +54,26 @@ def _drop_nulls(data: Any) -> Any:
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+def _check_unicode(data: Any) -> None:
+    """JSON's \\uD800-style escapes can carry lone UTF-16 surrogates, which no tokenizer or wire can encode:
+    refuse them by field instead of failing later (iterative: bodies may nest deeply)."""
+    stack = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FieldError(path or "body", f"Invalid value for '{path or 'body'}': the string holds a "
+                                                     "lone UTF-16 surrogate, which is not valid Unicode") from None
+        elif isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+            stack.extend((k, path or "body") for k in value if isinstance(k, str) and not k.isascii())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value))
+
+
 class _Request(BaseModel):
     # Unknown fields are refused (http_server turns pydantic's "extra_forbidden" into "'x' is not supported").
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -61,6 +81,7 @@ class _Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls_and_ignored_fields(cls, data: Any) -> Any:
+        _check_unicode(data)
         data = _drop_nulls(data)
         if isinstance(data, dict):
             ignored = [k for k in data if k in IGNORED_FIELDS and k not in cls.model_fields]
@@ -76,7 +97,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = True  # `stream_options: {}` asks for usage (as vLLM)
 
 
-TokenId = Annotated[int, Field(ge=0)]
+UINT32_MAX = 2**32 - 1  # the wire's counts and token ids are uint32: larger values are refused here, by name
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
@@ -144,14 +166,26 @@ class StructuredOutputs(BaseModel):
             raise FieldError("structured_outputs", f"structured_outputs: {exc}") from None
 
 
+class Speculative(BaseModel):
+    """A vLLM-style extra: speculative decoding for this request (ngram prompt lookup, the draft model, or off)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram", "draft", "off"] = "ngram"
+    num_tokens: int | None = Field(None, ge=1, le=16)  # None: the decode worker's --num-speculative-tokens
+
+    def wire(self) -> inference_pb2.SpeculativeDecoding:
+        return inference_pb2.SpeculativeDecoding(method=self.method, num_tokens=self.num_tokens or 0)
+
+
 class _Sampling(_Request):
     """Fields shared by completions and chat; None means the model's generation_config.json or OpenAI's default."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -161,13 +195,14 @@ class _Sampling(_Request):
     stop: str | list[str] = Field(default_factory=list)
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     include_stop_str_in_output: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=UINT32_MAX)
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra
+    speculative: Speculative | None = None  # extra: per-request speculative decoding
     _structured_output: inference_pb2.StructuredOutput | None = PrivateAttr(None)  # checked response_format
 
     @model_validator(mode="after")
@@ -221,6 +256,8 @@ class _Sampling(_Request):
             params.prompt_logprobs = prompt_logprobs
         if self._structured_output is not None:
             params.structured_output.CopyFrom(self._structured_output)
+        if self.speculative is not None:
+            params.speculative.CopyFrom(self.speculative.wire())
         return params
 
 
@@ -229,7 +266,7 @@ Prompt = str | list[TokenId]
 
 class CompletionRequest(_Sampling):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's and vLLM's default for completions
+    max_tokens: int = Field(16, ge=1, le=UINT32_MAX)  # OpenAI's and vLLM's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with alternatives: how many
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
@@ -239,6 +276,9 @@ class CompletionRequest(_Sampling):
         prompts = self.prompts()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise FieldError("prompt", "prompt must not be empty")
+        if len(prompts) * self.num_samples > MAX_CHOICES:  # one request must not bypass admission control
+            raise FieldError("prompt", f"{len(prompts)} prompts x {self.num_samples} samples each is more than "
+                                       f"{MAX_CHOICES} sequences in one request")
         if self.best_of is not None and self.best_of < self.n:
             raise FieldError("best_of", f"best_of ({self.best_of}) must be >= n ({self.n})")
         if self.stream and self.num_samples > self.n:
@@ -329,7 +369,7 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
