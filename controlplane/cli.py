@@ -90,12 +90,12 @@ def simulate(
         if capacity_json is not None:
             pol = with_profile(pol, read_profile(capacity_json), str(capacity_json))
         requests = load_trace(trace, pol)
-    except PolicyError as exc:
+    except PolicyError as exc:  # bad input, like a bad option: exit 2
         typer.echo("\n".join(exc.errors), err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     except (TraceError, ProfileError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     result = run(pol, requests)
     typer.echo(report(result))
     plot(result, pol, plot_path)

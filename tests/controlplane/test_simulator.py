@@ -149,11 +149,19 @@ def test_simulate_cli_prints_the_comparison_and_writes_png_and_json(tmp_path):
 
     bad = _write(tmp_path, ["1.0,us-east,ten,5"])
     result = CliRunner().invoke(app, ["policy", "simulate", str(POLICIES / "spike.yaml"), "--trace", str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.strip() == f"error: {bad}:2: prompt_tokens 'ten' is not an integer"
     profile = tmp_path / "p.json"
     profile.write_text('{"version": 1}')
     result = CliRunner().invoke(app, ["policy", "simulate", str(POLICIES / "spike.yaml"), "--trace", str(SPIKE),
                                       "--capacity-json", str(profile)])
-    assert result.exit_code == 1 and result.output.startswith(f"error: {profile}: model: Field required")
+    assert result.exit_code == 2 and result.output.startswith(f"error: {profile}: model: Field required")
     assert "Traceback" not in result.output
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((POLICIES / "spike.yaml").read_text().replace("ttft_p90_ms: 3000", "ttft_p90_ms: soon"))
+    broken.with_name("profiles").symlink_to(POLICIES / "profiles")
+    result = CliRunner().invoke(app, ["policy", "simulate", str(broken), "--trace", str(SPIKE)])
+    line = next(i for i, t in enumerate(broken.read_text().splitlines(), 1) if "ttft_p90_ms: soon" in t)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[0].startswith(
+        f"{broken}:{line}: models[0].regions.us-east.prefill.ttft_p90_ms: Input should be a valid number")
