@@ -58,15 +58,22 @@ async def drive(url: str, model: str, plan: list[tuple[float, list[str]]]) -> di
     """Sends every request at its time (open loop); returns latencies by class and the makespan."""
     latencies: dict[str, list[float]] = {"single": [], "large": []}
     errors = 0
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+    # Idle connections expire before uvicorn's 5 s keep-alive does, so none is reused as the server closes it.
+    limits = httpx.Limits(max_connections=512, keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
 
         async def one(at: float, inputs: list[str]) -> None:
             nonlocal errors
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             sent = time.perf_counter()
-            r = await client.post(f"{url}/v1/embeddings", json={"model": model, "input": inputs,
-                                                                "encoding_format": "base64"})
+            try:
+                r = await client.post(f"{url}/v1/embeddings", json={"model": model, "input": inputs,
+                                                                    "encoding_format": "base64"})
+            except httpx.TransportError as exc:
+                print(f"request failed: {exc!r}", file=sys.stderr)
+                errors += 1
+                return
             if r.status_code != 200 or len(r.json()["data"]) != len(inputs):
                 errors += 1
                 return
