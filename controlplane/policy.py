@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from baton.contracts.worker_registry import POOLS
+from baton.contracts.worker_registry import EMBED_POOL, POOLS
 from baton.controlplane.capacity import CapacityModel, CapacityProfile, model_for
 
 
@@ -80,9 +80,22 @@ class DecodePool(PoolPolicy):
         return self.itl_p90_ms
 
 
+class EmbedPool(PoolPolicy):
+    """Embedding workers (`baton embed-worker`): prefill-only forwards, no KV kept; sized by inputs, not tokens.
+    The policy validates it; the planner does not scale it yet (replicas stay at min_replicas where started)."""
+
+    capacity_inputs_per_s: float = Field(gt=0, description="inputs/s one replica embeds at the queue-time target")
+    queue_time_p90_ms: float = Field(gt=0, description="target p90 time from arrival to the first forward")
+
+    @property
+    def slo_ms(self) -> float:
+        return self.queue_time_p90_ms
+
+
 class RegionDeployment(_Strict):
     prefill: PrefillPool
     decode: DecodePool
+    embed: EmbedPool | None = None
 
 
 class ModelDeployment(_Strict):
@@ -176,6 +189,9 @@ def _semantic_errors(policy: Policy) -> list[tuple[tuple, str]]:
             if r not in regions:
                 errors.append((("models", i, "regions", r),
                                f"region {r!r} has no cluster (known: {', '.join(sorted(regions))})"))
+            if dep.embed is not None and dep.embed.min_replicas > dep.embed.max_replicas:
+                errors.append((("models", i, "regions", r, EMBED_POOL, "max_replicas"),
+                               f"max_replicas {dep.embed.max_replicas} < min_replicas {dep.embed.min_replicas}"))
             for p in POOLS:
                 pool = getattr(dep, p)
                 if pool.min_replicas > pool.max_replicas:

@@ -53,6 +53,19 @@ def test_each_mistake_names_file_line_and_field(old, new, line, field, words):
     assert words in message
 
 
+def test_embed_pool_is_a_pool_kind():
+    text = GOOD + "        embed: {capacity_inputs_per_s: 800, queue_time_p90_ms: 100, min_replicas: 2, max_replicas: 4}\n"
+    embed = parse_policy(text, "e.yaml").model("m").regions["r1"].embed
+    assert (embed.capacity_inputs_per_s, embed.slo_ms, embed.min_replicas, embed.max_replicas) == (800, 100, 2, 4)
+    assert parse_policy(GOOD).model("m").regions["r1"].embed is None  # optional
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text.replace("min_replicas: 2", "min_replicas: 5"), "e.yaml")
+    assert exc.value.errors == ["e.yaml:9: models[0].regions.r1.embed.max_replicas: max_replicas 4 < min_replicas 5"]
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text.replace("queue_time_p90_ms: 100, ", ""), "e.yaml")
+    assert "e.yaml:9: models[0].regions.r1.embed.queue_time_p90_ms: Field required" in exc.value.errors
+
+
 def test_spillover_and_yaml_errors():
     bad = GOOD + "spillover:\n  - {from: r1, to: [nowhere, r1]}\n"
     with pytest.raises(PolicyError) as exc:
