@@ -81,3 +81,44 @@ def test_response_format_validates_with_remote_and_local_prefill(cluster, index)
                                         seed=seed, extra_body={"response_format": fmt})
         assert raw.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(raw.choices[0].text), schema)
+
+
+REAL_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"},
+                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                          "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "book_flight", "description": "Book a flight",
+                                      "parameters": {"type": "object", "properties": {
+                                          "to": {"type": "string"},
+                                          "passengers": {"type": "integer", "minimum": 1, "maximum": 9},
+                                          "seat": {"type": "object", "properties": {
+                                              "row": {"type": "integer", "minimum": 1, "maximum": 40},
+                                              "window": {"type": "boolean"}},
+                                              "required": ["row", "window"], "additionalProperties": False},
+                                          "meals": {"type": "array", "items": {"enum": ["veg", "fish"]},
+                                                    "maxItems": 2}},
+                                          "required": ["to", "passengers", "seat"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", "get_weather", "book_flight"])
+def test_tool_calls_validate_from_the_openai_client(cluster, choice, stream):
+    """SmolLM2's template ignores `tools`, so they reach the prompt as a Hermes-style system prompt; with
+    tool_choice "required" or a named function every call's arguments validate, at temperature 1."""
+    from baton.router.tool_calls import template_renders_tools
+    from tests.e2e.tool_calls_client import ask
+
+    tok = Tokenizer.from_dir(cluster.model_dir)
+    assert not template_renders_tools(tok)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in REAL_TOOLS}
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
+    messages = [{"role": "user", "content": "What is the weather in Paris? Then book me a flight to Rome."}]
+    for seed in range(2):
+        calls, finish, content = ask(client, cluster.model_name, messages, REAL_TOOLS, choice, stream, seed=seed)
+        assert finish == "tool_calls" and calls and content is None
+        for call in calls:
+            assert choice == "required" or call["name"] == choice
+            jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])

@@ -15,6 +15,7 @@ import redis
 
 from baton.devtools.make_model import make_model
 from baton.engine.tokenizer import Tokenizer
+from tests.e2e import tool_calls_client
 from tests.e2e.conftest import start_cluster
 
 WEATHER = {"type": "object", "properties": {
@@ -84,32 +85,8 @@ def prefill_worker_prompt_tokens(cluster) -> float:
     raise AssertionError("no prefill worker registered")
 
 
-def tool_choice_arg(choice: str):
-    return choice if choice == "required" else {"type": "function", "function": {"name": choice}}
-
-
 def ask(client, cluster, messages, choice: str, seed: int, stream: bool, **kw) -> tuple[list[dict], str, str | None]:
-    """(calls as [{"name", "arguments"}], finish_reason, content), streamed or whole."""
-    args = {"model": cluster.model_name, "messages": messages, "tools": TOOLS, "tool_choice": tool_choice_arg(choice),
-            "temperature": 1.0, "seed": seed, "max_tokens": 300, **kw}
-    if not stream:
-        resp = client.chat.completions.create(**args)
-        msg = resp.choices[0].message
-        calls = [{"name": c.function.name, "arguments": c.function.arguments, "id": c.id} for c in msg.tool_calls or []]
-        return calls, resp.choices[0].finish_reason, msg.content
-    calls, finish, content = [], None, ""
-    for chunk in client.chat.completions.create(stream=True, **args):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            for d in c.delta.tool_calls or []:
-                if d.id is not None:
-                    assert d.index == len(calls) and d.type == "function" and d.function.name
-                    calls.append({"name": d.function.name, "arguments": d.function.arguments or "", "id": d.id})
-                else:
-                    assert d.function.name is None
-                    calls[d.index]["arguments"] += d.function.arguments
-            finish = c.finish_reason or finish
-    return calls, finish, content or None
+    return tool_calls_client.ask(client, cluster.model_name, messages, TOOLS, choice, stream, seed=seed, **kw)
 
 
 def check_calls(calls: list[dict], choice: str) -> None:
