@@ -136,3 +136,42 @@ def test_tool_use_checks_the_request():
     assert json.loads(named.grammar.json_schema)["properties"] == {"a": {"type": "integer"}}
     required = json.loads(ToolUse.of([tool("add"), tool("sub")], "required", None, False).grammar.json_schema)
     assert required["maxItems"] == 1 and len(required["items"]["anyOf"]) == 2
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from baton.devtools.make_model import make_model
+    from baton.engine.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("tool-templates")
+    return {arch: Tokenizer.from_dir(make_model(root / arch, arch=arch, layers=1, hidden=32, heads=2, kv_heads=1,
+                                                vocab=512)) for arch in ("llama", "qwen2")}
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json"])
+def test_tools_go_through_the_template_or_else_a_system_prompt(tokenizers, parser):
+    tools = [tool("add", {"type": "object", "properties": {"a": {"type": "integer"}}})]
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+    use = ToolUse.of(tools, "auto", None, True)
+    messages, template_tools = use.prompt(history, tokenizers["qwen2"], PARSERS[parser])
+    assert (messages, template_tools) == (history, tools)  # Qwen's template renders tools itself
+    messages, template_tools = use.prompt(history, tokenizers["llama"], PARSERS[parser])
+    assert template_tools is None
+    text = tokenizers["llama"].apply_chat_template(messages)
+    # The system prompt keeps its text, then explains the format and lists the tools; the past call is written in
+    # the parser's format, and the answer parses back to the same call.
+    assert "Be brief.\n\n" in text and json.dumps(tools[0]) in text
+    written = PARSERS[parser].render_calls([("add", {"a": 1})])
+    assert written in text and messages[2]["content"] == written
+    assert calls_of(whole(use.output(PARSERS[parser]), written)) == [{"name": "add", "arguments": '{"a": 1}'}]
+
+
+def test_the_parser_flag_is_checked(tmp_path):
+    from baton.router.config import RouterConfig
+
+    with pytest.raises(ValueError, match="unknown tool call parser 'mistral'"):
+        RouterConfig(model=str(tmp_path), tool_call_parser="mistral")
+    assert RouterConfig(model=str(tmp_path), tool_call_parser="llama3_json").tool_call_parser == "llama3_json"
