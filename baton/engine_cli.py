@@ -141,6 +141,8 @@ def up_cmd(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs for decode steps."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template, or a file "
                                                 "holding one; replaces the model's own."),
+    tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="How chat answers hold tool "
+                                                   "calls: hermes (default) | llama3_json."),
     prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
     decode: int = typer.Option(1, "--decode", min=0, help="Decode workers (0: an embedding-only cluster)."),
     embed_workers: int = typer.Option(0, "--embed-workers", min=0, help="Embedding workers (POST /v1/embeddings)."),
@@ -183,7 +185,8 @@ def up_cmd(
     try:
         cluster = LocalCluster(UpOptions(
             model=model, revision=revision, served_model_name=served_model_name, host=host,
-            chat_template=chat_template, block_size=block_size, max_model_len=max_model_len, worker_settings=workers,
+            chat_template=chat_template, tool_call_parser=tool_call_parser, block_size=block_size,
+            max_model_len=max_model_len, worker_settings=workers,
             prefill=prefill, decode=decode, embed=embed_workers, max_prefill=max_prefill, max_decode=max_decode, port=port,
             grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
             kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),

@@ -52,6 +52,7 @@ class UpOptions:
     served_model_name: str | None = None
     host: str = "127.0.0.1"  # the router's bind address
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # the router's --tool-call-parser (default hermes)
     block_size: int = 16
     max_model_len: int | None = None
     # Worker settings by field name, e.g. {"device": "cuda", "dtype": "bfloat16", "enable_prefix_caching": False};
@@ -187,6 +188,7 @@ class LocalCluster:
         args = ["--model", str(self.model_dir), "--redis-url", self.redis_url, "--host", o.host,
                 "--http-port", str(o.port), "--grpc-port", str(o.grpc_port), "--policy", o.routing,
                 "--local-prefill-threshold", str(o.local_prefill_threshold), *self._shared_args()]
+        args += ["--tool-call-parser", o.tool_call_parser] if o.tool_call_parser else []
         return args + (["--chat-template", o.chat_template] if o.chat_template else [])
 
     def _shared_args(self) -> list[str]:

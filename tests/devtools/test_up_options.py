@@ -27,7 +27,7 @@ def parsed(command: str, args: list[str]) -> dict:
 
 def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     opts = UpOptions(model=model_dir, served_model_name="my-model", host="0.0.0.0", chat_template="{{ messages }}",
-                     block_size=32, max_model_len=200, prefill=1, decode=2, max_decode=3, run_dir=tmp_path,
+                     tool_call_parser="llama3_json", block_size=32, max_model_len=200, prefill=1, decode=2, max_decode=3, run_dir=tmp_path,
                      worker_settings={"device": "cpu", "dtype": "half", "max_num_seqs": 8,
                                       "enable_prefix_caching": False, "enforce_eager": True})
     cluster = LocalCluster(opts)
@@ -36,6 +36,7 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     router = parsed("router", cluster.router_args())
     assert (router["served_model_name"], router["host"], router["block_size"], router["max_model_len"],
             router["chat_template"]) == ("my-model", "0.0.0.0", 32, 200, "{{ messages }}")
+    assert router["tool_call_parser"] == "llama3_json"
     worker = parsed("decode-worker", ["--model", str(model_dir), *cluster.worker_args()])
     assert worker["model_name"] == "my-model"
     assert (worker["block_size"], worker["max_model_len"], worker["device"], worker["dtype"]) == (32, 200, "cpu", "half")
