@@ -374,7 +374,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     add_generation_prompt: bool = True
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, min_length=1)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     _tool_use: ToolUse | None = PrivateAttr(None)  # checked tools; None when they play no part

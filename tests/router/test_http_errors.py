@@ -41,9 +41,11 @@ CASES = [
     (CMPL, {"model": MODEL, "prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format.type", None),
     # Fields that are not applied are refused by name, never silently dropped.
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
-     "not supported"),
+     "at least 1 item"),
     (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
-     "tool_choice", "not supported"),
+     "tool_choice", "only allowed when tools are given"),
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": []}, 400,
+     "functions", "not supported"),
     (CMPL, {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
     (CMPL, {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}}, 400,
      "stream_options.continuous_usage_stats", "not supported"),
@@ -104,9 +106,10 @@ async def test_openai_client_raises_typed_errors(redis_url, model_dir) -> None:
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                                  response_format={"type": "json_schema", "json_schema": {
                                                      "name": "s", "schema": {"$ref": "#/nowhere"}}})
-        with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
+        with pytest.raises(openai.BadRequestError, match="tool_choice names function 'g', which is not among"):
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[
-                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                tool_choice={"type": "function", "function": {"name": "g"}})
         await client.close()
 
 
