@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 POLICY = """\
 tick_s: 10
-signals: {{window_s: 30}}
+signals: {{window_s: {window}}}
 clusters:
   - {{name: a, region: r1, backend: local, gpus: 100}}
 models:
@@ -27,7 +27,7 @@ models:
       r1:
         prefill:
           min_replicas: {min}
-          max_replicas: 10
+          max_replicas: {max}
           capacity_tokens_per_s: 1000
           target_utilization: 1.0
           tolerance: 0.1
@@ -35,14 +35,20 @@ models:
           startup_s: {startup}
           idle_timeout_s: 60
           scale_up: {{stabilization_s: 0, max_step: {up_step}, cooldown_s: 0}}
-          scale_down: {{stabilization_s: 60, max_step: 2, cooldown_s: 0}}
+          scale_down: {{stabilization_s: 60, max_step: {down_step}, cooldown_s: 0}}
         decode: {{capacity_tokens_per_s: 100, itl_p90_ms: 50, min_replicas: 1}}
 """
 KEY = ("m", "r1", "prefill")
 
 
-def policy(min_replicas=1, up_step=4, startup=0):
-    return parse_policy(POLICY.format(min=min_replicas, up_step=up_step, startup=startup))
+def policy(min_replicas=1, up_step=4, startup=0, window=30, max_replicas=10, down_step=2):
+    return parse_policy(POLICY.format(min=min_replicas, up_step=up_step, startup=startup, window=window,
+                                      max=max_replicas, down_step=down_step))
+
+
+def step_policy(startup):
+    """A 60 s window over 10 s ticks, no step limits: what the newest tick changes shows on its own."""
+    return policy(startup=startup, window=60, max_replicas=40, up_step=40, down_step=40)
 
 
 def window(tokens_per_s, ttft=0.2, queue=0.0):
@@ -204,29 +210,6 @@ def test_every_decision_records_its_reason_and_inputs():
 
 # Traffic as the signal reader sees it: arrivals per tick, a window over the last few ticks and the newest tick
 # on its own (`SignalWindow.recent`), where a sudden step shows a window's length before the average does.
-STEP_POLICY = """\
-tick_s: 10
-signals: {{window_s: 60}}
-clusters:
-  - {{name: a, region: r1, backend: local, gpus: 100}}
-models:
-  - name: m
-    regions:
-      r1:
-        prefill:
-          min_replicas: 1
-          max_replicas: 40
-          capacity_tokens_per_s: 1000
-          target_utilization: 1.0
-          tolerance: 0.1
-          ttft_p90_ms: 1000
-          startup_s: {startup}
-          scale_up: {{stabilization_s: 0, max_step: 40, cooldown_s: 0}}
-          scale_down: {{stabilization_s: 60, max_step: 40, cooldown_s: 0}}
-        decode: {{capacity_tokens_per_s: 100, itl_p90_ms: 50, min_replicas: 1}}
-"""
-
-
 def traffic(counts, tokens_per_request=100, window_ticks=6, tick_s=10.0, queue=None, ttft=0.2):
     """SignalWindows from requests per tick; `queue` gives each tick's queue depth (default none)."""
     out = []
@@ -244,7 +227,7 @@ def traffic(counts, tokens_per_request=100, window_ticks=6, tick_s=10.0, queue=N
 def test_a_step_is_sized_at_the_first_tick_from_the_newest_interval():
     # 9 -> 86 requests/s of 100 tokens (0.9 -> 8.6 replicas' worth): the 60 s window's average is still 2.2
     # replicas' worth at the first tick after the step, the newest tick already 8.6.
-    pol = parse_policy(STEP_POLICY.format(startup=0))
+    pol = step_policy(0)
     desired, decisions = run(pol, traffic([90] * 12 + [860] * 12))
     assert set(desired[:12]) == {1}
     assert decisions[12].inputs["shift"] == 1
@@ -259,7 +242,7 @@ def test_poisson_noise_in_the_newest_interval_starts_no_shift():
     no scale event."""
     rng = np.random.default_rng(7)
     counts = rng.poisson(42, 360).tolist()
-    desired, decisions = run(parse_policy(STEP_POLICY.format(startup=20)), traffic(counts, 1000), start=5)
+    desired, decisions = run(step_policy(20), traffic(counts, 1000), start=5)
     assert all(d.inputs["shift"] == 0 for d in decisions)
     assert changes(desired[6:]) == 0, desired  # after the first window fills
     assert 5 <= desired[-1] <= 6
@@ -268,14 +251,14 @@ def test_poisson_noise_in_the_newest_interval_starts_no_shift():
 def test_a_ramp_is_trend_not_a_step():
     # 3x over half an hour in 10 s ticks: never 1.5x from one tick to the next, so the trend follows it.
     counts = [round(20 * (1 + 2 * i / 180)) for i in range(180)]
-    desired, decisions = run(parse_policy(STEP_POLICY.format(startup=30)), traffic(counts, 1000))
+    desired, decisions = run(step_policy(30), traffic(counts, 1000))
     assert all(d.inputs["shift"] == 0 for d in decisions)
     assert all(b >= a for a, b in itertools.pairwise(desired))
     assert desired[-1] >= 6  # 6 requests/s of 1,000 tokens
 
 
 def test_a_drop_releases_replicas_after_the_scale_down_window_not_the_signal_window():
-    pol = parse_policy(STEP_POLICY.format(startup=0))
+    pol = step_policy(0)
     desired, decisions = run(pol, traffic([90] * 12 + [860] * 30 + [90] * 30))
     assert decisions[42].inputs["shift"] == -1
     # The 60 s window still averages 8.6 replicas' worth for a minute; the drop is confirmed at once, and the
@@ -288,7 +271,7 @@ def test_a_drop_releases_replicas_after_the_scale_down_window_not_the_signal_win
 def test_a_queue_is_drained_with_the_replicas_already_starting():
     """A step to 5x with 30 s start-up: replicas asked for at the first tick are not cancelled while they start,
     and later ticks add only what the queue they will find needs beyond them."""
-    pol = parse_policy(STEP_POLICY.format(startup=30))
+    pol = step_policy(30)
     key_ready = 1
     planner = Planner()
     counts = [90] * 12 + [450] * 12
