@@ -10,6 +10,7 @@ from baton.proto.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 2.0
+MAX_RECEIVE_BYTES = 256 << 20
 
 
 class ChannelCache(dict[str, grpc.aio.Channel]):
@@ -18,7 +19,9 @@ class ChannelCache(dict[str, grpc.aio.Channel]):
     def open(self, address: str) -> grpc.aio.Channel:
         channel = self.get(address)
         if channel is None:
-            channel = self[address] = grpc.aio.insecure_channel(address)
+            # Embedding responses are large (2048 vectors of a 4096-wide model: 32 MiB), past gRPC's default 4 MiB.
+            channel = self[address] = grpc.aio.insecure_channel(
+                address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
         return channel
 
     async def close(self) -> None:

@@ -154,7 +154,7 @@ class Dispatcher:
             if prefill is not None:
                 request.prefill.CopyFrom(worker_pb2.PrefillTarget(worker_id=prefill.worker_id,
                                                                   grpc_address=prefill.address))
-            stub = worker_pb2_grpc.DecodeWorkerStub(self._channel(decode.address))
+            stub = worker_pb2_grpc.DecodeWorkerStub(self.channel(decode.address))
             call = stub.Generate(request, timeout=self._config.request_timeout_s)
             finished = False
             emitted = False  # on this attempt
@@ -237,10 +237,10 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
     async def _abort(self, worker: WorkerState, request_id: str) -> None:
-        await abort(worker_pb2_grpc.DecodeWorkerStub(self._channel(worker.address)), request_id, worker.worker_id)
+        await abort(worker_pb2_grpc.DecodeWorkerStub(self.channel(worker.address)), request_id, worker.worker_id)
 
     # -- channels ---------------------------------------------------------------------------
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str) -> grpc.aio.Channel:
         return self._channels.open(address)
 
     def on_worker_added(self, worker_id: str) -> None:

@@ -18,7 +18,6 @@ from pydantic import Field
 from baton.contracts.worker_registry import EMBED_POOL, WorkerRecord
 from baton.engine.embedding_config import EmbeddingSpec
 from baton.engine.errors import ModelFilesError
-from baton.grpc_channels import ChannelCache
 from baton.proto.v1 import worker_pb2, worker_pb2_grpc
 from baton.router.dispatch import new_request_id
 from baton.router.openai_protocol import APIError, _Request
@@ -74,13 +73,13 @@ def parse_inputs(raw: Any, max_inputs: int) -> list[str | list[int]]:
 
 
 class Embeddings:
-    """The endpoint's state: the model's embedding spec, per-worker in-flight inputs, channels to embed workers."""
+    """The endpoint's state: the model's embedding spec and the inputs in flight on each embed worker (channels
+    are the dispatcher's, which retires those of workers that leave)."""
 
     def __init__(self, service: RouterService) -> None:
         self.service = service
         self._spec: EmbeddingSpec | None = None
         self._inflight: dict[str, int] = {}
-        self._channels = ChannelCache()
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -137,7 +136,7 @@ class Embeddings:
                 if not excluded:
                     raise
                 break
-            stub = worker_pb2_grpc.EmbedWorkerStub(self._channels.open(worker.grpc_address))
+            stub = worker_pb2_grpc.EmbedWorkerStub(self.service.dispatcher.channel(worker.grpc_address))
             self._inflight[worker.worker_id] = self._inflight.get(worker.worker_id, 0) + len(inputs)
             try:
                 return await stub.Embed(message, timeout=self.service.config.request_timeout_s)
@@ -170,11 +169,8 @@ class Embeddings:
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    async def close(self) -> None:
-        await self._channels.close()
 
-
-def add_embedding_routes(app: FastAPI, service: RouterService, dependencies: list) -> Embeddings:
+def add_embedding_routes(app: FastAPI, service: RouterService, dependencies: list) -> None:
     embeddings = Embeddings(service)
 
     @app.post(ROUTE, dependencies=dependencies)
@@ -190,5 +186,3 @@ def add_embedding_routes(app: FastAPI, service: RouterService, dependencies: lis
         out = embeddings.render(response, len(inputs), body.dimensions, body.encoding_format)
         service.metrics.request_done(ROUTE, 200)
         return Response(json.dumps(out, separators=(",", ":")), media_type="application/json")
-
-    return embeddings

@@ -182,5 +182,5 @@ def create_app(service: RouterService) -> FastAPI:
                         tools=body.tool_use.output(parser) if body.tool_use is not None else None)
         return await respond(service, request, rid, choices, how)
 
-    app.state.embeddings = add_embedding_routes(app, service, guarded)
+    add_embedding_routes(app, service, guarded)
     return app

@@ -99,7 +99,6 @@ class Router:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.service.dispatcher.close()
-        await self.app.state.embeddings.close()
         await stop_task(self._kv_events_task)
         await asyncio.wait({asyncio.create_task(self.kv_events.stop())}, timeout=5.0)
         await self.traffic.stop()
