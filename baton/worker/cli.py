@@ -30,5 +30,7 @@ def worker_command(pool: str, service_module: str) -> Callable[..., None]:
         asyncio.run(serve(settings, add_service))
 
     return settings_command(
-        WorkerSettings, run, f"Run a {pool} worker: serves the {pool.capitalize()}Worker gRPC service, registers in "
-        f"Redis, publishes KV events.", fixed={"pool": pool}, aliases={"model_name": ("--served-model-name",)})
+        WorkerSettings, run, f"Run {'an' if pool == 'embed' else 'a'} {pool} worker: serves the "
+        f"{pool.capitalize()}Worker gRPC service, registers in Redis"
+        f"{'' if pool == 'embed' else ', publishes KV events'}.", fixed={"pool": pool},
+        aliases={"model_name": ("--served-model-name",)})

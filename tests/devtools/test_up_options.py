@@ -59,3 +59,18 @@ def test_up_refuses_an_unknown_model_before_starting_anything(tmp_path):
     assert result.exit_code == 2
     assert "no such directory, and not a Hugging Face Hub id" in result.output
     assert not list(tmp_path.iterdir())  # no Redis, router or control plane was started
+
+
+def test_embed_workers_get_the_worker_flags_and_an_embedding_only_cluster_needs_them(model_dir, tmp_path):
+    opts = UpOptions(model=model_dir, prefill=0, decode=0, embed=2, run_dir=tmp_path,
+                     worker_settings={"max_batch_delay_ms": 2.5, "dynamic_batching": False, "max_num_seqs": 128})
+    cluster = LocalCluster(opts)
+    cluster.redis_url = "redis://127.0.0.1:1/0"
+    worker = parsed("embed-worker", ["--model", str(model_dir), *cluster.worker_args()])
+    assert (worker["max_batch_delay_ms"], worker["dynamic_batching"], worker["max_num_seqs"]) == (2.5, False, 128)
+    assert worker["gpu_memory_utilization"] == pytest.approx(0.45)  # two embed workers share 0.9 of a GPU
+    up = parsed("up", ["--decode", "0", "--embed-workers", "2", "--max-batch-delay-ms", "3"])
+    assert (up["decode"], up["embed_workers"], up["max_batch_delay_ms"]) == (0, 2, 3.0)
+    result = CliRunner().invoke(app, ["up", "--model", str(model_dir), "--decode", "0", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--decode 0 needs --embed-workers N" in result.output
