@@ -137,6 +137,23 @@ def test_max_tokens_mid_json_is_length_not_a_call(client, cluster, stream):
             json.loads(content)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_cut_by_max_tokens_is_length(client, cluster, stream):
+    fmt = {"type": "json_schema", "json_schema": {"name": "booking", "schema": BOOKING}}
+    args = {"model": cluster.model_name, "messages": SHORT, "response_format": fmt, "max_tokens": 4, "seed": 0,
+            "temperature": 1.0}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **args))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        resp = client.chat.completions.create(**args)
+        text, finish = resp.choices[0].message.content, [resp.choices[0].finish_reason]
+    assert finish == ["length"] and text.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+
 @pytest.mark.parametrize("body,param,message", [
     ({"tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice",
      "'fly', which is not among the tools"),
