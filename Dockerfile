@@ -24,6 +24,7 @@ COPY baton baton
 COPY router router
 COPY prefill_worker prefill_worker
 COPY decode_worker decode_worker
+COPY embed_worker embed_worker
 COPY kernels kernels
 COPY controlplane controlplane
 COPY proto proto
@@ -36,6 +37,6 @@ RUN pip install "grpcio-tools>=1.62" \
 USER 10001
 WORKDIR /home/baton
 # router HTTP/gRPC, prefill gRPC/HTTP, decode gRPC/HTTP, control plane HTTP/gRPC (docs/architecture.md)
-EXPOSE 8000 50051 50061 8081 50062 8082 8090 50070
+EXPOSE 8000 50051 50061 8081 50062 8082 50063 8083 8090 50070
 ENTRYPOINT ["baton"]
 CMD ["--help"]
