@@ -139,7 +139,7 @@ def _calls_as_text(message: dict, parser: ToolParser) -> dict:
         return message
     calls = []
     for call in message["tool_calls"]:
-        fn = call.get("function") or {}
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = fn.get("arguments", "{}")
         try:
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
