@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Queries of up to this many tokens after cached ones run as decode rows (1 + the most proposed tokens verified).
+DECODE_ROWS_MAX = 17
+
 
 @dataclass
 class SeqSlice:
@@ -64,11 +67,13 @@ def build_batch(
     for start, n, table in queries:
         context_len = start + n
         used = table[: -(-context_len // block_size)]
-        if n == 1:
-            decode_index.append(len(slots))
-            decode_lens.append(context_len)
-            decode_tables.append(used)
-            slots.append(used[-1] * block_size + start % block_size)
+        if n == 1 or (start > 0 and n <= DECODE_ROWS_MAX):
+            # A few tokens after cached ones (speculative verification): one decode row each, causal by length.
+            for p in range(start, context_len):
+                decode_index.append(len(slots))
+                decode_lens.append(p + 1)
+                decode_tables.append(used)
+                slots.append(table[p // block_size] * block_size + p % block_size)
             continue
         seqs.append(SeqSlice(len(slots), n, context_len, torch.tensor(used, dtype=torch.long, device=device)))
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, context_len))

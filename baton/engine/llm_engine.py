@@ -172,7 +172,6 @@ class LLMEngine:
             bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self._sample_vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"{name}: token id {bad!r} is outside the vocabulary [0, {self._sample_vocab})")
-        self.speculator.validate(params)
         if params.structured_output is not None and self.tokenizer is None:
             raise InvalidRequestError("structured output needs the model's tokenizer, and this engine has none")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -188,6 +187,8 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
+        if not prefill_only:  # a prefill-only request decodes elsewhere, and speculates there
+            self.speculator.validate(params)
         if generated_ids:
             self._validate_resume(generated_ids, params, prefill_only)
         seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only,
@@ -503,6 +504,7 @@ class LLMEngine:
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
+        self.speculator.validate(params)
         if self._inflight is not None:
             # Blocks freed while a step is in flight may still take that step's KV writes (stream-ordered for
             # local work, but a remote writer is not on this stream): let the step finish first.

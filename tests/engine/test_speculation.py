@@ -1,0 +1,249 @@
+"""Speculative decoding changes nothing a client sees: greedy output equals plain decoding token for token (n-gram
+lookup and draft model; across block boundaries; max_tokens, stop token ids and stop strings landing inside an
+accepted run; preemption; async scheduling), no KV block leaks, prefix-cache hashes cover accepted tokens only,
+and sampled output keeps its distribution (chi-square with fixed seeds, plus a negative control showing the test
+catches a wrong acceptance rule)."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import safetensors.torch
+import torch
+
+from baton.contracts.block_hash import ROOT_HASH, hash_block
+from baton.engine import speculation
+from baton.engine.errors import InvalidRequestError
+from baton.engine.sampling_params import SamplingParams, SpeculationParams
+from baton.engine.speculation import ngram_lookup
+from tests.engine.test_engine import assert_all_free, new_engine
+
+NGRAM = SpeculationParams("ngram", 4)
+DRAFT = SpeculationParams("draft", 5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from baton.devtools.make_model import make_model
+
+    # A small vocabulary: random greedy output falls into loops that prompt lookup can copy.
+    return str(make_model(tmp_path_factory.mktemp("spec") / "target", arch="llama", vocab=300, seed=5))
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    from baton.devtools.make_model import make_model
+
+    return str(make_model(tmp_path_factory.mktemp("spec") / "draft", arch="llama", vocab=300, seed=6, layers=1))
+
+
+def loopy_prompts(n, seed=0):
+    """Prompts that repeat a phrase, as code edits do: lookup has something to copy from the first step."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        phrase = [rng.randrange(3, 290) for _ in range(rng.randrange(3, 9))]
+        out.append([rng.randrange(3, 290) for _ in range(i)] + phrase * rng.randrange(2, 5))
+    return out
+
+
+def check_blocks(engine):
+    """Every running request holds exactly the blocks its computed tokens need, and its prefix-cache hashes are
+    those of its own (accepted) tokens."""
+    bm = engine.block_manager
+    for seq in engine.scheduler.running:
+        assert seq.num_draft == 0
+        assert len(seq.block_table) == bm.num_blocks_for(seq.num_computed_tokens), seq.request_id
+        parent = ROOT_HASH
+        for i, h in enumerate(seq.block_hashes):
+            parent = hash_block(parent, seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
+            assert h == parent
+        assert len(seq.block_hashes) * bm.block_size <= seq.num_computed_tokens
+
+
+def run(engine, prompts, params):
+    """Per request (token ids, text, finish reason, output tokens) and the logprobs; checks blocks every step."""
+    ids = [f"r{i}" for i in range(len(prompts))]
+    outs = {rid: [[], ""] for rid in ids}
+    logprobs = {rid: [] for rid in ids}
+    reasons = {}
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            o = outs[out.request_id]
+            o[0] += out.new_token_ids
+            o[1] += out.text
+            logprobs[out.request_id] += out.new_logprobs
+            if out.finished:
+                reasons[out.request_id] = (out.finish_reason, out.num_output_tokens)
+        check_blocks(engine)
+    assert_all_free(engine)
+    return [(*outs[rid], reasons[rid]) for rid in ids], [logprobs[rid] for rid in ids]
+
+
+def same_as_plain(model_dir, prompts, spec, params=None, **kw):
+    params = params or SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    plain, plain_logprobs = run(new_engine(model_dir, **kw), prompts, params)
+    engine = new_engine(model_dir, **kw)
+    specced, logprobs = run(engine, prompts, dataclasses.replace(params, speculation=spec))
+    assert specced == plain
+    for a, b in zip(logprobs, plain_logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
+    return engine.stats().spec
+
+
+def test_ngram_lookup_takes_the_latest_longest_match_and_copies_periodic_text():
+    assert ngram_lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3], 3, 1, 4) == [7, 5, 2]  # "2 3" last seen before 7
+    assert ngram_lookup([5, 6, 5, 6, 5, 6], 5, 2, 4) == [5, 6, 5, 6, 5]  # the copy runs on over its own proposal
+    assert ngram_lookup([1, 2, 3, 4], 3, 1, 3) == []
+    assert ngram_lookup([4, 8, 4], 2, 2, 3) == []  # shorter than min_n: nothing
+
+
+def test_greedy_ngram_equals_plain_across_block_boundaries(model_dir):
+    stats = same_as_plain(model_dir, loopy_prompts(5), NGRAM, block_size=4)
+    assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens, stats
+
+
+def test_greedy_draft_model_equals_plain(model_dir, other_dir):
+    # Its own weights as the draft: long accepted runs. A different model: mostly rejections.
+    stats = same_as_plain(model_dir, loopy_prompts(4, seed=1), DRAFT, block_size=4, speculative_model=model_dir)
+    assert stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens > 0, stats
+    stats = same_as_plain(model_dir, loopy_prompts(4, seed=2), DRAFT, block_size=4, speculative_model=other_dir)
+    assert stats.num_draft_tokens > stats.num_accepted_tokens, stats
+
+
+@pytest.mark.parametrize("max_tokens", [2, 5, 7, 13])
+def test_max_tokens_lands_inside_an_accepted_run(model_dir, max_tokens):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    same_as_plain(model_dir, loopy_prompts(3, seed=3), SpeculationParams("draft", 8), params,
+                  speculative_model=model_dir)
+
+
+def test_stop_token_and_stop_string_inside_an_accepted_run(model_dir):
+    prompts = loopy_prompts(2, seed=4)
+    engine = new_engine(model_dir)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outputs = [s.output_ids for s in engine.generate(prompts, greedy)]
+    stop_ids = [out[9] for out in outputs]
+    text = engine.tokenizer.decode(outputs[0])
+    for params in (SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=stop_ids),
+                   SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[text[12:15]]),
+                   SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=stop_ids[:1])):
+        same_as_plain(model_dir, prompts, SpeculationParams("draft", 8), params, speculative_model=model_dir)
+
+
+def test_preemption_and_mixed_batches_equal_plain(model_dir):
+    # 24 blocks of 4 tokens for 6 requests: preemptions (drafts dropped with them); half the requests speculate.
+    prompts = loopy_prompts(6, seed=5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain, _ = run(new_engine(model_dir, block_size=4, num_kv_blocks=24), prompts, params)
+    engine = new_engine(model_dir, block_size=4, num_kv_blocks=24, speculative_method="ngram")
+    off = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, speculation=SpeculationParams("off"))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params if i % 2 else off)
+    ids = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids[out.request_id] += out.new_token_ids
+        check_blocks(engine)
+    assert_all_free(engine)
+    assert engine.stats().preemptions > 0 and engine.stats().spec.num_drafts > 0
+    assert list(ids.values()) == [p[0] for p in plain]
+
+
+def test_async_scheduling_runs_speculating_steps_synchronously(model_dir):
+    stats = same_as_plain(model_dir, loopy_prompts(4, seed=6), NGRAM, async_scheduling=True)
+    assert stats.num_drafts > 0
+
+
+def test_requests_needing_host_state_decode_without_speculation(model_dir):
+    engine = new_engine(model_dir, speculative_method="ngram")
+    for params in (SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5),
+                   SamplingParams(max_tokens=12, temperature=0.0, logit_bias={7: 1.0}),
+                   SamplingParams(max_tokens=12, temperature=0.0, min_tokens=12, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=1)):
+        engine.generate(loopy_prompts(2, seed=7), params)
+    assert engine.stats().spec.num_drafts == 0
+    with pytest.raises(InvalidRequestError, match="speculative method 'draft' is not served here"):
+        engine.add_request("d", [5, 6, 7], SamplingParams(speculation=SpeculationParams("draft")))
+    with pytest.raises(InvalidRequestError, match="num_tokens must be in"):
+        SpeculationParams("ngram", 0)
+
+
+# ---- sampling keeps the distribution ----------------------------------------------------------------------------
+VOCAB = 12
+
+
+@pytest.fixture(scope="module")
+def peaked_dir(tmp_path_factory):
+    """A 12-token model whose next-token distributions are far from uniform (a scaled-up LM head)."""
+    from tests.engine.checkpoints import make_hf_checkpoint
+
+    out = make_hf_checkpoint(tmp_path_factory.mktemp("chi") / "m", "llama", seed=3, vocab=VOCAB, layers=1)
+    path = out / "model.safetensors"
+    tensors = safetensors.torch.load_file(str(path))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 10
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    return str(out)
+
+
+def sample_counts(model_dir, spec, n=600, **kw):
+    """Counts of each output position's token over n seeded requests (position 0 comes from the prompt's step)."""
+    engine = new_engine(model_dir, max_num_seqs=600, block_size=4, num_kv_blocks=2048, **kw)
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    params = [SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True, seed=i, speculation=spec)
+              for i in range(n)]
+    seqs = engine.generate([prompt] * n, params)
+    counts = torch.zeros(4, VOCAB)
+    for seq in seqs:
+        for pos, token in enumerate(seq.output_ids):
+            counts[pos, token] += 1
+    assert_all_free(engine)
+    return counts, engine.stats().spec
+
+
+def chi_square(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample chi-square statistic over the bins either sample hit."""
+    na, nb = a.sum(), b.sum()
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    return float((((a * (nb / na).sqrt() - b * (na / nb).sqrt()) ** 2) / (a + b)).sum())
+
+
+@pytest.fixture(scope="module")
+def plain_counts(peaked_dir):
+    return sample_counts(peaked_dir, SpeculationParams("off"))[0]
+
+
+# 11 degrees of freedom: P(chi2 > 45) ~ 5e-6 when the distributions are equal. Seeds are fixed, so no flake.
+SAME = 45.0
+
+
+def test_sampling_with_ngram_keeps_the_distribution(peaked_dir, plain_counts):
+    counts, stats = sample_counts(peaked_dir, SpeculationParams("ngram", 3), ngram_min=1)
+    assert stats.num_draft_tokens > 300 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+    for pos in range(1, 4):
+        assert chi_square(counts[pos], plain_counts[pos]) < SAME, (pos, counts[pos], plain_counts[pos])
+
+
+def test_sampling_with_a_draft_model_keeps_the_distribution(peaked_dir, plain_counts, tmp_path_factory):
+    from tests.engine.checkpoints import make_hf_checkpoint
+
+    draft = make_hf_checkpoint(tmp_path_factory.mktemp("chi") / "d", "llama", seed=9, vocab=VOCAB, layers=1)
+    counts, stats = sample_counts(peaked_dir, SpeculationParams("draft", 3), speculative_model=str(draft))
+    assert stats.num_draft_tokens > 1000 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+    for pos in range(1, 4):
+        assert chi_square(counts[pos], plain_counts[pos]) < SAME, (pos, counts[pos], plain_counts[pos])
+
+
+def test_the_chi_square_check_catches_a_wrong_acceptance_rule(peaked_dir, plain_counts, monkeypatch):
+    """Negative control: accepting every proposed token (no rejection) must fail the same check by far."""
+    def accept_all(logits, drafts, draft_probs, params, generator):
+        probs = torch.softmax(logits[-1].float() / params.temperature, dim=-1)
+        return drafts + [int(torch.multinomial(probs, 1, generator=generator)[0])]
+
+    monkeypatch.setattr(speculation, "rejection_sample", accept_all)
+    counts, _ = sample_counts(peaked_dir, SpeculationParams("ngram", 3), ngram_min=1)
+    assert max(chi_square(counts[pos], plain_counts[pos]) for pos in range(1, 4)) > 2 * SAME
