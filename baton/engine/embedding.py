@@ -3,7 +3,6 @@ cache: each input attends causally over its own tokens only), then pools one vec
 or CLS) and optionally L2-normalises it."""
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from baton.engine.config import SUPPORTED_ARCHITECTURES, EngineConfig, ModelConfig
-from baton.engine.embedding_config import EmbeddingSpec
+from baton.engine.embedding_config import EmbeddingSpec, read_json
 from baton.engine.errors import InvalidRequestError, ModelFilesError
 from baton.engine.loader import _checkpoint_names, _param_slice, _random_weights, weight_files
 from baton.engine.model import DecoderModel, Rotary, rope_inv_freq
@@ -105,12 +104,7 @@ def embedding_model_config(model_dir: pathlib.Path) -> ModelConfig:
     """config.json of a causal LM or of its bare body (`Qwen3Model`, `LlamaModel`: what embedding checkpoints
     saved by sentence-transformers name)."""
     path = model_dir / "config.json"
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: missing (a model directory needs config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFilesError(f"{path}: invalid JSON ({exc})") from None
+    raw = read_json(path)
     bodies = {name.removesuffix("ForCausalLM") + "Model": name for name in SUPPORTED_ARCHITECTURES}
     raw["architectures"] = [bodies.get(a, a) for a in raw.get("architectures") or []]
     return ModelConfig.from_dict(raw, source=str(path))

@@ -18,7 +18,8 @@ _ST = "sentence_transformers.models."
 _KNOWN_MODULES = {_ST + "Transformer", _ST + "Pooling", _ST + "Normalize"}
 
 
-def _read(path: pathlib.Path) -> Any:
+def read_json(path: pathlib.Path) -> Any:
+    """The file's JSON; ModelFilesError naming the file when it is missing or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -41,7 +42,7 @@ class EmbeddingSpec:
     @classmethod
     def from_dir(cls, model_dir: str | pathlib.Path) -> EmbeddingSpec:
         model_dir = pathlib.Path(model_dir)
-        config = _read(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+        config = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
         hidden = int(config.get("hidden_size") or 0)
         dims: tuple[int, ...] | None = None
         if isinstance(config.get("matryoshka_dimensions"), list):
@@ -51,7 +52,7 @@ class EmbeddingSpec:
         pooling, normalize = "last", True
         modules_path = model_dir / "modules.json"
         if modules_path.is_file():
-            modules = _read(modules_path)
+            modules = read_json(modules_path)
             if not isinstance(modules, list):
                 raise ModelFilesError(f"{modules_path}: expected a list of modules")
             types = [m.get("type") for m in modules if isinstance(m, dict)]
@@ -66,7 +67,7 @@ class EmbeddingSpec:
         prefix = ""
         st_path = model_dir / "config_sentence_transformers.json"
         if st_path.is_file():
-            st = _read(st_path)
+            st = read_json(st_path)
             name = st.get("default_prompt_name")
             if name is not None:
                 prompts = st.get("prompts") or {}
@@ -88,7 +89,7 @@ class EmbeddingSpec:
 
 
 def _pooling(path: pathlib.Path) -> str:
-    raw = _read(path)
+    raw = read_json(path)
     on = [name for flag, name in _POOLING_FLAGS.items() if raw.get(flag)]
     bad = [flag for flag in _UNSUPPORTED_FLAGS if raw.get(flag)]
     if bad or len(on) != 1:
