@@ -116,6 +116,31 @@ def test_required_and_named_calls_validate_with_remote_and_local_prefill(client,
             assert ran_remote == remote
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_choice_of_n_gets_its_own_calls(client, cluster, stream):
+    args = {"model": cluster.model_name, "messages": SHORT, "tools": TOOLS, "tool_choice": "required", "n": 2,
+            "seed": 5, "temperature": 1.0, "max_tokens": 300, "parallel_tool_calls": False}
+    if not stream:
+        choices = client.chat.completions.create(**args).choices
+        got = {c.index: (c.finish_reason, [(t.function.name, t.function.arguments) for t in c.message.tool_calls])
+               for c in choices}
+    else:
+        got = {}
+        for chunk in client.chat.completions.create(stream=True, **args):
+            for c in chunk.choices:
+                finish, calls = got.setdefault(c.index, [None, []])
+                for d in c.delta.tool_calls or []:
+                    if d.id is not None:
+                        calls.append([d.function.name, d.function.arguments])
+                    else:
+                        calls[d.index][1] += d.function.arguments
+                got[c.index][0] = c.finish_reason or finish
+    assert sorted(got) == [0, 1]
+    for finish, calls in got.values():
+        assert finish == "tool_calls" and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0][1]), SCHEMAS[calls[0][0]])
+
+
 def test_tools_reach_the_prompt_through_the_chat_template(client, cluster, tok):
     """auto: the template renders the tools; a random model calls none, so its text is the content. none: the tools
     are left out of the prompt."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from baton.router.tool_calls import ToolOutput, ToolRequestError, ToolUse
+from baton.router.tool_calls import ToolOutput, ToolRequestError, ToolUse, tools_in_system_prompt
 from baton.router.tool_parsers import PARSERS, scan_required, scanner_for_function
 
 NAMES = {"get_weather", "add"}
@@ -167,6 +167,14 @@ def test_tools_go_through_the_template_or_else_a_system_prompt(tokenizers, parse
     written = PARSERS[parser].render_calls([("add", {"a": 1})])
     assert written in text and messages[2]["content"] == written
     assert calls_of(whole(use.output(PARSERS[parser]), written)) == [{"name": "add", "arguments": '{"a": 1}'}]
+
+
+def test_a_malformed_past_call_still_renders():
+    history = [{"role": "user", "content": "?"},
+               {"role": "assistant", "content": "ok", "tool_calls": [{"function": "add"}, {"function": {
+                   "name": "add", "arguments": "not json"}}]}]
+    messages = tools_in_system_prompt(history, [tool("add")], PARSERS["hermes"])
+    assert messages[2]["content"].startswith("ok\n<tool_call>\n") and '"arguments": "not json"' in messages[2]["content"]
 
 
 def test_the_parser_flag_is_checked(tmp_path):
