@@ -95,4 +95,7 @@ def _pooling(path: pathlib.Path) -> str:
     if bad or len(on) != 1:
         raise ModelFilesError(f"{path}: exactly one of {sorted(_POOLING_FLAGS)} must be true "
                               f"(got {on + bad or 'none'})")
+    if raw.get("include_prompt") is False and on[0] != "last":
+        # sentence-transformers would leave the instruction's tokens out of the pool; we pool every token.
+        raise ModelFilesError(f"{path}: include_prompt false is not supported with {on[0]} pooling")
     return on[0]

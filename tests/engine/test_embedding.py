@@ -96,6 +96,10 @@ def test_unsupported_pooling_is_named(tmp_path):
     (model_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ModelFilesError, match="pooling_mode_max_tokens"):
         EmbeddingSpec.from_dir(model_dir)
+    (model_dir / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True, "include_prompt": False}))
+    with pytest.raises(ModelFilesError, match="include_prompt false is not supported with mean pooling"):
+        EmbeddingSpec.from_dir(model_dir)
 
 
 def test_bad_inputs_are_refused_naming_the_limit(tmp_path):
