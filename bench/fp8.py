@@ -16,7 +16,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
