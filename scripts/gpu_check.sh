@@ -3,10 +3,11 @@
 # lacks from wheels and Debian packages prepared on a networked machine, then runs the given steps.
 #
 # On the networked machine, once:   bash scripts/gpu_check.sh prepare   (fills .whl/ and .debs/, both ignored)
-# On the GPU machine:               bash scripts/gpu_check.sh tests|bench|kv|all [OUT_DIR]
+# On the GPU machine:               bash scripts/gpu_check.sh tests|bench|kv|fp8|all [OUT_DIR]
 #   tests: GPU kernel/runtime tests, async scheduling on the GPU, real prefill + decode worker processes handing
 #          KV over CUDA IPC (token-exact at fp32 against one engine), and a `baton up` cluster serving the OpenAI API
 #   bench: bench/engine_gpu.py (Llama-3-8B-shaped bf16);  kv: bench/kv_transfer.py --device cuda
+#   fp8: bench/fp8.py speed (bf16 vs FP8 weights)
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 STEP="${1:-all}"
@@ -46,7 +47,8 @@ cd /tmp  # so that ./baton never shadows the installed package
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
 run_tests() {
-  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 -m gpu "$R"/tests/kernels "$R"/tests/engine/test_gpu_runtime.py
+  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 -m gpu "$R"/tests/kernels "$R"/tests/engine/test_gpu_runtime.py \
+    "$R"/tests/engine/test_fp8.py
   $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/engine/test_kv_transfer.py
   $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/engine/test_async_scheduling.py
   $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/workers/test_disaggregated.py -k "tcp or ipc"
@@ -57,6 +59,7 @@ case "$STEP" in
   tests) run_tests ;;
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
+  fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|fp8|all [OUT_DIR]" >&2; exit 2 ;;
 esac
