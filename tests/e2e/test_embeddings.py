@@ -3,6 +3,7 @@ process): the openai client unmodified, vectors equal to the engine's, dimension
 inputs that leave nothing queued on the worker."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -33,7 +34,7 @@ def embed_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(embed_model_dir, tmp_path_factory):
-    cluster = start_cluster(embed_model_dir, tmp_path_factory.mktemp("up-embed"), prefill=0, decode=0, embed=1)
+    cluster = start_cluster(embed_model_dir, tmp_path_factory.mktemp("up-embed"), prefill=0, decode=0, embed=2)
     yield cluster
     cluster.stop()
 
@@ -50,9 +51,9 @@ def reference(embed_model_dir):
     return embed
 
 
-def _worker_stats(cluster) -> dict:
-    (record,) = [w for w in cluster.workers() if w.pool == "embed"]
-    return httpx.get(f"http://{record.http_address}/stats", timeout=5).json()
+def _worker_stats(cluster) -> dict[str, dict]:
+    return {w.worker_id: httpx.get(f"http://{w.http_address}/stats", timeout=5).json()
+            for w in cluster.workers() if w.pool == "embed"}
 
 
 def test_openai_client_embeddings(cluster, reference):
@@ -105,8 +106,28 @@ def test_hostile_inputs_get_clear_errors_and_leave_nothing_behind(cluster, body,
     r = httpx.post(f"{cluster.url}/v1/embeddings", json={"model": cluster.model_name, **body}, timeout=60)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
-    stats = _worker_stats(cluster)
-    assert (stats["waiting_requests"], stats["waiting_inputs"]) == (0, 0)
+    for stats in _worker_stats(cluster).values():
+        assert (stats["waiting_requests"], stats["waiting_inputs"]) == (0, 0)
     ok = httpx.post(f"{cluster.url}/v1/embeddings", json={"model": cluster.model_name, "input": "still fine"},
                     timeout=30)
     assert ok.status_code == 200
+
+
+def test_requests_spread_over_the_pool_and_survive_a_dead_worker(cluster):
+    """Runs last in the module: it kills one of the two embed workers."""
+    async def burst(n: int) -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": cluster.model_name, "input": [f"sentence {i}" for i in range(64)]}
+            rs = await asyncio.gather(*(client.post(f"{cluster.url}/v1/embeddings", json=body) for _ in range(n)))
+        return [r.status_code for r in rs]
+
+    before = {w: s["inputs"] for w, s in _worker_stats(cluster).items()}
+    assert asyncio.run(burst(8)) == [200] * 8
+    served = {w: s["inputs"] - before[w] for w, s in _worker_stats(cluster).items()}
+    assert len(served) == 2 and all(n > 0 for n in served.values()), served  # least-loaded spreads them
+    name, proc = next((n, p) for n, p in cluster.procs if n == "embed-0")
+    proc.kill()  # its registry record outlives it until the TTL: the router meets a refused connection
+    proc.wait()
+    assert asyncio.run(burst(6)) == [200] * 6
+    # On a tie the router picks the lowest worker id, embed-0: the dead one was tried, refused and skipped.
+    assert f"embed worker {name}-" in (cluster.run_dir / "router.log").read_text()
