@@ -97,5 +97,11 @@ class EngineCollector:
                       s.prefill_tokens_computed + s.prefill_tokens_cached)
         yield counter("baton_worker_generation_tokens", "Tokens sampled by this worker.", s.generated_tokens)
         yield counter("baton_worker_num_preemptions", "Requests preempted for KV blocks.", s.preemptions)
+        yield counter("baton_worker_spec_decode_num_drafts", "Speculative steps: verifications of proposed tokens.",
+                      s.spec.num_drafts)
+        yield counter("baton_worker_spec_decode_num_draft_tokens", "Tokens proposed for verification.",
+                      s.spec.num_draft_tokens)
+        yield counter("baton_worker_spec_decode_num_accepted_tokens", "Proposed tokens the model accepted.",
+                      s.spec.num_accepted_tokens)
         for family in self._families:
             yield from family.collect()

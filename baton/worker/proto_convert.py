@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from baton.engine.grammar import StructuredOutput
 from baton.engine.sampler import TopLogprobs
-from baton.engine.sampling_params import SamplingParams
+from baton.engine.sampling_params import SamplingParams, SpeculationParams
 from baton.proto.v1 import inference_pb2
 
 
@@ -29,6 +29,8 @@ def sampling_from_proto(p: inference_pb2.SamplingParams) -> SamplingParams:
         top_logprobs=int(p.top_logprobs) if p.logprobs else 0,
         prompt_logprobs=int(p.prompt_logprobs) if p.HasField("prompt_logprobs") else None,
         structured_output=structured_from_proto(p.structured_output) if p.HasField("structured_output") else None,
+        speculation=SpeculationParams(p.speculative.method, int(p.speculative.num_tokens) or None)
+        if p.HasField("speculative") else None,
     )
 
 

@@ -7,7 +7,7 @@ import socket
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from baton.engine.model_source import is_hub_id, resolve_model, served_name
@@ -56,8 +56,16 @@ class WorkerSettings(ProcessSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU this worker may take "
                                           "(weights + KV pool + work); two workers on one GPU: e.g. 0.45 each")
     enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
+    quantization: Literal["none", "fp8"] = Field("none", description="fp8: decoder projections in FP8 e4m3 with "
+                                                 "per-channel scales, quantized at load (first and last layers kept)")
     max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
+    speculative_method: Literal["ngram", "draft", "off"] = Field(
+        "off", description="decode: speculative decoding for requests that don't choose (their `speculative` extra): "
+                           "ngram (prompt lookup), draft (--speculative-model) or off")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="decode: tokens proposed per step")
+    speculative_model: str | None = Field(None, description="decode: a smaller model directory with the same "
+                                                            "tokenizer, the draft proposer")
     kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
                               "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
 
@@ -85,6 +93,19 @@ class WorkerSettings(ProcessSettings):
                                                              "once the first is queued")
     dynamic_batching: bool = Field(True, description="embed: pack the inputs of many requests into one forward "
                                                      "(off: one request per forward, in arrival order)")
+
+    @field_validator("speculative_model")
+    @classmethod
+    def _draft_dir(cls, value: str | None) -> str | None:
+        if value is not None and not (pathlib.Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a model directory (no config.json)")
+        return value
+
+    @model_validator(mode="after")
+    def _draft_given(self) -> WorkerSettings:
+        if self.speculative_method == "draft" and self.speculative_model is None:
+            raise ValueError("--speculative-method draft needs --speculative-model")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -114,6 +135,11 @@ class WorkerSettings(ProcessSettings):
             model_dir=str(self.model_dir), device=self.device, dtype=self.dtype, block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+            quantization=None if self.quantization == "none" else self.quantization,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching, show_progress=True,
+            # Prefill-only requests never speculate: a prefill worker loads no draft model.
+            speculative_method=self.speculative_method if self.pool == "decode" else "off",
+            num_speculative_tokens=self.num_speculative_tokens,
+            speculative_model=self.speculative_model if self.pool == "decode" else None,
         )
