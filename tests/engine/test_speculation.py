@@ -247,3 +247,34 @@ def test_the_chi_square_check_catches_a_wrong_acceptance_rule(peaked_dir, plain_
     monkeypatch.setattr(speculation, "rejection_sample", accept_all)
     counts, _ = sample_counts(peaked_dir, SpeculationParams("ngram", 3), ngram_min=1)
     assert max(chi_square(counts[pos], plain_counts[pos]) for pos in range(1, 4)) > 2 * SAME
+
+
+# ---- the real SmolLM2 model ---------------------------------------------------------------------------------------
+CODE = '''def mean(values):
+    total = 0
+    for v in values:
+        total += v
+    return total / len(values)
+'''
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_output_is_unchanged_by_either_proposer():
+    from baton.devtools.fetch_model import models_cache_dir
+
+    model = models_cache_dir() / "SmolLM2-135M-Instruct"
+    if not (model / "model.safetensors").is_file():
+        pytest.skip("SmolLM2-135M-Instruct is not in the model cache (baton up fetches it)")
+    engine = new_engine(str(model))
+    prompts = [engine.tokenizer.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+               for text in (f"Add type hints to this function and repeat it:\n{CODE}",
+                            "What is the capital of France?")]
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    plain = [s.output_ids for s in engine.generate(prompts, params)]
+    for spec, kw in ((NGRAM, {}), (DRAFT, {"speculative_model": str(model)})):
+        specced = new_engine(str(model), **kw)
+        assert [s.output_ids for s in specced.generate(prompts, dataclasses.replace(params, speculation=spec))] \
+            == plain, spec
+        stats = specced.stats().spec
+        assert stats.num_accepted_tokens > 0, (spec, stats)
+        assert_all_free(specced)
