@@ -187,7 +187,8 @@ def up_cmd(
             model=model, revision=revision, served_model_name=served_model_name, host=host,
             chat_template=chat_template, tool_call_parser=tool_call_parser, block_size=block_size,
             max_model_len=max_model_len, worker_settings=workers,
-            prefill=prefill, decode=decode, embed=embed_workers, max_prefill=max_prefill, max_decode=max_decode, port=port,
+            prefill=prefill, decode=decode, embed=embed_workers, max_prefill=max_prefill, max_decode=max_decode,
+            port=port,
             grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
             kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
             ray_address=ray_address, run_dir=run_dir))
@@ -198,13 +199,17 @@ def up_cmd(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode + {embed_workers} embed workers, model {cluster.model_dir}, "
-                   f"logs in {cluster.run_dir}")
+        typer.echo(f"[baton] starting: {prefill} prefill + {decode} decode + {embed_workers} embed workers, "
+                   f"model {cluster.model_dir}, logs in {cluster.run_dir}")
         cluster.start()
+        example = (f'/v1/chat/completions -H \'Content-Type: application/json\' -d \'{{"model": \\\n    '
+                   f'"{cluster.model_name}", "messages": [{{"role": "user", "content": "What is the capital of France?"'
+                   f'}}]}}\'' if decode else
+                   f'/v1/embeddings -H \'Content-Type: application/json\' -d \'{{"model": \\\n    '
+                   f'"{cluster.model_name}", "input": ["What is the capital of France?"]}}\'')
         typer.echo(f"""[baton] ready at {cluster.url}  (OpenAI API; gRPC on :{grpc_port}; control plane on \
 :{controlplane_port}, token in BATON_CONTROLPLANE_TOKEN={cluster.admin_token})
-  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model": \\
-    "{cluster.model_name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  curl {cluster.url}{example}
 Press Ctrl-C to stop.""")
         stop.wait()
     except RuntimeError as exc:

@@ -13,7 +13,8 @@ from baton.engine.errors import ModelFilesError
 POOLING = ("last", "mean", "cls")
 # 1_Pooling/config.json flag -> our pooling name.
 _POOLING_FLAGS = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-_UNSUPPORTED_FLAGS = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+_UNSUPPORTED_FLAGS = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                      "pooling_mode_weightedmean_tokens")
 _ST = "sentence_transformers.models."
 _KNOWN_MODULES = {_ST + "Transformer", _ST + "Pooling", _ST + "Normalize"}
 
