@@ -114,7 +114,8 @@ class LLMEngine:
             from baton.engine.draft_model import kv_block_nbytes, load_draft
 
             draft = load_draft(config, mc)
-            block_nbytes += kv_block_nbytes(draft[1], bs, self.dtype)  # the draft's pool has as many blocks
+            # The draft's pool has as many blocks as this one.
+            block_nbytes += kv_block_nbytes(draft[1], bs, next(draft[0].parameters()).dtype)
         num_blocks = config.num_kv_blocks
         if num_blocks is None and config.device.startswith("cuda"):
             from baton.engine.gpu_memory import kv_blocks_for_gpu

@@ -1,0 +1,224 @@
+"""Speculative decoding with n-gram prompt lookup: acceptance rate and decode tok/s with and without it, on a
+code-editing workload (prompts hold code that the answer repeats with edits) and on chat, at batch 1 and 16; greedy
+output is checked to be unchanged. The reference is the same engine, same requests, speculation off, in this run.
+
+CPU (default): the real SmolLM2-135M-Instruct from the model cache when present (else a random tiny model).
+GPU: --device cuda builds Llama-3-8B-shaped random bf16 weights as bench/engine_gpu.py does (random weights rarely
+copy their prompt, so acceptance is low there), or --model DIR for a real checkpoint.
+Usage: python bench/speculation.py [--device cuda] [--model DIR] [--batches 1,16] [--new-tokens 64]
+       [--num-tokens 4] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from baton.engine.config import EngineConfig  # noqa: E402
+from baton.engine.llm_engine import LLMEngine  # noqa: E402
+from baton.engine.sampling_params import SamplingParams, SpeculationParams  # noqa: E402
+from bench.report import emit  # noqa: E402
+
+CODE = [
+    '''def moving_average(values, window):
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+''',
+    '''class Inventory:
+    def __init__(self):
+        self.items = {}
+
+    def add(self, name, count):
+        self.items[name] = self.items.get(name, 0) + count
+
+    def remove(self, name, count):
+        if self.items.get(name, 0) < count:
+            raise ValueError(f"not enough {name}")
+        self.items[name] -= count
+
+    def total(self):
+        return sum(self.items.values())
+''',
+    '''def parse_config(lines):
+    config = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        config[key.strip()] = value.strip()
+    return config
+''',
+    '''def binary_search(items, target):
+    low, high = 0, len(items) - 1
+    while low <= high:
+        mid = (low + high) // 2
+        if items[mid] == target:
+            return mid
+        if items[mid] < target:
+            low = mid + 1
+        else:
+            high = mid - 1
+    return -1
+''',
+]
+EDITS = ["Add type hints to this code and return the complete code:",
+         "Rename every variable to a longer, clearer name and return the complete code:",
+         "Add a docstring to this code and return the complete code:",
+         "Return this code unchanged except that it uses 4-space indentation and double quotes:"]
+CHAT = ["What is the capital of France? Answer in two sentences.", "Give me three tips for sleeping better.",
+        "Explain what a hash table is to a beginner.", "Write a short poem about the sea."]
+TINY = dict(arch="llama", layers=2, hidden=64, heads=4, kv_heads=2, vocab=512)
+
+
+def prompts_for(engine: LLMEngine, workload: str) -> list[list[int]]:
+    tok = engine.tokenizer
+    if tok is None or not tok.chat_template:
+        # No tokenizer (random weights): code is a token block the prompt shows twice, the second time cut short.
+        rng = random.Random(len(workload))
+        vocab = min(engine.model_config.vocab_size, 30000)
+        out = []
+        for i in range(4):
+            block = [rng.randrange(3, vocab) for _ in range(120)]
+            out.append(block + block[:60] if workload == "code" else block)
+        return out
+    texts = [f"{EDITS[i]}\n\n{CODE[i]}" for i in range(4)] if workload == "code" else CHAT
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list[list[int]], int]:
+    """(decode tok/s with prefill excluded, outputs, tokens generated in the timed part)."""
+    stamp = time.monotonic_ns()
+    ids = [f"s{stamp}-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    outputs = {rid: [] for rid in ids}
+
+    def collect(outs) -> int:
+        for out in outs:
+            outputs[out.request_id].extend(out.new_token_ids)
+        return sum(len(out.new_token_ids) for out in outs)
+
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        collect(engine.step())
+    if engine.config.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    while engine.has_unfinished():
+        tokens += collect(engine.step())
+    timed = time.perf_counter() - t0
+    return tokens / timed, [outputs[r] for r in ids], tokens
+
+
+def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
+    common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0)
+    if args.device.startswith("cuda"):
+        if args.model:
+            return LLMEngine(EngineConfig(args.model, device=args.device, gpu_memory_utilization=0.85,
+                                          **common)), Path(args.model).name
+        from bench.engine_gpu import LLAMA3_8B, QUICK
+
+        config = QUICK if args.quick else LLAMA3_8B
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        return LLMEngine(EngineConfig(tmp, device=args.device, dtype="bfloat16", load_format="dummy",
+                                      max_model_len=4096, gpu_memory_utilization=0.85, **common)), \
+            "quick" if args.quick else "llama3-8b-shaped-random"
+    model = args.model
+    if model is None and not args.quick:
+        from baton.devtools.fetch_model import models_cache_dir
+
+        cached = models_cache_dir() / "SmolLM2-135M-Instruct"
+        model = str(cached) if (cached / "model.safetensors").is_file() else None
+    if model is None:
+        from baton.devtools.make_model import make_model
+
+        model = str(make_model(Path(tmp) / "tiny", seed=1, **TINY))
+    return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=2048, **common)), Path(model).name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="a real checkpoint directory (default: see above)")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--num-tokens", type=int, default=4, help="tokens proposed per step")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated runs of each mode; the median counts")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="a random tiny model (CPU) or a small shape (GPU)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/speculation.py: --device cuda needs a CUDA device", file=sys.stderr)
+        return 2
+    if not 1 <= args.num_tokens <= 16:
+        print("bench/speculation.py: --num-tokens must be in [1, 16]", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, head = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        engine, model_name = build_engine(args, tmp)
+        spec = SpeculationParams("ngram", args.num_tokens)
+        for workload in ("code", "chat"):
+            base = prompts_for(engine, workload)
+            for batch in args.batches:
+                prompts = [base[i % len(base)] for i in range(batch)]
+                greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                                        speculation=SpeculationParams("off"))
+                specced = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                                         speculation=spec)
+                run(engine, prompts[:1], greedy)  # warm-up (kernels, allocator, prefix cache)
+                plain_rates, spec_rates = [], []
+                before = engine.stats().spec
+                for _ in range(args.repeats):  # alternated, so that load from other jobs hits both alike
+                    rate, plain_out, _ = run(engine, prompts, greedy)
+                    plain_rates.append(rate)
+                    rate, spec_out, _ = run(engine, prompts, specced)
+                    spec_rates.append(rate)
+                after = engine.stats().spec
+                plain_rate, spec_rate = statistics.median(plain_rates), statistics.median(spec_rates)
+                proposed = after.num_draft_tokens - before.num_draft_tokens
+                accepted = after.num_accepted_tokens - before.num_accepted_tokens
+                steps = after.num_drafts - before.num_drafts
+                row = dict(workload=workload, batch=batch, plain_tok_s=plain_rate, ngram_tok_s=spec_rate,
+                           speedup=spec_rate / plain_rate, acceptance=accepted / proposed if proposed else 0.0,
+                           proposed=proposed, accepted=accepted,
+                           tokens_per_verify=(accepted + steps) / steps if steps else 0.0,
+                           greedy_equal=spec_out == plain_out)
+                rows.append(row)
+                print(f"{workload:5s} b{batch:<3d} plain {plain_rate:8.1f} tok/s  ngram {spec_rate:8.1f} tok/s  "
+                      f"x{row['speedup']:.2f}  acceptance {row['acceptance']:.2f} ({accepted}/{proposed})  "
+                      f"tokens/verify {row['tokens_per_verify']:.2f}  greedy equal {row['greedy_equal']}",
+                      flush=True)
+                head[f"{workload}_b{batch}_speedup"] = round(row["speedup"], 3)
+                head[f"{workload}_b{batch}_acceptance"] = round(row["acceptance"], 3)
+    head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
+    doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
+           "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+           "load_average": os.getloadavg(), "rows": rows,
+           "reference": "the same engine and requests with speculation off, measured in this run"}
+    emit("speculation", head, doc, Path(args.out) if args.out else None)
+    return 0 if head["greedy_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
