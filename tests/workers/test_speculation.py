@@ -77,3 +77,22 @@ def test_remote_prefill_then_speculative_decode_equals_one_engine(model_dir, red
     finally:
         p.stop()
         d.stop()
+
+
+def test_speculative_flags_reach_the_decode_engine_only(model_dir):
+    from typer.testing import CliRunner
+
+    from baton.cli import app
+    from baton.worker.settings import WorkerSettings
+
+    flags = dict(model=model_dir, speculative_method="draft", num_speculative_tokens=6, speculative_model=model_dir)
+    config = WorkerSettings.load(pool="decode", **flags).engine_config()
+    assert (config.speculative_method, config.num_speculative_tokens, config.speculative_model) == \
+        ("draft", 6, model_dir)
+    config = WorkerSettings.load(pool="prefill", **flags).engine_config()  # prefill-only requests never speculate
+    assert (config.speculative_method, config.speculative_model) == ("off", None)
+    result = CliRunner().invoke(app, ["decode-worker", "--model", model_dir, "--speculative-method", "draft"])
+    assert result.exit_code == 2 and "--speculative-method draft needs --speculative-model" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["decode-worker", "--model", model_dir, "--speculative-method", "medusa"])
+    assert result.exit_code == 2 and "speculative_method" in result.output
