@@ -20,38 +20,70 @@ MAX_ROWS = 4  # above this, tensor-core GEMMs win
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                  SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
+    # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + rows[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
-            w = tl.load(w_rows + ks[None, :])
-            xm = row_ok[:, None]
+            w = tl.load(w_rows + ks[None, :]).to(tl.float32)
         else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-            xm = row_ok[:, None] & (ks < K)[None, :]
-        if SILU_MUL:
-            gate = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+        acc0 += w * _x_row(x_ptr, 0, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+        if BLOCK_M > 1:
+            if M > 1:
+                acc1 += w * _x_row(x_ptr, 1, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+        if BLOCK_M > 2:
+            if M > 2:
+                acc2 += w * _x_row(x_ptr, 2, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+            if M > 3:
+                acc3 += w * _x_row(x_ptr, 3, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+    _store_row(acc0, 0, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+    if BLOCK_M > 1:
+        if M > 1:
+            _store_row(acc1, 1, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+    if BLOCK_M > 2:
+        if M > 2:
+            _store_row(acc2, 2, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+        if M > 3:
+            _store_row(acc3, 3, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+
+
+@triton.jit
+def _x_row(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+    ptrs = x_ptr + row * stride_xm + ks
+    if SILU_MUL:  # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it
+        if EVEN:
+            gate = tl.load(ptrs).to(tl.float32)
+            up = tl.load(ptrs + K).to(tl.float32)
         else:
-            x = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            gate = tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
+            up = tl.load(ptrs + K, mask=ks < K, other=0.0).to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_row(acc, row, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS: tl.constexpr,
+               HAS_SCALE: tl.constexpr):
+    out = tl.sum(acc, axis=1)
     if HAS_SCALE:  # FP8 weights: one float32 scale per output channel
-        acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        out *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps): few enough to compile and time at start-up, varied enough for every projection.
-CONFIGS = ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8))
+CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 8))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
@@ -69,7 +101,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
+        BLOCK_M=min(4, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=warps,
     )
     return out

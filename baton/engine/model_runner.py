@@ -58,10 +58,14 @@ class ModelRunner:
         A token id not known on the host yet (PLACEHOLDER: sampled by the step still in flight) is taken on the
         device from `previous`, so this step can be queued before that one's ids reach the host."""
         ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
-        fills = _fills(scheduled, ids, previous)
+        src = _sources(scheduled, ids, previous)
+        if len(logits_indices) == len(ids) > len(queries) and not prompt_indices:
+            # Speculative verification: every token needs its logits, so each one runs as a decode row over the keys
+            # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too.
+            queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
         if self.graphs is not None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
-            return self.graphs.replay(ids, positions, queries, fills)
+            return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src)
         if self.device.type == "cuda":
             from baton.engine.attention_triton import build_triton_batch
 
@@ -71,30 +75,26 @@ class ModelRunner:
             batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         input_ids = as_tensor(ids)
-        if fills is not None:
-            _fill(input_ids, fills)
+        if src is not None:
+            rows = as_tensor(src)
+            input_ids = torch.where(rows >= 0, previous[0][rows.clamp(min=0)], input_ids)
         return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
                           as_tensor(logits_indices + prompt_indices))
 
 
-def _fills(scheduled: list[ScheduledSeq], ids: list[int], previous: PreviousTokens | None):
-    """(flat positions, device tensor of their ids) for the placeholder ids of this batch, or None."""
-    at = [i for i, t in enumerate(ids) if t == PLACEHOLDER]
-    if not at:
+def _sources(scheduled: list[ScheduledSeq], ids: list[int], previous: PreviousTokens | None) -> list[int] | None:
+    """Per flat token, the row of `previous` holding its id (a PLACEHOLDER on the host), else -1; None if none."""
+    if PLACEHOLDER not in ids:
         return None
     if previous is None:
         raise RuntimeError("a placeholder token id without the step that samples it")
-    tokens, rows = previous
-    owner: list[str] = []
-    for item in scheduled:  # each placeholder belongs to the request whose flat span holds it
-        owner += [item.seq.request_id] * item.num_tokens
-    src = [rows[owner[i]] for i in at]
-    return at, tokens[torch.tensor(src, dtype=torch.long, device=tokens.device)]
-
-
-def _fill(input_ids: torch.Tensor, fills) -> None:
-    at, values = fills
-    input_ids[torch.tensor(at, dtype=torch.long, device=input_ids.device)] = values
+    rows = previous[1]
+    src: list[int] = []
+    for item in scheduled:
+        start = item.seq.num_computed_tokens
+        for token in item.seq.token_ids[start:start + item.num_tokens]:
+            src.append(rows[item.seq.request_id] if token == PLACEHOLDER else -1)
+    return src
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -122,10 +122,12 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(bmax, self.max_blocks, dtype=torch.int32, device=dev)
         self.context_lens = torch.zeros(bmax, dtype=torch.int32, device=dev)
         self.rows = torch.arange(bmax, dtype=torch.long, device=dev)
-        # Host staging in pinned memory: the copies into the static buffers don't block the host.
-        self.host = torch.zeros(4, bmax, dtype=torch.long, pin_memory=True)
-        self.host_tables = torch.zeros(bmax, self.max_blocks, dtype=torch.int32, pin_memory=True)
-        self._host_np, self._tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.src_rows = torch.full((bmax,), -1, dtype=torch.long, device=dev)
+        # Host staging in pinned memory: the copies into the static buffers don't block the host. Two sets, used
+        # in turn: with async scheduling the host fills one while the device may not have read the other yet.
+        self.staging = [(torch.zeros(5, bmax, dtype=torch.long, pin_memory=True),
+                         torch.zeros(bmax, self.max_blocks, dtype=torch.int32, pin_memory=True)) for _ in range(2)]
+        self._turn = 0
         kv_heads = runner.model.config.num_kv_heads
         self.batches = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
                                        num_splits=pick_num_splits(b, kv_heads, runner.num_sms))
@@ -152,29 +154,37 @@ class DecodeGraphs:
             self.graphs[b] = (graph, out)
         torch.cuda.synchronize(self.runner.device)
 
-    def replay(self, ids: list[int], positions: list[int], queries, fills=None) -> torch.Tensor:
+    def replay(self, ids: list[int], positions: list[int], queries, previous: torch.Tensor | None = None,
+               src: list[int] | None = None) -> torch.Tensor:
+        """src[i] >= 0: row i's id is previous[src[i]] (sampled by the step still in flight), read on the device."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         if b not in self.graphs:
             self.capture()
         bs = self.runner.block_size
-        host, tables = self._host_np, self._tables_np  # numpy views of the pinned buffers: cheap per-row writes
-        host[:, :b] = 0
-        host[2, :b] = -1
-        host[0, :n], host[1, :n] = ids, positions
+        host, tables = self.staging[self._turn]
+        self._turn ^= 1
+        h, t = host.numpy(), tables.numpy()  # numpy views of the pinned buffers: cheap per-row writes
+        h[:, :b] = 0
+        h[2, :b] = -1
+        h[4, :b] = -1
+        h[0, :n], h[1, :n] = ids, positions
+        if src is not None:
+            h[4, :n] = src
         for i, (start, _, table) in enumerate(queries):
             used = -(-(start + 1) // bs)
-            host[2, i] = table[start // bs] * bs + start % bs
-            host[3, i] = start + 1
-            tables[i, :used] = table[:used]
-        host, tables = self.host, self.host_tables
+            h[2, i] = table[start // bs] * bs + start % bs
+            h[3, i] = start + 1
+            t[i, :used] = table[:used]
         self.ids[:b].copy_(host[0, :b], non_blocking=True)
         self.positions[:b].copy_(host[1, :b], non_blocking=True)
         self.slots[:b].copy_(host[2, :b], non_blocking=True)
         self.context_lens[:b].copy_(host[3, :b], non_blocking=True)
         self.block_tables[:n].copy_(tables[:n], non_blocking=True)
-        if fills is not None:
-            _fill(self.ids, fills)
+        if src is not None:
+            rows = self.src_rows[:b]
+            rows.copy_(host[4, :b], non_blocking=True)
+            self.ids[:b] = torch.where(rows >= 0, previous[rows.clamp(min=0)], self.ids[:b])
         graph, out = self.graphs[b]
         graph.replay()
         return out[:n]

@@ -1,0 +1,84 @@
+"""Decode-time linear layers on the GPU: kernels/gemv.py (bf16 and FP8 weights, each config of a grid) against
+cuBLAS (F.linear, plus the separate SwiGLU kernel for the down projection) on Llama-3-8B's projections, at
+1 and 4 rows. Reports each one's weight-read bandwidth next to the measured HBM copy bandwidth.
+
+Usage: python bench/gemv.py [--rows 1,4]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
+from baton.engine.quantization import Fp8Linear  # noqa: E402
+from baton.kernels.gemv import gemv  # noqa: E402
+from baton.kernels.silu_mul import silu_mul  # noqa: E402
+from bench.report import emit  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
+          "down": (4096, 14336, True), "lm_head": (128256, 4096, False)}
+GRID = list(itertools.product((2, 4, 8), (512, 1024), (4, 8)))  # (BLOCK_N, BLOCK_K, num_warps)
+
+
+def time_us(fn) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gemv.py needs a CUDA device", file=sys.stderr)
+        return 2
+    n = 2**28
+    a, b = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+    copy_bw = 2 * n * 4 / (time_us(lambda: b.copy_(a)) / 1e6)
+    print(f"HBM copy {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    rows_out, head = [], {"hbm_tb_s": round(copy_bw / 1e12, 3)}
+    for name, (out_f, in_f, silu) in SHAPES.items():
+        w = (torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(torch.bfloat16)
+        q = Fp8Linear.quantize(torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16))
+        for m in [int(x) for x in args.rows.split(",")]:
+            x = torch.randn(m, 2 * in_f if silu else in_f, device="cuda").to(torch.bfloat16)
+
+            def cublas():
+                return F.linear(silu_mul(x) if silu else x, w)
+
+            base = time_us(cublas)
+            best = min((time_us(lambda c=c: gemv(x, w, silu_mul=silu, config=c)), c) for c in GRID)
+            best8 = min((time_us(lambda c=c: gemv(x, q.weight, silu_mul=silu, config=c, scale=q.scale)), c)
+                        for c in GRID)
+            scaled = time_us(lambda: q(x, silu_mul=silu)) if m > 0 else float("nan")
+            bytes_bf16 = out_f * in_f * 2
+            row = dict(shape=name, rows=m, cublas_us=base, gemv_us=best[0], gemv_config=best[1], fp8_gemv_us=best8[0],
+                       fp8_config=best8[1], fp8_linear_us=scaled, cublas_tb_s=bytes_bf16 / base / 1e6,
+                       gemv_tb_s=bytes_bf16 / best[0] / 1e6, fp8_gemv_tb_s=bytes_bf16 / 2 / best8[0] / 1e6)
+            rows_out.append(row)
+            print(f"{name:8s} m={m}: cuBLAS {base:7.1f} us ({row['cublas_tb_s']:.2f} TB/s)  gemv {best[0]:7.1f} us "
+                  f"{best[1]} ({row['gemv_tb_s']:.2f} TB/s)  fp8 gemv {best8[0]:7.1f} us {best8[1]}  "
+                  f"Fp8Linear {scaled:7.1f} us", flush=True)
+    print("\n| projection | rows | cuBLAS us | gemv us | gemv / cuBLAS | FP8 gemv us | FP8 / cuBLAS bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows_out:
+        print(f"| {r['shape']} | {r['rows']} | {r['cublas_us']:.1f} | {r['gemv_us']:.1f} | "
+              f"{r['cublas_us'] / r['gemv_us']:.2f}x | {r['fp8_gemv_us']:.1f} | {r['cublas_us'] / r['fp8_gemv_us']:.2f}x |")
+    for m in sorted({r["rows"] for r in rows_out}):
+        mine = [r for r in rows_out if r["rows"] == m and r["shape"] != "lm_head"]
+        layer_cublas = sum(r["cublas_us"] for r in mine)
+        head[f"m{m}_layer_gemv_speedup"] = round(layer_cublas / sum(min(r["gemv_us"], r["cublas_us"]) for r in mine), 3)
+        head[f"m{m}_layer_fp8_speedup"] = round(layer_cublas / sum(r["fp8_gemv_us"] for r in mine), 3)
+    emit("gemv", head, {"device": torch.cuda.get_device_name(), "rows": rows_out}, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
