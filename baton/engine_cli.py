@@ -61,10 +61,11 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, ...)."),
 ) -> None:
     """Generate from one prompt on a single in-process engine."""
+    from baton.devtools.fetch_model import resolve_any_model
     from baton.engine.config import EngineConfig
     from baton.engine.errors import InvalidRequestError, ModelFilesError
     from baton.engine.llm_engine import LLMEngine
-    from baton.devtools.fetch_model import resolve_any_model
+    from baton.engine.model_files import check_model_dir
     from baton.engine.sampling_params import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
@@ -73,6 +74,7 @@ def generate_cmd(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=list(stop), ignore_eos=ignore_eos)
         model_dir, _ = resolve_any_model(model)
+        check_model_dir(model_dir)
         engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, show_progress=not as_json))
         if prompt_ids is not None:
             ids = _parse_ids(prompt_ids)
@@ -172,6 +174,7 @@ def up_cmd(
 
     from baton.devtools.local_cluster import LocalCluster, UpOptions
     from baton.engine.errors import ModelFilesError
+    from baton.engine.model_files import check_model_dir
 
     workers = {"device": device, "dtype": dtype, "max_num_seqs": max_num_seqs,
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
@@ -192,6 +195,7 @@ def up_cmd(
             grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
             kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),
             ray_address=ray_address, run_dir=run_dir))
+        check_model_dir(cluster.model_dir)  # before any process starts: one line, not a worker failing later
     except (ModelFilesError, RuntimeError, ValueError) as exc:  # an unknown model, no package index or Hub
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

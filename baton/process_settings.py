@@ -120,7 +120,8 @@ def _describe(cls: type[ProcessSettings], exc: ValidationError, flags: dict[str,
             source = "default"
         field = ".".join(str(p) for p in err["loc"])
         where = f"setting '{field}' ({source})" if field else "settings"
-        lines.append(f"{_component(cls)} {where}: {err['msg']}")
+        given = f": {err['input']}" if err["type"].startswith("path_") else ""  # name the file that is not there
+        lines.append(f"{_component(cls)} {where}: {err['msg']}{given}")
     return "\n".join(lines)
 
 

@@ -104,6 +104,8 @@ def read_profile(path: str | pathlib.Path) -> CapacityProfile:
         raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         return CapacityProfile.model_validate(data)
     except ValidationError as exc:
@@ -130,6 +132,7 @@ class Load:
     request_rate: float
     prompt_tokens_per_s: float
     output_tokens_per_s: float
+    inputs_per_s: float = 0.0  # embedding inputs
 
     @property
     def mean_prompt(self) -> float:
@@ -140,14 +143,16 @@ class Load:
         return self.output_tokens_per_s / self.request_rate if self.request_rate > 0 else 0.0
 
     def tokens(self, pool: str) -> float:
-        return self.prompt_tokens_per_s if pool == "prefill" else self.output_tokens_per_s
+        """The rate that sizes `pool`: prompt tokens (prefill), output tokens (decode) or inputs (embed)."""
+        return {"prefill": self.prompt_tokens_per_s, "embed": self.inputs_per_s}.get(pool, self.output_tokens_per_s)
 
     def scaled(self, k: float) -> Load:
-        return Load(self.request_rate * k, self.prompt_tokens_per_s * k, self.output_tokens_per_s * k)
+        return Load(self.request_rate * k, self.prompt_tokens_per_s * k, self.output_tokens_per_s * k,
+                    self.inputs_per_s * k)
 
     def plus(self, other: Load) -> Load:
         return Load(self.request_rate + other.request_rate, self.prompt_tokens_per_s + other.prompt_tokens_per_s,
-                    self.output_tokens_per_s + other.output_tokens_per_s)
+                    self.output_tokens_per_s + other.output_tokens_per_s, self.inputs_per_s + other.inputs_per_s)
 
 
 class CapacityModel(Protocol):
@@ -161,7 +166,8 @@ class CapacityModel(Protocol):
 
 @dataclass(frozen=True)
 class FlatCapacity:
-    """The policy's `capacity_tokens_per_s`: one replica's throughput at the SLO, the same at every load."""
+    """The policy's `capacity_tokens_per_s` (`capacity_inputs_per_s` of an embed pool): one replica's throughput
+    at the SLO, the same at every load."""
 
     pool: str
     tokens_per_s: float

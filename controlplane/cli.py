@@ -24,9 +24,9 @@ def run(settings: ControlPlaneSettings) -> None:
 
     try:
         pfile = PolicyFile(settings.policy)
-    except PolicyError as exc:
+    except PolicyError as exc:  # bad input, like a bad option: exit 2
         typer.echo("\n".join(exc.errors), err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     setup_logging(settings.log_json, level=settings.logging_level)
 
     async def main() -> None:
@@ -50,7 +50,7 @@ def run(settings: ControlPlaneSettings) -> None:
 
 @policy_app.command("check")
 def check(files: list[pathlib.Path] = typer.Argument(..., help="policy YAML files")) -> None:
-    """Validate policies; print every error as file:line: field: message."""
+    """Validate policies; print every error as file:line: field: message (exit 2 if any)."""
     from baton.controlplane.policy import PolicyError, load_policy
 
     bad = False
@@ -63,7 +63,7 @@ def check(files: list[pathlib.Path] = typer.Argument(..., help="policy YAML file
             continue
         typer.echo(f"ok: {f} ({len(p.clusters)} clusters, {len(p.pool_keys())} pools)")
     if bad:
-        raise typer.Exit(1)
+        raise typer.Exit(2)
 
 
 @policy_app.command("simulate")

@@ -271,6 +271,8 @@ def load_policy(path: str | pathlib.Path) -> Policy:
         text = path.read_text()
     except OSError as exc:
         raise PolicyError([f"{path}:0: (document): cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError([f"{path}:0: (document): not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     return parse_policy(text, str(path), path.parent)
 
 

@@ -17,11 +17,13 @@ def worker_command(pool: str, service_module: str) -> Callable[..., None]:
 
         from baton.contracts.logs import setup_logging
         from baton.engine.errors import ModelFilesError
+        from baton.engine.model_files import check_model_dir
         from baton.worker.server import serve
 
         setup_logging(settings.log_json, level=settings.logging_level)
         try:
             model_dir = settings.model_dir  # a Hub id is downloaded here, before anything starts
+            check_model_dir(model_dir)
         except ModelFilesError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -83,7 +83,7 @@ def test_check_cli_reports_every_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("gpus: 4}", "gpus: x}").replace("itl_p90_ms: 50}", "itl_p90_ms: 0}"))
     result = CliRunner().invoke(app, ["policy", "check", str(EXAMPLES[0]), str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"ok: {EXAMPLES[0]}" in result.output
     assert f"{bad}:2: clusters[0].gpus: Input should be a valid integer" in result.output
     assert f"{bad}:8: models[0].regions.r1.decode.itl_p90_ms: Input should be greater than 0" in result.output
