@@ -134,19 +134,21 @@ def _time_ms(fn, reps: int = 25) -> float:
 def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
                 scale: torch.Tensor | None = None, baseline=None) -> tuple[int, int, int] | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
-    kernel, for silu_mul) is as fast; `baseline(x)` replaces cuBLAS's linear (FP8 weights). Runs kernels: call it
-    outside CUDA-graph capture."""
+    kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
+    Runs kernels: call it outside CUDA-graph capture."""
     k = weight.shape[1]
     dtype = weight.dtype if scale is None else torch.bfloat16
     x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)
 
     def reference():
+        if baseline is not None:
+            return baseline(x)
         h = x
         if silu_mul:
             from baton.kernels.silu_mul import silu_mul as act
 
             h = act(x)
-        return baseline(h) if baseline is not None else F.linear(h, weight, bias)
+        return F.linear(h, weight, bias)
 
     best, best_ms = None, _time_ms(reference)
     for config in CONFIGS:

@@ -26,6 +26,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.bias = bias
+        self.scale_row = scale[None, :].contiguous()  # [1, N], the layout _scaled_mm takes
         self._plans: dict[tuple[int, bool], tuple | None] = {}
 
     @classmethod
@@ -39,12 +40,13 @@ class Fp8Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.scale[:, None]).to(dtype)
 
-    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token FP8 activations times per-channel FP8 weights on the tensor cores."""
-        x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-        xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale[None, :].contiguous(),
-                               out_dtype=x.dtype)
+    def _scaled_mm(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """Per-token FP8 activations (one quantizing kernel, SwiGLU fused) times per-channel FP8 weights on the
+        tensor cores."""
+        from baton.kernels.fp8_quant import quantize_rows
+
+        xq, x_scale = quantize_rows(x, silu_mul)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale_row, out_dtype=x.dtype)
         return out if self.bias is None else out + self.bias
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
@@ -60,15 +62,11 @@ class Fp8Linear(nn.Module):
             key = (1 << (m - 1).bit_length(), silu_mul)
             if key not in self._plans and not torch.cuda.is_current_stream_capturing():
                 self._plans[key] = pick_config(key[0], self.weight, self.bias, silu_mul, scale=self.scale,
-                                               baseline=self._scaled_mm)
+                                               baseline=lambda h: self._scaled_mm(h, silu_mul))
             plan = self._plans.get(key)
             if plan is not None:
                 return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
-        if silu_mul:
-            from baton.kernels.silu_mul import silu_mul as silu_mul_kernel
-
-            x = silu_mul_kernel(x)
-        return self._scaled_mm(x)
+        return self._scaled_mm(x, silu_mul)
 
 
 def quantize_fp8_(model: nn.Module, all_layers: bool = False) -> int:
