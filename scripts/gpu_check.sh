@@ -7,7 +7,7 @@
 #   tests: GPU kernel/runtime tests, async scheduling on the GPU, real prefill + decode worker processes handing
 #          KV over CUDA IPC (token-exact at fp32 against one engine), and a `baton up` cluster serving the OpenAI API
 #   bench: bench/engine_gpu.py (Llama-3-8B-shaped bf16);  kv: bench/kv_transfer.py --device cuda
-#   fp8: bench/fp8.py speed (bf16 vs FP8 weights)
+#   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 STEP="${1:-all}"
@@ -24,7 +24,7 @@ if [ "$STEP" = prepare ]; then
   # What the GPU machine's Python 3.12 lacks for the workers, the router, the control plane and the tests.
   pip_dl pytest pluggy iniconfig packaging pygments pytest-timeout xxhash pydantic pydantic-core pydantic-settings \
     annotated-types typing-inspection python-dotenv fastapi starlette uvicorn redis typer click rich shellingham \
-    markdown-it-py mdurl h11 jinja2 markupsafe pyyaml xgrammar openai jiter distro jsonschema attrs referencing \
+    markdown-it-py mdurl h11 jinja2 markupsafe pyyaml xgrammar apache-tvm-ffi openai jiter distro jsonschema attrs referencing \
     rpds-py jsonschema-specifications sniffio
   (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 && for f in *%3a*; do
      [ -e "$f" ] && mv "$f" "${f//%3a/_}"; done; true)
@@ -60,6 +60,7 @@ case "$STEP" in
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
+  gemv) $PY "$R"/bench/gemv.py --out "$OUT/gemv.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|fp8|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
