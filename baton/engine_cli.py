@@ -147,12 +147,14 @@ def up_cmd(
                                                    "calls: hermes (default) | llama3_json."),
     prefill: int = typer.Option(1, "--prefill", min=0, help="Prefill workers."),
     decode: int = typer.Option(1, "--decode", min=0, help="Decode workers (0: an embedding-only cluster)."),
-    embed_workers: int = typer.Option(0, "--embed-workers", min=0, help="Embedding workers (POST /v1/embeddings)."),
+    embed_workers: int = typer.Option(0, "--embed", "--embed-workers", min=0, help="Embedding workers "
+                                      "(POST /v1/embeddings)."),
     max_batch_delay_ms: Optional[float] = typer.Option(None, "--max-batch-delay-ms", min=0, help="Embedding "
                                                        "workers: longest wait for more inputs per forward (5)."),
     max_prefill: Optional[int] = typer.Option(None, "--max-prefill", help="Let the control plane scale prefill "
                                               "up to this many workers (default: --prefill)."),
     max_decode: Optional[int] = typer.Option(None, "--max-decode", help="Likewise for decode workers."),
+    max_embed: Optional[int] = typer.Option(None, "--max-embed", help="Likewise for embedding workers."),
     port: int = typer.Option(8000, "--port", help="Router HTTP port (OpenAI API)."),
     grpc_port: int = typer.Option(50051, "--grpc-port", help="Router gRPC port."),
     controlplane_port: int = typer.Option(8090, "--controlplane-port", help="Control plane admin HTTP port."),
@@ -183,7 +185,7 @@ def up_cmd(
     if max_batch_delay_ms is not None:
         workers["max_batch_delay_ms"] = max_batch_delay_ms
     if decode == 0 and embed_workers == 0:
-        typer.echo("error: --decode 0 needs --embed-workers N (a cluster must serve something)", err=True)
+        typer.echo("error: --decode 0 needs --embed N (a cluster must serve something)", err=True)
         raise typer.Exit(2)
     try:
         cluster = LocalCluster(UpOptions(
@@ -191,6 +193,7 @@ def up_cmd(
             chat_template=chat_template, tool_call_parser=tool_call_parser, block_size=block_size,
             max_model_len=max_model_len, worker_settings=workers,
             prefill=prefill, decode=decode, embed=embed_workers, max_prefill=max_prefill, max_decode=max_decode,
+            max_embed=max_embed,
             port=port,
             grpc_port=grpc_port, controlplane_port=controlplane_port, redis_url=redis_url, routing=routing,
             kv_transport=kv_transport, local_prefill_threshold=local_prefill_threshold, ray=ray or bool(ray_address),

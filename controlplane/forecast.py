@@ -92,17 +92,19 @@ class Shift:
     requests: float = 0.0
     prompt_tokens: float = 0.0
     output_tokens: float = 0.0
+    inputs: float = 0.0
 
     def add(self, iv: Interval) -> None:
         self.seconds += iv.seconds
         self.requests += iv.requests
         self.prompt_tokens += iv.prompt_tokens
         self.output_tokens += iv.output_tokens
+        self.inputs += iv.inputs
 
     def rates(self) -> dict[str, float]:
         s = max(self.seconds, 1e-3)
         return {"request_rate": self.requests / s, "prompt_tokens_per_s": self.prompt_tokens / s,
-                "output_tokens_per_s": self.output_tokens / s}
+                "output_tokens_per_s": self.output_tokens / s, "inputs_per_s": self.inputs / s}
 
 
 def shifted(level_rate: float, iv: Interval) -> int:
@@ -118,10 +120,12 @@ def shifted(level_rate: float, iv: Interval) -> int:
 
 @dataclass
 class LoadForecaster:
-    """Request rate, prompt tokens/s and output tokens/s of one pool, each its own HoltSeries."""
+    """Request rate, prompt tokens/s, output tokens/s and (embed pools) inputs/s of one pool, each its own
+    HoltSeries."""
 
     series: dict[str, HoltSeries] = field(default_factory=lambda: {
-        "request_rate": HoltSeries(), "prompt_tokens_per_s": HoltSeries(), "output_tokens_per_s": HoltSeries()})
+        "request_rate": HoltSeries(), "prompt_tokens_per_s": HoltSeries(), "output_tokens_per_s": HoltSeries(),
+        "inputs_per_s": HoltSeries()})
     shift: Shift | None = None
 
     def update(self, t: float, window: SignalWindow, window_s: float) -> None:

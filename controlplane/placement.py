@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from baton.contracts.worker_registry import EMBED_POOL
 from baton.controlplane.policy import Policy
 
 PoolKey = tuple[str, str, str]  # model, region, pool
@@ -128,6 +129,8 @@ def place(policy: Policy, desired: Mapping[PoolKey, int], clusters: Mapping[str,
 
     shares: dict[str, dict[str, dict[str, float]]] = {}
     for (model, pool, origin, host), n in spill.items():
+        if pool == EMBED_POOL:  # routers send embeddings to any embed worker: its spill moves no generation traffic
+            continue
         share = n / max(1, desired[(model, origin, pool)])
         # Routers spill whole requests, so a region spills the larger of its pools' shares.
         per_origin = shares.setdefault(model, {}).setdefault(origin, {})

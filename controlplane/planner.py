@@ -4,7 +4,8 @@ Per pool and tick: forecast the load over the start-up time (forecast.py; a sudd
 newest tick), turn its upper band into replicas with the pool's capacity model (capacity.py), add what drains
 a queue (projected to when new replicas serve, with those already starting), then HPA-style hysteresis,
 stabilisation, step limits, cooldowns and clamps (replica_math.py). The live service and the what-if simulator
-both call `Planner.tick`, so a replay exercises the same code.
+both call `Planner.tick`, so a replay exercises the same code. An embed pool goes through the same steps with
+inputs/s for tokens/s and its p90 queue time for the latency.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from baton.contracts.worker_registry import EMBED_POOL
 from baton.controlplane import replica_math as rm
 from baton.controlplane.capacity import CapacityCorrection, CapacityModel, Load
 from baton.controlplane.forecast import LoadForecaster
@@ -117,9 +119,10 @@ class Planner:
         return n + sum(k for (m, p, o, _h), k in self._spill.items() if (m, p, o) == (model, pool, region))
 
     def _capacity(self, policy: Policy, key: PoolKey) -> CapacityModel:
-        """The pool's capacity model, kept while its profile and hint are unchanged (the decode model caches)."""
+        """The pool's capacity model, kept while its profile and pool policy are unchanged (the decode model
+        caches)."""
         model, region, pool = key
-        stamp = (policy.model(model).profile, policy.pool(model, region, pool).capacity_tokens_per_s)
+        stamp = (policy.model(model).profile, policy.pool(model, region, pool))
         cached = self._models.get(key)
         if cached is None or cached[0][0] is not stamp[0] or cached[0][1] != stamp[1]:
             cached = self._models[key] = (stamp, policy.capacity_model(model, region, pool))
@@ -154,7 +157,7 @@ class Planner:
         if ready != st.ready:
             st.ready, st.ready_since = ready, now
         latency = sig.latency_p90_s(pool_name)
-        measured = Load(sig.request_rate, sig.prompt_tokens_per_s, sig.output_tokens_per_s)
+        measured = Load(sig.request_rate, sig.prompt_tokens_per_s, sig.output_tokens_per_s, sig.inputs_per_s)
         # The window's latency speaks for the ready count only once that count has held for a whole window.
         settled = now - st.ready_since >= policy.signals.window_s
         queued = sig.queue_depth > max(1, ready)
@@ -203,9 +206,10 @@ class Planner:
             needs["kv"] = float(rm.proportional(base, sig.kv_utilization, pol.kv_target_utilization, pol.tolerance))
         proposals = {k: (math.ceil(v - 1e-9) if math.isfinite(v) else pol.max_replicas + 1) for k, v in needs.items()}
         needed = max(needs.values())
-        inputs = {"load_tokens_per_s": round(measured.tokens(pool_name), 3),
-                  "forecast_tokens_per_s": round(fc.expected.tokens(pool_name), 3),
-                  "upper_tokens_per_s": round(fc.upper.tokens(pool_name), 3), "noise": round(fc.noise, 4),
+        unit = "inputs" if pool_name == EMBED_POOL else "tokens"
+        inputs = {f"load_{unit}_per_s": round(measured.tokens(pool_name), 3),
+                  f"forecast_{unit}_per_s": round(fc.expected.tokens(pool_name), 3),
+                  f"upper_{unit}_per_s": round(fc.upper.tokens(pool_name), 3), "noise": round(fc.noise, 4),
                   "shift": st.forecaster.shift.direction if st.forecaster.shift is not None else 0,
                   "needed_replicas": round(needed, 3) if math.isfinite(needed) else None,
                   "capacity_factor": round(st.correction.value, 3), "request_rate": round(sig.request_rate, 4),

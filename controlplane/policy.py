@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from baton.contracts.worker_registry import EMBED_POOL, POOLS
-from baton.controlplane.capacity import CapacityModel, CapacityProfile, model_for
+from baton.controlplane.capacity import CapacityModel, CapacityProfile, FlatCapacity, model_for
 
 
 class _Strict(BaseModel):
@@ -81,8 +81,8 @@ class DecodePool(PoolPolicy):
 
 
 class EmbedPool(PoolPolicy):
-    """Embedding workers (`baton embed-worker`): prefill-only forwards, no KV kept; sized by inputs, not tokens.
-    The policy validates it; the planner does not scale it yet (replicas stay at min_replicas where started)."""
+    """Embedding workers (`baton embed-worker`): prefill-only forwards, no KV kept; sized by inputs/s against
+    `capacity_inputs_per_s`, with the p90 queue time (arrival to first forward) as the latency target."""
 
     capacity_inputs_per_s: float = Field(gt=0, description="inputs/s one replica embeds at the queue-time target")
     queue_time_p90_ms: float = Field(gt=0, description="target p90 time from arrival to the first forward")
@@ -145,14 +145,19 @@ class Policy(_Strict):
     def model(self, name: str) -> ModelDeployment:
         return next(m for m in self.models if m.name == name)
 
-    def pool(self, model: str, region: str, pool: str) -> PrefillPool | DecodePool:
+    def pool(self, model: str, region: str, pool: str) -> PrefillPool | DecodePool | EmbedPool:
         return getattr(self.model(model).regions[region], pool)
 
     def capacity_model(self, model: str, region: str, pool: str) -> CapacityModel:
-        return model_for(pool, self.model(model).profile, self.pool(model, region, pool).capacity_tokens_per_s)
+        pol = self.pool(model, region, pool)
+        if isinstance(pol, EmbedPool):  # a profile measures generation; embedding throughput is its own
+            return FlatCapacity(pool, pol.capacity_inputs_per_s)
+        return model_for(pool, self.model(model).profile, pol.capacity_tokens_per_s)
 
     def pool_keys(self) -> list[tuple[str, str, str]]:
-        return [(m.name, r, p) for m in self.models for r in m.regions for p in POOLS]
+        """Every (model, region, pool) the planner sizes: prefill and decode, and embed where a region has one."""
+        return [(m.name, r, p) for m in self.models for r, dep in m.regions.items() for p in (*POOLS, EMBED_POOL)
+                if getattr(dep, p) is not None]
 
     def regions(self) -> list[str]:
         return sorted({c.region for c in self.clusters})

@@ -1,7 +1,8 @@
 """Traffic signals as the control plane reads them: windows over what routers and workers publish.
 
 Routers publish request/token counts and latency samples under their own (origin) region; workers publish
-queue depth and KV utilisation with zero counts. The reader sums counts over a window and keeps the latest
+queue depth and KV utilisation with zero counts. Embedding workers, which no router counts for, publish their
+own requests, inputs and queue-time samples. The reader sums counts over a window and keeps the latest
 gauge of each source. A window with no fresh entry is `None`: the planner then holds, never scales down.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from baton.contracts.keys import SIGNALS_STREAM_MAXLEN, signals_stream_key
 from baton.contracts.signals import SignalEntry
+from baton.contracts.worker_registry import EMBED_POOL
 
 
 def p90(samples: list[float] | tuple[float, ...]) -> float | None:
@@ -29,6 +31,7 @@ class Interval:
     requests: float
     prompt_tokens: float
     output_tokens: float
+    inputs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,19 @@ class SignalWindow:
     ttft_p90_s: float | None = None
     itl_p90_s: float | None = None
     kv_utilization: float | None = None
+    inputs_per_s: float = 0.0  # embedding inputs
+    queue_p90_s: float | None = None  # embedding requests: arrival to first forward
     sources: int = 1
     age_s: float = 0.0
     recent: Interval | None = None
 
     def load(self, pool: str) -> float:
-        """The token rate that sizes `pool`: prompt tokens for prefill, output tokens for decode."""
-        return self.prompt_tokens_per_s if pool == "prefill" else self.output_tokens_per_s
+        """The rate that sizes `pool`: prompt tokens for prefill, output tokens for decode, inputs for embed."""
+        return {"prefill": self.prompt_tokens_per_s, EMBED_POOL: self.inputs_per_s}.get(pool, self.output_tokens_per_s)
 
     def latency_p90_s(self, pool: str) -> float | None:
-        return self.ttft_p90_s if pool == "prefill" else self.itl_p90_s
+        """The latency the pool's SLO bounds: TTFT for prefill, ITL for decode, queue time for embed."""
+        return {"prefill": self.ttft_p90_s, EMBED_POOL: self.queue_p90_s}.get(pool, self.itl_p90_s)
 
 
 def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_after_s: float,
@@ -80,7 +86,7 @@ def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_
                 # what the entries cover, which is more than recent_s when publishers flush less often
                 seconds=max(1e-3, now - min(e.ts - e.period_s for e in last)),
                 requests=sum(e.requests for e in last), prompt_tokens=sum(e.prompt_tokens for e in last),
-                output_tokens=sum(e.output_tokens for e in last))
+                output_tokens=sum(e.output_tokens for e in last), inputs=sum(e.inputs for e in last))
     return SignalWindow(
         request_rate=sum(e.requests for e in recent) / covered,
         prompt_tokens_per_s=sum(e.prompt_tokens for e in recent) / covered,
@@ -89,6 +95,8 @@ def build_window(entries: list[SignalEntry], now: float, window_s: float, stale_
         ttft_p90_s=p90([s for e in recent for s in e.ttft_s]),
         itl_p90_s=p90([s for e in recent for s in e.itl_s]),
         kv_utilization=sum(kvs) / len(kvs) if kvs else None,
+        inputs_per_s=sum(e.inputs for e in recent) / covered,
+        queue_p90_s=p90([s for e in recent for s in e.queue_s]),
         sources=len(latest),
         age_s=max(0.0, now - newest),
         recent=recent_interval,

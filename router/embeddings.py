@@ -118,7 +118,7 @@ class Embeddings:
         workers = [w for w in self.service.dispatcher.routable(EMBED_POOL) if w.worker_id not in excluded]
         if not workers:
             raise APIError(503, "no embedding worker is available (start one with `baton embed-worker` or "
-                                "`baton up --embed-workers N`)", type="service_unavailable",
+                                "`baton up --embed N`)", type="service_unavailable",
                            code="no_worker_available")
         # Inputs this router has in flight there, plus the queue the worker last reported.
         return min(workers, key=lambda w: (self._inflight.get(w.worker_id, 0) + w.load.num_requests_waiting,

@@ -1,5 +1,5 @@
 """`baton up`: a whole Baton cluster on this machine — Redis, router, control plane, and the prefill and
-decode workers that the control plane's local backend starts — stopped cleanly on Ctrl-C or SIGTERM."""
+decode (and embedding) workers that the control plane's local backend starts — stopped cleanly on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,7 @@ from redis.backoff import ConstantBackoff
 from redis.retry import Retry
 
 from baton.contracts.keys import WORKER_KEY_PREFIX
-from baton.contracts.worker_registry import EMBED_POOL, POOLS, WORKER_POOLS, WorkerRecord
+from baton.contracts.worker_registry import EMBED_POOL, WORKER_POOLS, WorkerRecord
 from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
 from baton.devtools.fetch_model import DEFAULT_MODEL, models_cache_dir, resolve_any_model
 
@@ -60,9 +60,10 @@ class UpOptions:
     worker_settings: dict = field(default_factory=dict)
     prefill: int = 1
     decode: int = 1
-    embed: int = 0  # embedding workers, started here (not scaled by the control plane)
+    embed: int = 0  # embedding workers; with `embed` or `max_embed` above 0 the policy has an embed pool
     max_prefill: int | None = None
     max_decode: int | None = None
+    max_embed: int | None = None
     port: int = 8000
     grpc_port: int = 50051
     controlplane_port: int = 8090
@@ -177,10 +178,6 @@ class LocalCluster:
                                      "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
                     env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
         self._spawn("router", [*self._baton(), "router", *self.router_args()])
-        for i in range(self.opts.embed):
-            self._spawn(f"embed-{i}", [*self._baton(), "embed-worker", "--model", str(self.model_dir), "--redis-url",
-                                       self.redis_url, "--worker-id", f"embed-{i}-{secrets.token_hex(3)}",
-                                       "--grpc-port", "0", "--http-port", "0", *self.worker_args()])
         self.wait_ready()
 
     def router_args(self) -> list[str]:
@@ -200,7 +197,7 @@ class LocalCluster:
 
     def worker_args(self) -> list[str]:
         o = self.opts
-        most = max(o.prefill, o.max_prefill or 0) + max(o.decode, o.max_decode or 0) + o.embed
+        most = max(o.prefill, o.max_prefill or 0) + max(o.decode, o.max_decode or 0) + max(o.embed, o.max_embed or 0)
         settings = {"gpu_memory_utilization": round(0.9 / most, 3), "num_kv_blocks": o.num_kv_blocks,
                     "torch_threads": o.torch_threads, "kv_transport": o.kv_transport, **o.worker_settings}
         args = self._shared_args()
@@ -235,7 +232,10 @@ class LocalCluster:
         }
         over = dict(o.policy_overrides)
         pools = doc["models"][0]["regions"]["local"]
-        for name in POOLS:
+        if max(o.embed, o.max_embed or 0) > 0:
+            pools[EMBED_POOL] = {"min_replicas": o.embed, "max_replicas": max(o.embed, o.max_embed or 0),
+                                 "capacity_inputs_per_s": 200, "queue_time_p90_ms": 500, "startup_s": 15}
+        for name in pools:
             pools[name].update(over.pop(name, {}))
         doc.update(over)
         path = self.run_dir / "policy.yaml"

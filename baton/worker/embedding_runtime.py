@@ -59,10 +59,13 @@ class EmbeddingRuntime:
     async def embed(self, inputs: list[list[int]]):
         """(vectors, queue seconds); raises InvalidRequestError for an input the model cannot take."""
         self.embedder.check(inputs)
+        # Counted on arrival: the control plane sizes the pool by what comes in, not by what a full pool serves.
+        if self._signals is not None:
+            self._signals.record_request(sum(len(x) for x in inputs), inputs=len(inputs))
         vectors, queued = await self.batcher.embed(inputs)
         QUEUE_SECONDS.observe(queued)
         if self._signals is not None:
-            self._signals.record_request(sum(len(x) for x in inputs))
+            self._signals.record_queue_time(queued)
         return vectors, queued
 
     @property
@@ -70,8 +73,9 @@ class EmbeddingRuntime:
         return self.batcher is not None and self.batcher.alive
 
     def fill_signals(self, publisher) -> None:
+        # Requests, as the generation pools count their queues; the planner converts with inputs per request.
         self._signals = publisher
-        publisher.set_queue_depth(self.batcher.stats().waiting_inputs)
+        publisher.set_queue_depth(self.batcher.stats().waiting_requests)
 
     def load(self) -> WorkerLoad:
         b = self.batcher.stats()

@@ -73,4 +73,29 @@ def test_embed_workers_get_the_worker_flags_and_an_embedding_only_cluster_needs_
     assert (up["decode"], up["embed_workers"], up["max_batch_delay_ms"]) == (0, 2, 3.0)
     result = CliRunner().invoke(app, ["up", "--model", str(model_dir), "--decode", "0", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2
-    assert "--decode 0 needs --embed-workers N" in result.output
+    assert "--decode 0 needs --embed N" in result.output
+
+
+def test_embed_pool_is_a_scaled_pool_of_the_policy(model_dir, tmp_path):
+    from baton.controlplane.backends.local import WORKER_ARGV, worker_argv
+    from baton.controlplane.policy import load_policy
+
+    up = parsed("up", ["--decode", "0", "--embed", "1", "--max-embed", "3"])
+    assert (up["embed_workers"], up["max_embed"]) == (1, 3)
+    cluster = LocalCluster(UpOptions(model=model_dir, prefill=0, decode=0, embed=1, max_embed=3, run_dir=tmp_path,
+                                     policy_overrides={"embed": {"capacity_inputs_per_s": 7}}))
+    cluster.redis_url = "redis://127.0.0.1:1/0"
+    policy = load_policy(cluster.write_policy())
+    embed = policy.pool(cluster.model_name, "local", "embed")
+    assert (embed.min_replicas, embed.max_replicas, embed.capacity_inputs_per_s) == (1, 3, 7)
+    assert (cluster.model_name, "local", "embed") in policy.pool_keys()
+    # The control plane's local backend starts `baton embed-worker` with the workers' flags.
+    argv = worker_argv(policy.clusters[0].worker_command, worker_id="w", pool="embed", model=cluster.model_name,
+                       model_dir=str(model_dir), redis_url=cluster.redis_url, region="local")
+    assert argv[:4] == [WORKER_ARGV[0], "-m", "baton.cli", "embed-worker"]
+    worker = parsed("embed-worker", argv[argv.index("embed-worker") + 1:])
+    assert worker["worker_id"] == "w" and worker["gpu_memory_utilization"] == pytest.approx(0.3)
+    # Without embed workers the policy has no embed pool.
+    plain = LocalCluster(UpOptions(model=model_dir, run_dir=tmp_path / "plain"))
+    plain.redis_url = cluster.redis_url
+    assert all(p != "embed" for _m, _r, p in load_policy(plain.write_policy()).pool_keys())

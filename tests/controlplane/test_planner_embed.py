@@ -1,0 +1,131 @@
+"""The embed pool as the planner's third pool kind: sized by inputs/s against `capacity_inputs_per_s`, with the p90
+queue time as its latency target; the embed workers' signals reach it through Redis."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import redis.asyncio as aioredis
+
+from baton.contracts.signals import SignalPublisher
+from baton.controlplane.placement import ClusterState
+from baton.controlplane.planner import Planner, TickInput
+from baton.controlplane.policy import parse_policy
+from baton.controlplane.signals import SignalReader, SignalWindow
+from tests.controlplane.test_planner import changes
+
+POLICY = """\
+tick_s: 10
+signals: {window_s: 30}
+clusters:
+  - {name: a, region: r1, backend: local, gpus: 100}
+models:
+  - name: m
+    regions:
+      r1:
+        prefill: {capacity_tokens_per_s: 1000, ttft_p90_ms: 1000}
+        decode: {capacity_tokens_per_s: 100, itl_p90_ms: 50}
+        embed:
+          min_replicas: 1
+          max_replicas: 12
+          capacity_inputs_per_s: 100
+          queue_time_p90_ms: 200
+          target_utilization: 1.0
+          startup_s: 0
+          scale_up: {stabilization_s: 0, max_step: 4, cooldown_s: 0}
+          scale_down: {stabilization_s: 60, max_step: 2, cooldown_s: 0}
+"""
+KEY = ("m", "r1", "embed")
+INPUTS_PER_REQUEST = 4
+
+
+def window(inputs_per_s, queue_p90_s=0.05, queue=0.0):
+    """Embed workers' window: requests of 4 inputs of 30 tokens each; no output tokens."""
+    return SignalWindow(request_rate=inputs_per_s / INPUTS_PER_REQUEST, prompt_tokens_per_s=inputs_per_s * 30,
+                        output_tokens_per_s=0.0, inputs_per_s=inputs_per_s, queue_depth=queue,
+                        queue_p90_s=queue_p90_s)
+
+
+def run(series, start=1):
+    """Ticks every 10 s with the embed pool's window only (prefill and decode have none: they hold)."""
+    pol, planner, ready = parse_policy(POLICY), Planner(), start
+    desired, decisions = [], []
+    for i, sig in enumerate(series):
+        clusters = {"a": ClusterState(ready={("m", "embed"): ready, ("m", "prefill"): 1, ("m", "decode"): 1})}
+        out = planner.tick(TickInput(now=i * pol.tick_s, policy=pol, signals={KEY: sig}, clusters=clusters))
+        d = next(d for d in out.decisions if (d.model, d.region, d.pool) == KEY)
+        assert out.desired[("m", "r1", "prefill")] == 1 and out.desired[("m", "r1", "decode")] == 1
+        desired.append(d.desired)
+        decisions.append(d)
+        ready = d.desired
+    return desired, decisions
+
+
+def test_policy_adds_the_embed_pool_to_the_planned_pools():
+    pol = parse_policy(POLICY)
+    assert pol.pool_keys() == [("m", "r1", "prefill"), ("m", "r1", "decode"), KEY]
+    cap = pol.capacity_model(*KEY)
+    assert cap.busy_rate(None, 0.2) == 100  # capacity_inputs_per_s, not a token rate
+    without = parse_policy(POLICY.split("        embed:")[0])
+    assert KEY not in without.pool_keys()
+
+
+def test_step_up_in_inputs_per_s_then_down_after_the_window():
+    desired, decisions = run([window(90)] * 3 + [window(850)] * 5 + [window(60)] * 40)
+    assert desired[:3] == [1, 1, 1]
+    assert desired[3] == 3  # the first high window moves the level a fifth of the way (alpha 0.2)
+    assert desired[4] == 7 and "step" in decisions[4].limits  # confirmed: 9 wanted, max_step 4
+    assert desired[5:8] == [9, 9, 9]  # ceil(850 inputs/s / 100 per replica plus a small band)
+    assert decisions[5].inputs["load_inputs_per_s"] == 850
+    assert "load_tokens_per_s" not in decisions[5].inputs
+    back = next(i for i in range(8, len(desired)) if desired[i] < 9)
+    assert back >= 8 + 5  # the 60 s scale-down window holds the peak's recommendation first
+    assert all(a - b <= 2 for a, b in zip(desired, desired[1:]))  # max_step 2 down
+    assert desired[-1] == 1  # once the margin, widened by the step, has narrowed again
+
+
+def test_noise_in_inputs_per_s_moves_nothing():
+    rng = random.Random(5)
+    # 420 inputs/s give or take 8% (105 requests/s): 5 replicas, and the band covers the noise.
+    desired, _ = run([window(420 * (1 + rng.gauss(0, 0.08))) for _ in range(200)], start=5)
+    assert changes(desired) == 0, desired
+    assert set(desired) == {5}
+
+
+def test_a_queue_over_the_queue_time_target_adds_replicas_to_drain_it():
+    # Inputs/s alone ask for one replica, but 60 requests wait and the p90 queue time is 5x the target.
+    calm, _ = run([window(90)] * 4)
+    queued, decisions = run([window(90)] * 3 + [window(90, queue_p90_s=1.0, queue=60)])
+    assert calm[-1] == 1
+    assert decisions[-1].proposals["queue"] > 1 and queued[-1] > 1
+    assert decisions[-1].inputs["latency_p90_s"] == 1.0
+
+
+def test_stale_embed_signals_hold():
+    desired, decisions = run([window(850)] * 3 + [None] * 20, start=1)
+    top = desired[2]
+    assert top > 1 and desired[3:] == [top] * 20
+    assert "stale" in decisions[-1].limits
+
+
+def test_embed_worker_signals_through_redis(redis_url):
+    """What an embed worker publishes (requests with their inputs, queue-time samples, the waiting requests) is
+    what the control plane's window reads."""
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url)
+        pub = SignalPublisher(client, "r1", "embed", "m", "embed-0", _last=90.0)
+        for n in (1, 100, 19):
+            pub.record_request(prompt_tokens=10 * n, inputs=n)
+        for s in (0.01, 0.02, 0.03, 0.4):
+            pub.record_queue_time(s)
+        pub.set_queue_depth(2)
+        await pub.flush(now=100.0)
+        windows = await SignalReader(client).windows([KEY, ("m", "r1", "prefill")], 100.0, 10.0, 10.0)
+        await client.aclose()
+        return windows
+
+    windows = asyncio.run(scenario())
+    w = windows[KEY]
+    assert w.inputs_per_s == 12.0 and w.request_rate == 0.3 and w.prompt_tokens_per_s == 120.0
+    assert w.load("embed") == 12.0 and w.latency_p90_s("embed") == 0.4 and w.queue_depth == 2
+    assert windows[("m", "r1", "prefill")] is None  # embed workers write only the embed stream
