@@ -105,7 +105,8 @@ class Speculator:
         p = seq.params
         method, _ = self._method(p)
         return (method in self.proposers and not seq.prefill_only and seq.grammar is None and not p.penalized
-                and not p.logit_bias and p.prompt_logprobs is None and len(seq.output_ids) >= max(1, p.min_tokens))
+                and not p.logit_bias and p.prompt_logprobs is None
+                and seq.num_tokens - seq.num_prompt_tokens >= max(1, p.min_tokens))
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""
@@ -115,7 +116,8 @@ class Speculator:
                 continue
             method, k = self._method(seq.params)
             # The step emits up to k + 1 tokens: none past max_tokens nor the context.
-            k = min(k, seq.params.max_tokens - len(seq.output_ids) - 1, max_model_len - 1 - seq.num_tokens)
+            k = min(k, seq.params.max_tokens - (seq.num_tokens - seq.num_prompt_tokens) - 1,
+                    max_model_len - 1 - seq.num_tokens)
             if k > 0:
                 by_method.setdefault(method, []).append((seq, k))
         for method, requests in by_method.items():
