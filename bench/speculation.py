@@ -128,7 +128,9 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> 
 
 
 def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
-    common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0)
+    # ngram by default (the plain runs ask for "off"): decode graphs are then captured for verification rows too.
+    common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0, speculative_method="ngram",
+                  num_speculative_tokens=args.num_tokens)
     if args.device.startswith("cuda"):
         if args.model:
             return LLMEngine(EngineConfig(args.model, device=args.device, gpu_memory_utilization=0.85,

@@ -128,7 +128,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, events)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device, config.max_num_seqs,
+        # With speculation on by default, verification steps (1 + k decode rows a request) replay graphs too.
+        graph_rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative_method != "off"
+                                            else 1)
+        self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device, graph_rows,
                                   self.max_model_len, cuda_graphs=not config.enforce_eager)
         if self.runner.graphs is not None:
             self.runner.graphs.capture()
