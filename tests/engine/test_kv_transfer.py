@@ -350,3 +350,31 @@ def test_nixl_sender_killed_during_transfer_fails_the_receiver():
         assert not got.ok and "timed out" in got.error, got
     finally:
         receiver.close()
+
+
+def test_tcp_refuses_a_transfer_the_receiver_did_not_announce(pair):
+    """The receiver writes into its cache only for transfers it expect()ed, with the destination it announced:
+    an unknown id, a finished one or a second sender of the same id is refused before any byte lands.
+    (ipc and nixl write one-sided into memory the receiver exported; there the receiver's checks cover only the
+    completion notice, and who may write is whoever holds the mapping or registration.)"""
+    src, dst = cache(8, seed=10), cache(8)
+    sender, receiver = pair("tcp", src, dst)
+    before = dst.clone()
+    refused = sender.send(receiver.endpoint(), "never-announced", [1, 2], [3, 4], timeout_s=5)
+    assert not refused.ok and "not expected by the receiver" in refused.error
+    receiver.expect("once", [5])
+    assert sender.send(receiver.endpoint(), "once", [1], [5], timeout_s=5).ok
+    assert receiver.wait("once", timeout_s=5).ok
+    again = sender.send(receiver.endpoint(), "once", [2], [5], timeout_s=5)  # collected: no longer expected
+    assert not again.ok and "not expected by the receiver" in again.error
+    receiver.expect("claimed", [6])
+    first = _raw_tcp_sender(receiver.endpoint(), "claimed", [6], receiver.geometry.block_nbytes)
+    try:
+        second = sender.send(receiver.endpoint(), "claimed", [3], [6], timeout_s=5)
+        assert not second.ok and "already being received" in second.error
+    finally:
+        first.close()
+    receiver.cancel("claimed")
+    untouched = [b for b in range(8) if b != 5]
+    assert torch.equal(dst[untouched], before[untouched]), "a refused transfer wrote into the cache"
+    assert_moved(src, dst, [1], [5])
