@@ -7,18 +7,18 @@ import pathlib
 
 from baton.engine.config import ModelConfig
 from baton.engine.errors import ModelFilesError
+from baton.engine.tokenizer import Tokenizer
 
 
 def check_model_dir(model_dir: str | pathlib.Path) -> None:
-    """Raises ModelFilesError naming the first missing or unreadable file: config.json (and its architecture),
-    tokenizer.json, the safetensors headers. Reads no weights."""
+    """Raises ModelFilesError naming the first missing or unreadable file: tokenizer.json, config.json (and its
+    architecture), the safetensors headers. Reads no weights."""
     from safetensors import SafetensorError, safe_open
 
     from baton.engine.loader import weight_files
 
     model_dir = pathlib.Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelFilesError(f"{model_dir}: not a directory (expected a Hugging Face-format model directory)")
+    Tokenizer.from_dir(model_dir)  # a directory, with a readable tokenizer.json
     config = model_dir / "config.json"
     if not config.is_file():
         raise ModelFilesError(f"{config}: missing (a model directory needs config.json)")
@@ -29,8 +29,6 @@ def check_model_dir(model_dir: str | pathlib.Path) -> None:
     if not isinstance(raw, dict):
         raise ModelFilesError(f"{config}: expected a JSON object, got {type(raw).__name__}")
     ModelConfig.from_dict(raw, source=str(config))
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ModelFilesError(f"{model_dir / 'tokenizer.json'}: missing (a model directory needs tokenizer.json)")
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt"):

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import pytest
 
 from baton.devtools.local_cluster import LocalCluster, UpOptions
-from tests.conftest import free_port
+from tests.conftest import RedisServer, free_port
+
+
+@pytest.fixture(scope="module")
+def own_redis():
+    """A Redis the module may stop and restart; the session's shared one must stay up for other tests."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

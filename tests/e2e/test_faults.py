@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -19,22 +18,11 @@ import redis
 
 from baton.contracts.keys import WORKER_KEY_PREFIX
 from baton.devtools.local_cluster import WorkerProcess
-from tests.conftest import RedisServer
 from tests.e2e.conftest import start_cluster
 from tests.e2e.test_openai_e2e import LONG
 
 pytestmark = pytest.mark.slow
 PREFILL_TIMEOUT_S, TRANSFER_TIMEOUT_S = 3.0, 2.0
-
-
-@pytest.fixture(scope="module")
-def own_redis():
-    """A Redis this module stops and starts; the session's shared one must stay up for other tests."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

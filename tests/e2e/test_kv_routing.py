@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import time
 
 import httpx
 import pytest
 import redis
 
-from tests.conftest import RedisServer
 from tests.e2e.conftest import start_cluster
 from tests.e2e.test_openai_e2e import worker_stats
 
@@ -20,16 +18,6 @@ pytestmark = pytest.mark.slow
 BLOCK = 16
 PREFIX_BLOCKS = 32  # 512 shared tokens: the e2e model's context is 1024
 TAIL = 20  # new tokens per request; one more full block each
-
-
-@pytest.fixture(scope="module")
-def own_redis():
-    """A Redis this module restarts; the session's shared one must stay up for other tests."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
