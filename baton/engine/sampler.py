@@ -74,6 +74,18 @@ class Sampler:
         self._defaults: dict[torch.device, torch.Generator] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_masks: dict[str, torch.Tensor] = {}  # repetition penalty: which ids the prompt holds
+        self._pinned: list[torch.Tensor | None] = [None, None, None]
+        self._turn = 0
+
+    def _staging(self, numel: int) -> torch.Tensor:
+        """A pinned host buffer for one step's results, from three used in turn: with async scheduling one may
+        still be read by the host and one written by the device; none is allocated per step (a fresh pinned
+        allocation can stall the host)."""
+        self._turn = (self._turn + 1) % 3
+        buf = self._pinned[self._turn]
+        if buf is None or buf.numel() < numel:
+            buf = self._pinned[self._turn] = torch.empty(max(numel, 4096), dtype=torch.float64, pin_memory=True)
+        return buf[:numel]
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -124,7 +136,7 @@ class Sampler:
         flat = torch.cat(parts)
         event = None
         if flat.is_cuda:
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host = self._staging(flat.numel())
             host.copy_(flat, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
