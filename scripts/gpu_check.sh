@@ -61,6 +61,7 @@ case "$STEP" in
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
   gemv) $PY "$R"/bench/gemv.py --out "$OUT/gemv.json" ;;
+  quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|bench|kv|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|bench|quick|kv|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
