@@ -46,13 +46,14 @@ mkdir -p "$OUT"
 cd /tmp  # so that ./baton never shadows the installed package
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 
-run_tests() {
-  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 -m gpu "$R"/tests/kernels "$R"/tests/engine/test_gpu_runtime.py \
-    "$R"/tests/engine/test_fp8.py
-  $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/engine/test_kv_transfer.py
-  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/engine/test_async_scheduling.py
-  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/workers/test_disaggregated.py -k "tcp or ipc"
-  $PY -m pytest -q -p no:cacheprovider -x --timeout 300 "$R"/tests/e2e/test_gpu_cluster.py
+run_tests() {  # every group runs; the step fails if any did
+  local fail=0 T="$PY -m pytest -q -p no:cacheprovider --timeout 300"
+  $T -m gpu "$R"/tests/kernels "$R"/tests/engine/test_gpu_runtime.py "$R"/tests/engine/test_fp8.py || fail=1
+  $T -m gpu "$R"/tests/engine/test_kv_transfer.py || fail=1
+  $T "$R"/tests/engine/test_async_scheduling.py || fail=1
+  $T "$R"/tests/workers/test_disaggregated.py -k "tcp or ipc" || fail=1
+  $T "$R"/tests/e2e/test_gpu_cluster.py || fail=1
+  return $fail
 }
 
 case "$STEP" in
