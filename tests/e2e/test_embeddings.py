@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from baton.devtools.local_cluster import WorkerProcess
 from baton.engine.config import EngineConfig
 from baton.engine.embedding import Embedder
 from baton.engine.tokenizer import Tokenizer
@@ -125,9 +126,11 @@ def test_requests_spread_over_the_pool_and_survive_a_dead_worker(cluster):
     assert asyncio.run(burst(8)) == [200] * 8
     served = {w: s["inputs"] - before[w] for w, s in _worker_stats(cluster).items()}
     assert len(served) == 2 and all(n > 0 for n in served.values()), served  # least-loaded spreads them
-    name, proc = next((n, p) for n, p in cluster.procs if n == "embed-0")
-    proc.kill()  # its registry record outlives it until the TTL: the router meets a refused connection
-    proc.wait()
+    # The control plane started the pool; kill the worker with the lowest id.
+    victim = min((w for w in cluster.workers() if w.pool == "embed"), key=lambda w: w.worker_id)
+    dead = WorkerProcess(victim.pid)
+    dead.kill()  # its registry record outlives it until the TTL: the router meets a refused connection
+    dead.wait(timeout=10)
     assert asyncio.run(burst(6)) == [200] * 6
-    # On a tie the router picks the lowest worker id, embed-0: the dead one was tried, refused and skipped.
-    assert f"embed worker {name}-" in (cluster.run_dir / "router.log").read_text()
+    # On a tie the router picks the lowest worker id: the dead one was tried, refused and skipped.
+    assert f"embed worker {victim.worker_id}" in (cluster.run_dir / "router.log").read_text()
