@@ -94,6 +94,13 @@ imagePullPolicy: {{ .image.pullPolicy }}
 {{- end }}
 {{- end -}}
 
+{{/* The worker pools this release runs, as a JSON list: prefill and decode, and embed when enabled. */}}
+{{- define "baton.workerPools" -}}
+{{- $pools := list "prefill" "decode" }}
+{{- if .Values.embed.enabled }}{{ $pools = append $pools "embed" }}{{ end }}
+{{- toJson $pools }}
+{{- end -}}
+
 {{/* preStop sleep: lets load balancers and routers stop sending before SIGTERM starts the drain. */}}
 {{- define "baton.preStop" -}}
 lifecycle:
