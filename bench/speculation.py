@@ -152,7 +152,7 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
         from baton.devtools.make_model import make_model
 
         model = str(make_model(Path(tmp) / "tiny", seed=1, **TINY))
-    return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=2048, **common)), Path(model).name
+    return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=512, **common)), Path(model).name
 
 
 def main() -> int:

@@ -63,7 +63,8 @@ def check_blocks(engine):
 
 
 def run(engine, prompts, params):
-    """Per request (token ids, text, finish reason, output tokens) and the logprobs; checks blocks every step."""
+    """Per request (token ids, text, finish reason, output tokens) and the logprobs (with the top alternatives' ids
+    and logprobs); checks blocks every step."""
     ids = [f"r{i}" for i in range(len(prompts))]
     outs = {rid: [[], ""] for rid in ids}
     logprobs = {rid: [] for rid in ids}
@@ -75,7 +76,8 @@ def run(engine, prompts, params):
             o = outs[out.request_id]
             o[0] += out.new_token_ids
             o[1] += out.text
-            logprobs[out.request_id] += out.new_logprobs
+            for lp, top in zip(out.new_logprobs, out.new_top_logprobs, strict=True):
+                logprobs[out.request_id] += [lp, *(x for t in top for x in t)]
             if out.finished:
                 reasons[out.request_id] = (out.finish_reason, out.num_output_tokens)
         check_blocks(engine)
@@ -84,7 +86,7 @@ def run(engine, prompts, params):
 
 
 def same_as_plain(model_dir, prompts, spec, params=None, **kw):
-    params = params or SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    params = params or SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
     plain, plain_logprobs = run(new_engine(model_dir, **kw), prompts, params)
     engine = new_engine(model_dir, **kw)
     specced, logprobs = run(engine, prompts, dataclasses.replace(params, speculation=spec))
