@@ -110,6 +110,7 @@ class Speculator:
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""
+        self._draft_probs.clear()  # of proposals the scheduler dropped last step
         by_method: dict[str, list[tuple[Sequence, int]]] = {}
         for seq in running:
             if seq.num_uncomputed != 1 or not self.wants(seq):
