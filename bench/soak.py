@@ -110,7 +110,7 @@ async def one_request(client: httpx.AsyncClient, cluster: LocalCluster, rng: ran
                     return  # leaving the block closes the connection mid-stream
     except httpx.HTTPError as exc:
         tally.counts["lost"] += 1
-        tally.lost.append(f"{type(exc).__name__} after {chunks} chunks: {exc}")
+        tally.lost.append(f"{type(exc).__name__} after {chunks} chunks: {exc!r} (cause {exc.__cause__!r})")
         return
     if finished == "length" and usage and usage.get("completion_tokens") == max_tokens:
         tally.counts["complete"] += 1
