@@ -228,7 +228,8 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
     ticks = max(1, math.ceil((float(trace.t[-1]) - start) / dt + 1e-9))
     bounds = np.searchsorted(trace.t, start + dt * np.arange(ticks + 1), side="left")
     bounds[-1] = len(trace.t)
-    keys = [k for k in policy.pool_keys() if k[0] in trace.models]
+    # Traces hold generation requests: an embed pool is planned (on no signals, so held) but not replayed.
+    keys = [k for k in policy.pool_keys() if k[0] in trace.models and k[2] in POOLS]
     pairs = sorted({(m, r) for m, r, _p in keys})
     oracle = _oracle_counts(policy, trace, bounds, dt)
     results = {k: PoolResult(peak=max(oracle[k])) for k in keys}

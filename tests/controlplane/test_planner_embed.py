@@ -129,3 +129,21 @@ def test_embed_worker_signals_through_redis(redis_url):
     assert w.inputs_per_s == 12.0 and w.request_rate == 0.3 and w.prompt_tokens_per_s == 120.0
     assert w.load("embed") == 12.0 and w.latency_p90_s("embed") == 0.4 and w.queue_depth == 2
     assert windows[("m", "r1", "prefill")] is None  # embed workers write only the embed stream
+
+
+def test_what_if_simulation_of_a_policy_with_an_embed_pool_replays_generation_only(tmp_path):
+    """Traces hold generation requests: `baton policy simulate` on the example embed policy replays prefill and
+    decode, and the embed pool is planned beside them without traffic."""
+    from baton.controlplane.policy import load_policy
+    from baton.controlplane.simulator import simulate
+    from baton.controlplane.trace import load_trace
+    from tests.controlplane.test_planner import ROOT
+
+    policy = load_policy(ROOT / "deploy" / "policies" / "embeddings.yaml")
+    assert ("qwen3-8b", "us-east", "embed") in policy.pool_keys()
+    rng = random.Random(1)
+    rows = [f"{i * 0.05:.2f},us-east,{rng.randint(200, 2000)},{rng.randint(50, 300)}" for i in range(2400)]
+    (tmp_path / "t.csv").write_text("timestamp,region,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n")
+    result = simulate(policy, load_trace(tmp_path / "t.csv", policy))
+    assert set(result.pools) == {("qwen3-8b", "us-east", "prefill"), ("qwen3-8b", "us-east", "decode")}
+    assert result.total().total > 0
