@@ -118,6 +118,10 @@ class KVEventConsumer:
                 self.on_worker_removed(worker)
         for worker in live:
             self.on_worker_added(worker)
+            if worker not in self._tracks:
+                # Nothing of it in the retained stream (trimmed to its maxlen, or the worker was idle while the
+                # stream moved on): only a snapshot tells what it holds.
+                self._want_snapshot.add(worker)
 
     # --- reading ---------------------------------------------------------------------------
 

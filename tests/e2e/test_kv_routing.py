@@ -103,6 +103,19 @@ def test_router_restart_rebuilds_index(cluster):
     assert_follow_ups_go_to_holders(cluster, rng, placed)
 
 
+def test_router_restart_rebuilds_index_from_snapshots_when_the_stream_is_trimmed(cluster, own_redis):
+    """The stream keeps only its last entries (maxlen): a restarted router that finds nothing of an idle worker in
+    it asks that worker for a snapshot instead of routing as if it held nothing."""
+    rng = random.Random(5)
+    placed = place(cluster, rng, n=2, min_holders=2)
+    before = index_entries(cluster)
+    # As if the stream had moved on past every entry of the workers (the running router has read them all).
+    redis.Redis.from_url(own_redis.url).xtrim("baton:kv_events", maxlen=0)
+    cluster.restart("router")
+    wait_index(cluster, before)
+    assert_follow_ups_go_to_holders(cluster, rng, placed)
+
+
 def test_redis_restart_rebuilds_index(cluster, own_redis):
     rng = random.Random(3)
     placed = place(cluster, rng, n=2, min_holders=2)
