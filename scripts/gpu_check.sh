@@ -25,7 +25,7 @@ if [ "$STEP" = prepare ]; then
   pip_dl pytest pluggy iniconfig packaging pygments pytest-timeout xxhash pydantic pydantic-core pydantic-settings \
     annotated-types typing-inspection python-dotenv fastapi starlette uvicorn redis typer click rich shellingham \
     markdown-it-py mdurl h11 jinja2 markupsafe pyyaml xgrammar apache-tvm-ffi openai jiter distro jsonschema attrs referencing \
-    rpds-py jsonschema-specifications sniffio
+    rpds-py jsonschema-specifications sniffio grpcio opentelemetry-api annotated-doc
   (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 && for f in *%3a*; do
      [ -e "$f" ] && mv "$f" "${f//%3a/_}"; done; true)
   rm -f .whl/baton-*.whl
