@@ -182,8 +182,15 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = apply_rope(q, k, rope)
-        batch.write_kv(kv_cache, self.layer_idx, k, v)
+        slots = getattr(batch, "slot_mapping", None)
+        if rope[0] == "cuda" and slots is not None:  # one kernel rotates q, k and writes k, v into the cache
+            from baton.kernels.rope import apply_rope as rope_kernel
+
+            _, positions, cos, sin = rope
+            rope_kernel(q, k, positions, cos, sin, kv=(v, kv_cache, self.layer_idx, slots))
+        else:
+            q, k = apply_rope(q, k, rope)
+            batch.write_kv(kv_cache, self.layer_idx, k, v)
         out = batch.attend(q, k, v, kv_cache, self.layer_idx, self.sliding_window)
         return linear(out.reshape(n, self.q_size), self.o_proj)
 

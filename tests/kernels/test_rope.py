@@ -44,3 +44,27 @@ def test_cache_matches_model_rotary(device):
 @pytest.mark.parametrize("num_tokens", [1, 64, 4096])
 def test_llama3_8b_shapes(num_tokens):
     _run(num_tokens, 32, 8, 128, torch.bfloat16, "cuda", max_pos=8192)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_kv_write_in_one_launch(device, dtype):
+    """The fused kernel rotates q and k in place and writes rotated k and v into the cache, skipping slot -1,
+    exactly as apply_rope followed by kernels/kv_write.py."""
+    from baton.kernels.kv_write import write_kv_reference
+
+    num_tokens, num_heads, num_kv_heads, head_dim, block_size = 5, 4, 2, 16, 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    cos, sin = rope_cos_sin(inv_freq, 64)
+    positions = torch.randint(0, 64, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads: num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads:]
+    cache = torch.randn(6, 3, 2, block_size, num_kv_heads, head_dim, device=device).to(dtype)
+    expected_cache = cache.clone()
+    slots = torch.tensor([9, 2, -1, 23, 14], device=device)
+    ref_q, ref_k = apply_rope_reference(q, k, positions, cos, sin)
+    write_kv_reference(expected_cache, 1, ref_k, v, slots)
+    apply_rope(q, k, positions, cos, sin, kv=(v, cache, 1, slots))
+    assert_close(q, ref_q)
+    assert_close(k, ref_k)
+    assert_close(cache, expected_cache)
