@@ -2,12 +2,11 @@
 directory is one line naming the file (the CLI's exit 2), not a traceback from deep in the loader."""
 from __future__ import annotations
 
-import json
 import pathlib
 
 from baton.engine.config import ModelConfig
 from baton.engine.errors import ModelFilesError
-from baton.engine.tokenizer import Tokenizer
+from baton.engine.tokenizer import Tokenizer, read_json
 
 
 def check_model_dir(model_dir: str | pathlib.Path) -> None:
@@ -20,15 +19,7 @@ def check_model_dir(model_dir: str | pathlib.Path) -> None:
     model_dir = pathlib.Path(model_dir)
     Tokenizer.from_dir(model_dir)  # a directory, with a readable tokenizer.json
     config = model_dir / "config.json"
-    if not config.is_file():
-        raise ModelFilesError(f"{config}: missing (a model directory needs config.json)")
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFilesError(f"{config}: invalid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ModelFilesError(f"{config}: expected a JSON object, got {type(raw).__name__}")
-    ModelConfig.from_dict(raw, source=str(config))
+    ModelConfig.from_dict(read_json(config, required=True), source=str(config))
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt"):

@@ -18,7 +18,7 @@ from tokenizers import processors
 from baton.engine.errors import ModelFilesError
 
 
-def _read_json(path: Path, required: bool) -> dict:
+def read_json(path: Path, required: bool) -> dict:
     if not path.is_file():
         if required:
             raise ModelFilesError(f"{path}: missing (a model directory needs {path.name})")
@@ -152,7 +152,7 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises a bare Exception on bad files
             raise ModelFilesError(f"{path}: unreadable tokenizer ({exc})") from None
-        tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
+        tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
         template_path = model_dir / "chat_template.jinja"
         if chat_template is None and template_path.is_file():
             chat_template = template_path.read_text(encoding="utf-8")
@@ -166,8 +166,8 @@ class Tokenizer:
         return cls(
             backend,
             tokenizer_config,
-            _read_json(model_dir / "config.json", required=False),
-            _read_json(model_dir / "generation_config.json", required=False),
+            read_json(model_dir / "config.json", required=False),
+            read_json(model_dir / "generation_config.json", required=False),
             chat_template,
             model_dir,
         )
