@@ -25,6 +25,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_curve(xs: list[int], ys: list[float], x_name: str, y_name: str) -> None:
+    """A throughput curve: one positive rate per positive, increasing batch size."""
+    if len(xs) != len(ys):
+        raise ValueError(f"{x_name} and {y_name} differ in length")
+    if any(b <= a for a, b in itertools.pairwise(xs)) or xs[0] <= 0:
+        raise ValueError(f"{x_name} must be positive and increasing")
+    if any(r <= 0 for r in ys):
+        raise ValueError(f"{y_name} must be positive")
+
+
 class PrefillProfile(_Strict):
     batch_tokens: list[int] = Field(min_length=1, description="tokens per prefill batch, increasing")
     tokens_per_s: list[float] = Field(min_length=1, description="prompt tokens/s of one replica at that batch")
@@ -32,12 +42,7 @@ class PrefillProfile(_Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> PrefillProfile:
-        if len(self.batch_tokens) != len(self.tokens_per_s):
-            raise ValueError("batch_tokens and tokens_per_s differ in length")
-        if any(b <= a for a, b in itertools.pairwise(self.batch_tokens)) or self.batch_tokens[0] <= 0:
-            raise ValueError("batch_tokens must be positive and increasing")
-        if any(r <= 0 for r in self.tokens_per_s):
-            raise ValueError("tokens_per_s must be positive")
+        _check_curve(self.batch_tokens, self.tokens_per_s, "batch_tokens", "tokens_per_s")
         return self
 
     def throughput(self, tokens: float) -> float:
@@ -90,6 +95,30 @@ class CapacityProfile(_Strict):
     source: str = Field("", description="how and when it was measured")
     prefill: PrefillProfile
     decode: DecodeProfile
+
+
+class EmbedProfile(_Strict):
+    """What one embedding replica does on one device, measured by bench/embed_profile.py: inputs/s by inputs per
+    forward, at inputs of `input_tokens` tokens."""
+
+    version: Literal[1] = 1
+    model: str = Field(min_length=1)
+    device: str = Field(min_length=1)
+    source: str = Field("", description="how and when it was measured")
+    input_tokens: int = Field(gt=0, description="tokens per input in the measurement")
+    batch_inputs: list[int] = Field(min_length=1, description="inputs per forward, increasing")
+    inputs_per_s: list[float] = Field(min_length=1, description="inputs/s of one replica at that forward size")
+    max_batch_inputs: int = Field(gt=0, description="the worker's forward limit (--max-num-seqs): what a busy "
+                                  "replica runs")
+
+    @model_validator(mode="after")
+    def _shape(self) -> EmbedProfile:
+        _check_curve(self.batch_inputs, self.inputs_per_s, "batch_inputs", "inputs_per_s")
+        return self
+
+    def as_prefill(self) -> PrefillProfile:
+        return PrefillProfile(batch_tokens=self.batch_inputs, tokens_per_s=self.inputs_per_s,
+                              max_batch_tokens=self.max_batch_inputs)
 
 
 class ProfileError(Exception):
@@ -289,6 +318,27 @@ class DecodeModel:
             return 0.0
         per_replica = self.throughput(load, slo_s)
         return load.output_tokens_per_s / per_replica if per_replica > 0 else math.inf
+
+
+class EmbedModel(PrefillModel):
+    """An embed pool as one FIFO of inputs served at replicas x the profile's busy inputs/s. Its target is the p90
+    queue time (arrival to the first forward), so unlike TTFT no request's own forward counts."""
+
+    def __init__(self, profile: EmbedProfile) -> None:
+        super().__init__(profile.as_prefill())
+
+    def own_p90_s(self, mean_prompt: float) -> float:
+        return 0.0
+
+    @staticmethod
+    def _inputs(load: Load) -> Load:
+        return Load(load.request_rate, load.inputs_per_s, 0.0)
+
+    def queue_p90_s(self, load: Load, replicas: float) -> float:
+        return self.ttft_p90_s(self._inputs(load), replicas)
+
+    def replicas(self, load: Load, slo_s: float) -> float:
+        return super().replicas(self._inputs(load), slo_s)
 
 
 def model_for(pool: str, profile: CapacityProfile | None, capacity_tokens_per_s: float | None) -> CapacityModel:

@@ -9,7 +9,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from baton.contracts.worker_registry import EMBED_POOL, POOLS
-from baton.controlplane.capacity import CapacityModel, CapacityProfile, FlatCapacity, model_for
+from baton.controlplane.capacity import (
+    CapacityModel,
+    CapacityProfile,
+    EmbedModel,
+    EmbedProfile,
+    FlatCapacity,
+    model_for,
+)
 
 
 class _Strict(BaseModel):
@@ -80,12 +87,36 @@ class DecodePool(PoolPolicy):
         return self.itl_p90_ms
 
 
-class EmbedPool(PoolPolicy):
-    """Embedding workers (`baton embed-worker`): prefill-only forwards, no KV kept; sized by inputs/s against
-    `capacity_inputs_per_s`, with the p90 queue time (arrival to first forward) as the latency target."""
+def _read_json_profile(value: Any, info: ValidationInfo) -> Any:
+    """A profile given as a path: the JSON it holds, read relative to the policy file's folder."""
+    if not isinstance(value, str):
+        return value
+    path = pathlib.Path((info.context or {}).get("base_dir", ".")) / value
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read profile {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"profile {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
 
-    capacity_inputs_per_s: float = Field(gt=0, description="inputs/s one replica embeds at the queue-time target")
+
+def _path_or_object(schema: dict) -> None:
+    schema["anyOf"].insert(0, {"type": "string"})
+
+
+class EmbedPool(PoolPolicy):
+    """Embedding workers (`baton embed-worker`): prefill-only forwards, no KV kept; sized by inputs/s, with the p90
+    queue time (arrival to first forward) as the latency target."""
+
+    capacity_inputs_per_s: float | None = Field(
+        None, gt=0, description="inputs/s one replica embeds at the queue-time target; needed without a `profile`, "
+        "which takes precedence")
+    profile: EmbedProfile | None = Field(
+        None, description="measured embedding throughput (bench/embed_profile.py): a JSON path relative to the "
+        "policy file, or the profile inline", json_schema_extra=_path_or_object)
     queue_time_p90_ms: float = Field(gt=0, description="target p90 time from arrival to the first forward")
+
+    _read_profile = field_validator("profile", mode="before")(_read_json_profile)
 
     @property
     def slo_ms(self) -> float:
@@ -103,22 +134,10 @@ class ModelDeployment(_Strict):
     model_dir: str | None = None
     profile: CapacityProfile | None = Field(
         None, description="measured capacity (bench/capacity_profile.py): a JSON path relative to the policy file, "
-        "or the profile inline", json_schema_extra=lambda schema: schema["anyOf"].insert(0, {"type": "string"}))
+        "or the profile inline", json_schema_extra=_path_or_object)
     regions: dict[str, RegionDeployment] = Field(min_length=1)
 
-    @field_validator("profile", mode="before")
-    @classmethod
-    def _read_profile(cls, value: Any, info: ValidationInfo) -> Any:
-        if not isinstance(value, str):
-            return value
-        base = pathlib.Path((info.context or {}).get("base_dir", "."))
-        path = base / value
-        try:
-            return json.loads(path.read_text())
-        except OSError as exc:
-            raise ValueError(f"cannot read profile {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"profile {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    _read_profile = field_validator("profile", mode="before")(_read_json_profile)
 
 
 class SpilloverRule(_Strict):
@@ -150,8 +169,8 @@ class Policy(_Strict):
 
     def capacity_model(self, model: str, region: str, pool: str) -> CapacityModel:
         pol = self.pool(model, region, pool)
-        if isinstance(pol, EmbedPool):  # a profile measures generation; embedding throughput is its own
-            return FlatCapacity(pool, pol.capacity_inputs_per_s)
+        if isinstance(pol, EmbedPool):  # the model's profile measures generation; an embed pool has its own
+            return EmbedModel(pol.profile) if pol.profile is not None else FlatCapacity(pool, pol.capacity_inputs_per_s)
         return model_for(pool, self.model(model).profile, pol.capacity_tokens_per_s)
 
     def pool_keys(self) -> list[tuple[str, str, str]]:
@@ -197,6 +216,9 @@ def _semantic_errors(policy: Policy) -> list[tuple[tuple, str]]:
             if dep.embed is not None and dep.embed.min_replicas > dep.embed.max_replicas:
                 errors.append((("models", i, "regions", r, EMBED_POOL, "max_replicas"),
                                f"max_replicas {dep.embed.max_replicas} < min_replicas {dep.embed.min_replicas}"))
+            if dep.embed is not None and dep.embed.profile is None and dep.embed.capacity_inputs_per_s is None:
+                errors.append((("models", i, "regions", r, EMBED_POOL),
+                               "capacity_inputs_per_s is required when the pool has no profile"))
             for p in POOLS:
                 pool = getattr(dep, p)
                 if pool.min_replicas > pool.max_replicas:

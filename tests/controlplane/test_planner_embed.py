@@ -147,3 +147,45 @@ def test_what_if_simulation_of_a_policy_with_an_embed_pool_replays_generation_on
     result = simulate(policy, load_trace(tmp_path / "t.csv", policy))
     assert set(result.pools) == {("qwen3-8b", "us-east", "prefill"), ("qwen3-8b", "us-east", "decode")}
     assert result.total().total > 0
+
+
+PROFILED = POLICY.replace("          capacity_inputs_per_s: 100\n", """\
+          profile:
+            {model: e, device: cpu, input_tokens: 32, batch_inputs: [1, 16, 64], inputs_per_s: [20, 80, 100],
+             max_batch_inputs: 64}
+""")
+
+
+def test_a_measured_embed_profile_sizes_the_pool_for_the_queue_time_target():
+    from baton.controlplane.capacity import EmbedModel, Load
+
+    pol = parse_policy(PROFILED)
+    cap = pol.capacity_model(*KEY)
+    assert isinstance(cap, EmbedModel) and cap.busy_rate(None, 0.2) == 100  # the busy (full-forward) rate
+    for inputs_per_s in (50, 300, 850):
+        load = Load(inputs_per_s / INPUTS_PER_REQUEST, inputs_per_s * 30, 0.0, inputs_per_s)
+        n = cap.replicas(load, 0.2)
+        # Enough replicas to keep the p90 queue time within 200 ms, more than the flat rate alone would take.
+        assert inputs_per_s / 100 < n and cap.queue_p90_s(load, n) <= 0.2 + 1e-9
+        assert cap.queue_p90_s(load, n * 0.9) > 0.2 or n * 0.9 * 100 <= inputs_per_s
+    desired, decisions = run([window(90)] * 3 + [window(850)] * 5)  # the flat policy, for comparison
+    profiled = Planner()
+    clusters = {"a": ClusterState(ready={("m", "embed"): desired[-1], ("m", "prefill"): 1, ("m", "decode"): 1})}
+    out = profiled.tick(TickInput(now=0, policy=pol, signals={KEY: window(850)}, clusters=clusters))
+    d = next(d for d in out.decisions if d.pool == "embed")
+    assert d.desired >= desired[-1] == 9  # queueing needs headroom a flat capacity does not plan for
+
+
+def test_embed_pool_needs_a_capacity_or_a_valid_profile():
+    import pytest
+
+    from baton.controlplane.policy import PolicyError
+
+    with pytest.raises(PolicyError) as info:
+        parse_policy(POLICY.replace("          capacity_inputs_per_s: 100\n", ""))
+    assert "models[0].regions.r1.embed: capacity_inputs_per_s is required when the pool has no profile" in str(
+        info.value)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(PROFILED.replace("[1, 16, 64]", "[1, 64, 16]"))
+    assert "models[0].regions.r1.embed.profile" in str(info.value)
+    assert "batch_inputs must be positive and increasing" in str(info.value)
