@@ -47,10 +47,14 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     model.rotary.reset_tables()
     if config.load_format == "dummy":
         return _quantized(_random_weights(model, config.seed), config)
-    params = dict(model.named_parameters())
-    expected = {target for name in params for target in _checkpoint_names(name, params[name], mc)}
-    seen: set[str] = set()
     files = weight_files(model_dir)
+    if _fp8_checkpoint(model_dir):
+        _swap_in_fp8_modules(model, files, mc)
+    params = dict(model.named_parameters())
+    params.update(_fp8_tensors(model))
+    expected = {_scale_name(target, to_checkpoint=True)
+                for name in params for target in _checkpoint_names(name, params[name], mc)}
+    seen: set[str] = set()
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -62,12 +66,16 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
                     bar.update(1)
                     if name == "lm_head.weight" and mc.tie_embeddings:
                         continue
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    target = _param_slice(name, params, mc)
+                    if name.endswith(("rotary_emb.inv_freq", ".input_scale")):
+                        continue  # FP8 activations are scaled per token on the fly, not by a static input_scale
+                    target = _param_slice(_scale_name(name, to_checkpoint=False), params, mc)
                     if target is None:
                         raise ModelFilesError(f"{path.name}: unexpected tensor '{name}' for {mc.arch}")
                     tensor = f.get_tensor(name)
+                    if name.endswith(".weight_scale"):  # [N, 1] per channel or one per tensor -> [N]
+                        tensor = tensor.float().reshape(-1)
+                        if tensor.numel() == 1:
+                            tensor = tensor.expand(target.shape)
                     if tuple(tensor.shape) != tuple(target.shape):
                         raise ModelFilesError(
                             f"{path.name}: tensor '{name}' has shape {tuple(tensor.shape)}, "
@@ -89,6 +97,57 @@ def _quantized(model: CausalLM, config: EngineConfig) -> CausalLM:
 
         quantize_fp8_(model, all_layers=config.fp8_all_layers)
     return model
+
+
+def _fp8_checkpoint(model_dir: pathlib.Path) -> bool:
+    import json
+
+    from baton.engine.quantization import checkpoint_fp8
+
+    path = model_dir / "config.json"
+    return checkpoint_fp8(json.loads(path.read_text()), str(path))
+
+
+def _swap_in_fp8_modules(model: CausalLM, files: list[pathlib.Path], mc: ModelConfig) -> None:
+    """Replaces every projection whose checkpoint tensors carry a weight_scale with an Fp8Linear (filled from
+    the checkpoint next, as it is: no re-quantization); the parts of a merged projection must agree."""
+    from baton.engine.quantization import quantize_fp8_
+
+    scaled: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            scaled |= {k[: -len(".weight_scale")] for k in f.keys() if k.endswith(".weight_scale")}
+    modules: set[str] = set()
+    for merged, parts in {**_MERGED, "o_proj": ("o_proj",), "down_proj": ("down_proj",)}.items():
+        for i in range(mc.num_layers):
+            owner = "self_attn" if merged in ("qkv_proj", "o_proj") else "mlp"
+            names = [f"model.layers.{i}.{owner}.{part}" for part in parts]
+            have = [n in scaled for n in names]
+            if any(have) and not all(have):
+                raise ModelFilesError(f"{files[0].parent}: {', '.join(names)} must be all FP8 or none "
+                                      f"(they are merged into one {merged}); FP8: {have}")
+            if all(have):
+                modules.add(f"model.layers.{i}.{owner}.{merged}")
+    quantize_fp8_(model, only=modules)
+
+
+def _fp8_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
+    from baton.engine.quantization import Fp8Linear
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            out |= {f"{name}.{b}": t for b, t in module.named_buffers() if t is not None}
+    return out
+
+
+def _scale_name(name: str, to_checkpoint: bool) -> str:
+    """Fp8Linear's `scale` is the checkpoint's `weight_scale`."""
+    if to_checkpoint and name.endswith(".scale"):
+        return name[: -len("scale")] + "weight_scale"
+    if not to_checkpoint and name.endswith(".weight_scale"):
+        return name[: -len("weight_scale")] + "scale"
+    return name
 
 
 # Merged parameters and the checkpoint tensors that fill their row blocks, in order.

@@ -25,8 +25,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.bias = bias
-        self.scale_row = scale[None, :].contiguous()  # [1, N], the layout _scaled_mm takes
+        self.register_buffer("bias", bias)
         self._plans: dict[tuple[int, bool], tuple | None] = {}
 
     @classmethod
@@ -46,7 +45,8 @@ class Fp8Linear(nn.Module):
         from baton.kernels.fp8_quant import quantize_rows
 
         xq, x_scale = quantize_rows(x, silu_mul)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale_row, out_dtype=x.dtype)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.scale.view(1, -1),
+                               out_dtype=x.dtype)
         return out if self.bias is None else out + self.bias
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
@@ -69,16 +69,41 @@ class Fp8Linear(nn.Module):
         return self._scaled_mm(x, silu_mul)
 
 
-def quantize_fp8_(model: nn.Module, all_layers: bool = False) -> int:
-    """Replaces the decoder layers' projections with Fp8Linear in place; returns how many were quantized."""
+PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
+
+
+def quantize_fp8_(model: nn.Module, all_layers: bool = False, only: set[str] | None = None) -> int:
+    """Replaces the decoder layers' projections with Fp8Linear in place; returns how many were quantized.
+    only: the module names (e.g. "model.layers.3.mlp.down_proj") to replace, whatever `all_layers` says."""
     layers = model.model.layers
     keep = set() if all_layers or len(layers) <= 2 else {0, len(layers) - 1}
     count = 0
     for i, layer in enumerate(layers):
-        if i in keep:
-            continue
-        for owner, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                            (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+        for owner_name, name in PROJECTIONS:
+            full = f"model.layers.{i}.{owner_name}.{name}"
+            if (only is not None and full not in only) or (only is None and i in keep):
+                continue
+            owner = getattr(layer, owner_name)
             setattr(owner, name, Fp8Linear.quantize(getattr(owner, name)))
             count += 1
     return count
+
+
+def checkpoint_fp8(raw_config: dict, source: str) -> bool:
+    """Whether config.json declares FP8 weights Baton loads as they are: compressed-tensors' float-quantized
+    8-bit weights with per-channel or per-tensor scales. Other quantization schemes are refused by name."""
+    from baton.engine.errors import ModelFilesError
+
+    qc = raw_config.get("quantization_config")
+    if not qc:
+        return False
+    method = qc.get("quant_method")
+    if method != "compressed-tensors":
+        raise ModelFilesError(f"{source}: quantization_config.quant_method {method!r} is not supported "
+                              "(compressed-tensors FP8 is; or load the unquantized model with --quantization fp8)")
+    for group, spec in (qc.get("config_groups") or {}).items():
+        w = spec.get("weights") or {}
+        if (w.get("type"), w.get("num_bits")) != ("float", 8) or w.get("strategy") not in ("channel", "tensor"):
+            raise ModelFilesError(f"{source}: quantization_config.config_groups.{group}.weights {w!r}: only FP8 "
+                                  "(type float, 8 bits) with channel or tensor scales is supported")
+    return True

@@ -96,3 +96,78 @@ def test_fp8_engine_on_the_gpu_with_cuda_graphs(model_dir):
     assert all(len(o) == 12 for o in out)
     alone = [engine.generate([p], params)[0].output_ids for p in prompts[:2]]
     assert alone == out[:2]  # batch 6 (graph bucket 8, _scaled_mm) vs batch 1 (gemv): same greedy tokens
+
+
+def _compressed_tensors_checkpoint(src: str, dst, keep_bf16: tuple[str, ...]) -> None:
+    """`src` rewritten as an FP8 compressed-tensors checkpoint: projections per-channel FP8 with [N, 1] scales,
+    layer 0's down_proj with one per-tensor scale, the modules named in `keep_bf16` left as they are."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{src}/model.safetensors")
+    out = {}
+    for name, t in tensors.items():
+        module = name[: -len(".weight")]
+        if name.endswith("proj.weight") and not module.endswith(keep_bf16):
+            w = t.float()
+            if module == "model.layers.0.mlp.down_proj":
+                scale = (w.abs().max() / 448).reshape(1)
+            else:
+                scale = w.abs().amax(dim=1, keepdim=True) / 448
+            out[name] = (w / scale.reshape(-1, 1) if scale.numel() > 1 else w / scale).to(FP8)
+            out[f"{module}.weight_scale"] = scale.float()
+            out[f"{module}.input_scale"] = torch.ones(1)  # static activation scale: Baton scales per token
+        else:
+            out[name] = t
+    save_file(out, f"{dst}/model.safetensors")
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
+                                                                         "strategy": "channel", "symmetric": True}}}}
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_loads_compressed_tensors_fp8_checkpoints_as_they_are(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    dst = tmp_path / "fp8-ckpt"
+    _compressed_tensors_checkpoint(model_dir, dst, keep_bf16=("layers.3.mlp.gate_proj", "layers.3.mlp.up_proj",
+                                                              "layers.3.mlp.down_proj"))
+    engine = LLMEngine(EngineConfig(str(dst), num_kv_blocks=64, show_progress=False))
+    layers = engine.model.model.layers
+    assert isinstance(layers[0].self_attn.qkv_proj, Fp8Linear) and isinstance(layers[0].mlp.down_proj, Fp8Linear)
+    assert not isinstance(layers[3].mlp.gate_up_proj, Fp8Linear)  # left in the model dtype by the checkpoint
+    ckpt = load_file(f"{dst}/model.safetensors")
+    q = layers[2].self_attn.qkv_proj
+    rows = ckpt["model.layers.2.self_attn.q_proj.weight"].shape[0]
+    assert torch.equal(q.weight[:rows].view(torch.uint8), ckpt["model.layers.2.self_attn.q_proj.weight"].view(torch.uint8))
+    assert torch.equal(q.scale[rows:rows + 4], ckpt["model.layers.2.self_attn.k_proj.weight_scale"][:4, 0])
+    per_tensor = ckpt["model.layers.0.mlp.down_proj.weight_scale"]
+    assert torch.equal(layers[0].mlp.down_proj.scale, per_tensor.expand(layers[0].mlp.down_proj.scale.shape))
+    # And it scores text like the unquantized checkpoint it came from.
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    prompt = [7, 19, 23, 101, 5, 77] * 6
+    scores = []
+    for e in (LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, show_progress=False)), engine):
+        e.add_request("r", prompt, params)
+        scores.append(torch.tensor([o for _ in range(8) for o in e.step()][0].prompt_logprobs))
+    assert (scores[1] - scores[0]).abs().mean() < 0.02 * scores[0].abs().mean()
+
+
+def test_unsupported_quantization_configs_are_refused_by_name(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from baton.engine.errors import ModelFilesError
+
+    dst = tmp_path / "awq"
+    shutil.copytree(model_dir, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFilesError, match="quant_method 'awq' is not supported"):
+        LLMEngine(EngineConfig(str(dst), num_kv_blocks=64, show_progress=False))
