@@ -253,3 +253,17 @@ async def test_vllm_structured_outputs_regex_and_choice(router, model_dir):
     with pytest.raises(openai.BadRequestError, match="not both"):
         await client.completions.create(**common, prompt=PROMPT, extra_body={
             "structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}})
+
+
+async def test_speculative_extra_keeps_greedy_output_and_refuses_what_is_not_served(router, model_dir):
+    _, client = router
+    common = {"model": name(model_dir), "max_tokens": 40, "temperature": 0.0, "prompt": PROMPT * 3}
+    plain = await client.completions.create(**common)
+    for spec in ({"method": "ngram", "num_tokens": 4}, {"method": "ngram"}, {"method": "off"}):
+        out = await client.completions.create(**common, extra_body={"speculative": spec})
+        assert out.choices[0].text == plain.choices[0].text, spec
+        assert out.usage.completion_tokens == plain.usage.completion_tokens == 40
+    for bad, match in (({"method": "medusa"}, "speculative.method"), ({"num_tokens": 17}, "speculative.num_tokens"),
+                       ({"method": "draft"}, "speculative method 'draft' is not served here")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            await client.completions.create(**common, extra_body={"speculative": bad})
