@@ -184,6 +184,10 @@ def up_cmd(
         workers["gpu_memory_utilization"] = gpu_memory_utilization
     if max_batch_delay_ms is not None:
         workers["max_batch_delay_ms"] = max_batch_delay_ms
+    if max_embed and not embed_workers:
+        typer.echo("error: --max-embed needs --embed 1 or more (embed workers report the pool's load themselves)",
+                   err=True)
+        raise typer.Exit(2)
     if decode == 0 and embed_workers == 0:
         typer.echo("error: --decode 0 needs --embed N (a cluster must serve something)", err=True)
         raise typer.Exit(2)

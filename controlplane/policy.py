@@ -216,6 +216,11 @@ def _semantic_errors(policy: Policy) -> list[tuple[tuple, str]]:
             if dep.embed is not None and dep.embed.min_replicas > dep.embed.max_replicas:
                 errors.append((("models", i, "regions", r, EMBED_POOL, "max_replicas"),
                                f"max_replicas {dep.embed.max_replicas} < min_replicas {dep.embed.min_replicas}"))
+            if dep.embed is not None and dep.embed.min_replicas < 1:
+                # Embed load is measured by the embed workers themselves (no router counts it): with none running,
+                # nothing would ever show the load that should start one.
+                errors.append((("models", i, "regions", r, EMBED_POOL, "min_replicas"),
+                               "an embed pool needs min_replicas >= 1: its own workers report its load"))
             if dep.embed is not None and dep.embed.profile is None and dep.embed.capacity_inputs_per_s is None:
                 errors.append((("models", i, "regions", r, EMBED_POOL),
                                "capacity_inputs_per_s is required when the pool has no profile"))

@@ -189,3 +189,6 @@ def test_embed_pool_needs_a_capacity_or_a_valid_profile():
         parse_policy(PROFILED.replace("[1, 16, 64]", "[1, 64, 16]"))
     assert "models[0].regions.r1.embed.profile" in str(info.value)
     assert "batch_inputs must be positive and increasing" in str(info.value)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(POLICY.replace("          min_replicas: 1\n", "          min_replicas: 0\n"))
+    assert "models[0].regions.r1.embed.min_replicas: an embed pool needs min_replicas >= 1" in str(info.value)

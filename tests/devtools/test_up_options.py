@@ -95,6 +95,9 @@ def test_embed_pool_is_a_scaled_pool_of_the_policy(model_dir, tmp_path):
     assert argv[:4] == [WORKER_ARGV[0], "-m", "baton.cli", "embed-worker"]
     worker = parsed("embed-worker", argv[argv.index("embed-worker") + 1:])
     assert worker["worker_id"] == "w" and worker["gpu_memory_utilization"] == pytest.approx(0.3)
+    result = CliRunner().invoke(app, ["up", "--model", str(model_dir), "--max-embed", "2", "--run-dir",
+                                      str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "--max-embed needs --embed 1 or more" in result.output
     # Without embed workers the policy has no embed pool.
     plain = LocalCluster(UpOptions(model=model_dir, run_dir=tmp_path / "plain"))
     plain.redis_url = cluster.redis_url
