@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from baton.contracts.worker_registry import EMBED_POOL
 from baton.controlplane import replica_math as rm
@@ -20,6 +20,7 @@ from baton.controlplane.forecast import LoadForecaster
 from baton.controlplane.placement import ClusterState, Placement, PoolKey, SpillKey, place
 from baton.controlplane.policy import DecodePool, Policy
 from baton.controlplane.signals import SignalWindow
+from baton.controlplane.startup_spill import merge, startup_shares
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class _PoolState:
     ready_since: float = 0.0
     queue: tuple[float, float] | None = None  # (time, queue depth) of the last tick
     raises: list[tuple[float, int]] = field(default_factory=list)  # (when, how many) of replicas asked for
+    expected: Load | None = None  # the last forecast's level, for spillover while replicas start
 
     def pending(self, ready: int, startup_s: float, now: float) -> list[tuple[float, int]]:
         """(ready at, count) of the replicas asked for and not ready yet: the newest raises (a backend removes
@@ -107,6 +109,14 @@ class Planner:
             decisions.append(d)
         placement = place(inp.policy, desired, inp.clusters, self._spill, self._own)
         self._spill, self._own = dict(placement.spill), dict(placement.own)
+        loads = {k: st.expected for k, st in self._pools.items() if st.expected is not None and k in desired}
+        ready = {k: self._ready(inp, k) for k in loads}
+        # Replicas due by now serve from the next tick on: only those still starting after it leave a gap.
+        later = {k: sum(n for at, n in self._pools[k].pending(ready[k], inp.policy.pool(*k).startup_s, inp.now)
+                        if at > inp.now) for k in loads}
+        starting = startup_shares(inp.policy, loads, ready, later, lambda k: self._capacity(inp.policy, k))
+        if starting:
+            placement = replace(placement, shares=merge(placement.shares, starting))
         for key in list(self._pools):
             if key not in desired:
                 del self._pools[key]
@@ -146,6 +156,7 @@ class Planner:
         if sig is None:
             # Vanished metrics say nothing about traffic: hold, never scale down on them.
             st.history.idle_since = None
+            st.expected = None
             desired = rm.clamp(current, pol.min_replicas, pol.max_replicas)
             limits.append("stale")
             reason = f"signals missing or stale; holding at {desired}"
@@ -166,6 +177,7 @@ class Planner:
         st.forecaster.update(now, sig, policy.signals.window_s)
         # A replica asked for now serves from startup_s on, and the next decision comes a tick later.
         fc = st.forecaster.forecast(pol.startup_s + policy.tick_s, NOISE_Z, policy.signals.window_s)
+        st.expected = fc.expected
         headroom = 1 / (pol.target_utilization * st.correction.value)
         plan = fc.upper.scaled(headroom)
         needs = {"forecast": capacity.replicas(plan, slo_s)}

@@ -9,7 +9,8 @@ Physics per region, from the capacity profile (or the flat `capacity_tokens_per_
   that wait is spread over the request's tokens.
 Replicas hold GPUs from the moment they are asked for and serve `startup_s` later. The oracle has, each tick,
 the fewest replicas the capacity model says meet the SLO at that tick's own load, ready at once; static
-provisioning holds the oracle's peak all the time.
+provisioning holds the oracle's peak all the time. A request the planner's world serves outside its own region
+(spillover) pays CROSS_REGION_RTT_S on its TTFT.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from baton.controlplane.placement import ClusterState, place
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import Policy
 from baton.controlplane.signals import Interval, SignalWindow, p90
+from baton.controlplane.startup_spill import CROSS_REGION_RTT_S
 from baton.controlplane.trace import Trace
 
 WORLDS = ("planner", "oracle", "static")
@@ -284,6 +286,8 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
                 ttft, itl = _serve(state[w][(m, r)], prefill[(m, r)], decode[(m, r)], t[served], prompt[served],
                                    output[served], counts[w][(m, r, "prefill")], counts[w][(m, r, "decode")],
                                    t0, dt)
+                if w == "planner":  # a request served in another region pays the round trip on its TTFT
+                    ttft = ttft + CROSS_REGION_RTT_S * (rg[served] != ri)
                 # Results belong to the requests' own region, wherever they were served.
                 for (origin_r, pool), lat in _by_origin(policy, m, trace, rg[served], ttft, itl).items():
                     res = results[(m, origin_r, pool)]
