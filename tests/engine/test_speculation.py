@@ -76,7 +76,7 @@ def run(engine, prompts, params):
             o = outs[out.request_id]
             o[0] += out.new_token_ids
             o[1] += out.text
-            for lp, top in zip(out.new_logprobs, out.new_top_logprobs, strict=True):
+            for lp, top in zip(out.new_logprobs, out.new_top_logprobs or [[]] * len(out.new_logprobs), strict=True):
                 logprobs[out.request_id] += [lp, *(x for t in top for x in t)]
             if out.finished:
                 reasons[out.request_id] = (out.finish_reason, out.num_output_tokens)
