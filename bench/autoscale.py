@@ -1,8 +1,9 @@
 """The autoscaler on the shipped examples, each against the oracle and static peak provisioning in the same run
 (`baton policy simulate`): the spike policy on the 5x spike, the multi-region policy on the 10x diurnal day,
-and the spike again with other replica start-up times, since a sudden step is missed until new replicas serve
-(each row also gives the share of request checks outside that gap: about the best any planner that learns of
-the step from its own signals can attain).
+and the spike again without its spillover rules (during start-up eu-west's spare ready replicas take part of
+us-east's step, 80 ms further away) and with other replica start-up times, since a sudden step is missed until
+new replicas serve (each row also gives the share of request checks outside that gap: about the best a planner
+that learns of the step from its own signals can attain without another region's spare capacity).
 
 Usage: python bench/autoscale.py [--startups 5,10,20,45]
 Writes bench/results/autoscale.json and the two plots beside it.
@@ -79,6 +80,12 @@ def main() -> int:
     sensitivity = []
     spike_policy = load_policy(POLICIES / "spike.yaml")
     spike_trace = load_trace(POLICIES / "traces" / EXAMPLES["spike"][1], spike_policy)
+    # The same spike without the spillover rules: what eu-west's spare ready replicas take during start-up.
+    print("\n== spike without spillover", flush=True)
+    alone = run(spike_policy.model_copy(update={"spillover": []}), POLICIES / "traces" / EXAMPLES["spike"][1])
+    runs["spike_no_spillover"] = alone
+    head.update({"spike_no_spillover_over_oracle": alone["summary"]["over_oracle"],
+                 "spike_no_spillover_attainment": alone["summary"]["attainment"]})
     startup = spike_policy.pool(spike_policy.models[0].name, SPIKE[0], "prefill").startup_s
     head["spike_outside_startup_gap"] = outside_gap(spike_trace, spike_policy.tick_s, startup)
     for startup in (float(x) for x in args.startups.split(",")):

@@ -178,3 +178,37 @@ def test_simulate_cli_prints_the_comparison_and_writes_png_and_json(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[0].startswith(
         f"{broken}:{line}: models[0].regions.us-east.prefill.ttft_p90_ms: Input should be a valid number")
+
+
+SPILL_POLICY = """\
+tick_s: 5
+signals: {{window_s: 30}}
+clusters:
+  - {{name: a, region: r1, backend: local, gpus: 0}}
+  - {{name: b, region: r2, backend: local, gpus: 20}}
+models:
+  - name: m
+    regions:
+      r1: &dep
+        prefill: {{capacity_tokens_per_s: 1000, ttft_p90_ms: {ttft_ms}, startup_s: 0}}
+        decode: {{capacity_tokens_per_s: 1000, itl_p90_ms: 50, startup_s: 0}}
+      r2: *dep
+spillover:
+  - {{from: r1, to: [r2]}}
+"""
+
+
+@pytest.mark.parametrize("ttft_ms,r1_met", [(100, False), (200, True)])
+def test_a_request_served_in_another_region_pays_the_round_trip(tmp_path, ttft_ms, r1_met):
+    # r1 has no GPUs: its replicas and all its requests go to r2, whose own requests see TTFT ~50 ms (a 50-token
+    # prompt at 1000 tokens/s, no queue at 1 request/s); r1's see that plus CROSS_REGION_RTT_S (80 ms).
+    from baton.controlplane.policy import parse_policy
+    from baton.controlplane.startup_spill import CROSS_REGION_RTT_S
+
+    assert CROSS_REGION_RTT_S == pytest.approx(0.08)
+    policy = parse_policy(SPILL_POLICY.format(ttft_ms=ttft_ms))
+    rows = [f"{i + 0.5 * k:.2f},{r},50,5" for i in range(120) for k, r in enumerate(("r1", "r2"))]
+    result = simulate(policy, load_trace(_write(tmp_path, rows), policy))
+    assert result.pools[("m", "r2", "prefill")].attainment() == 1.0
+    r1 = result.pools[("m", "r1", "prefill")].attainment()
+    assert r1 > 0.9 if r1_met else r1 < 0.1  # the first tick's r1 requests precede the spill in either case
