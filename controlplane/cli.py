@@ -35,7 +35,8 @@ def run(settings: ControlPlaneSettings) -> None:
         log_dir = settings.worker_log_dir
         worker_options = {"redis_url": settings.redis_url, "log_dir": str(log_dir) if log_dir else None,
                           "model_dirs": {m.name: m.model_dir for m in pfile.policy.models if m.model_dir}}
-        cp = ControlPlane(pfile, client, backend_options={"local": worker_options, "ray": worker_options})
+        local_options = {**worker_options, "keep_workers": settings.keep_workers}
+        cp = ControlPlane(pfile, client, backend_options={"local": local_options, "ray": worker_options})
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -21,6 +21,8 @@ class ControlPlaneSettings(ProcessSettings):
                                                       "BATON_CONTROLPLANE_TOKEN, as argv is visible to other users")
     insecure: bool = Field(False, description="serve the admin API without a token")
     worker_log_dir: pathlib.Path | None = Field(None, description="where local-backend workers write their logs")
+    keep_workers: bool = Field(False, description="leave local-backend workers running when the control plane "
+                               "exits and adopt the registered ones on start (`baton up` stops them itself)")
 
     @model_validator(mode="after")
     def _token_or_insecure(self) -> ControlPlaneSettings:

@@ -6,7 +6,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from redis.retry import Retry
 
 from baton.contracts.keys import WORKER_KEY_PREFIX
 from baton.contracts.worker_registry import EMBED_POOL, WORKER_POOLS, WorkerRecord
-from baton.controlplane.backends.local import WORKER_ARGV, stop_processes
+from baton.controlplane.backends.local import WORKER_ARGV, WorkerProcess, stop_processes
 from baton.devtools.fetch_model import DEFAULT_MODEL, models_cache_dir, resolve_any_model
 
 # Benchmarks that measure serving, not the model, use a small random-weight Llama.
@@ -86,47 +85,6 @@ STOP_TIMEOUT_S = 40.0  # per component; the control plane stops its workers with
 WORKER_STOP_TIMEOUT_S = 15.0  # for workers that outlived the control plane
 
 
-class WorkerProcess:
-    """A worker on this machine that another process started (the control plane, a Ray actor), known by the pid
-    in its registry record: the part of `subprocess.Popen` that `stop_processes` uses."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def poll(self) -> int | None:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return 0
-        except PermissionError:
-            return None
-        try:  # a zombie has exited; only its parent's wait() is missing
-            state = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return None
-        return 0 if state == "Z" else None
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-            time.sleep(0.05)
-        return 0
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 class LocalCluster:
     """Starts the processes in dependency order and stops them in reverse."""
 
@@ -175,7 +133,8 @@ class LocalCluster:
         policy = self.write_policy()
         self._spawn("controlplane", [*self._baton(), "controlplane", "--policy", str(policy), "--redis-url",
                                      self.redis_url, "--http-port", str(self.opts.controlplane_port),
-                                     "--grpc-port", "0", "--worker-log-dir", str(self.run_dir)],
+                                     "--grpc-port", "0", "--worker-log-dir", str(self.run_dir),
+                                     *([] if self.opts.ray else ["--keep-workers"])],
                     env={"BATON_CONTROLPLANE_TOKEN": self.admin_token})
         self._spawn("router", [*self._baton(), "router", *self.router_args()])
         self.wait_ready()
@@ -310,13 +269,29 @@ class LocalCluster:
         host = socket.gethostname()
         return [WorkerProcess(r.pid) for r in records if r.host == host and r.pid > 0]
 
+    def _unregistered_workers(self, known: set[int]) -> list[WorkerProcess]:
+        """Worker processes on this machine serving this cluster's Redis that have no record (yet): the control
+        plane leaves its workers running when it exits, including one still loading its model."""
+        if self.redis_url is None:
+            return []
+        found = []
+        for entry in pathlib.Path("/proc").glob("[0-9]*"):
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--worker-id" in argv and self.redis_url.encode() in argv and int(entry.name) not in known:
+                found.append(WorkerProcess(int(entry.name)))
+        return found
+
     def stop(self) -> None:
-        """Router first (no new requests), then the control plane, which stops its workers, then Redis. Workers of
-        this machine still running after the control plane (it was killed, or a Ray actor's stop timed out) are
-        stopped here, so none outlives this call."""
+        """Router first (no new requests), then the control plane, then the workers of this machine (the control
+        plane leaves its local workers running so that a restarted one adopts them; a Ray actor's stop may time
+        out), then Redis, so that none outlives this call."""
         workers = self._local_workers()  # read first: a worker deletes its record when it stops
         for name, proc in reversed(self.procs):
             stop_processes([proc], STOP_TIMEOUT_S)
             if name == "controlplane":
+                workers += self._unregistered_workers({w.pid for w in workers})
                 stop_processes(workers, WORKER_STOP_TIMEOUT_S)
         self.procs.clear()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from baton.contracts.keys import worker_key
+from baton.contracts.keys import WORKER_KEY_PREFIX, worker_key
+from baton.contracts.worker_registry import WorkerRecord
 from baton.controlplane.backends.base import BackendError, ReplicaCount
 from baton.controlplane.policy import ClusterSpec
 
@@ -63,10 +66,51 @@ def stop_processes(procs: Sequence[Process], timeout_s: float) -> None:
             p.wait()
 
 
+class WorkerProcess:
+    """A worker on this machine that another process started (the control plane, a Ray actor), known by the pid
+    in its registry record: the part of `subprocess.Popen` that `stop_processes` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return 0
+        except PermissionError:
+            return None
+        try:  # a zombie has exited; only its parent's wait() is missing
+            state = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+        return 0 if state == "Z" else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return 0
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class LocalWorker:
     worker_id: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | WorkerProcess
 
 
 class LocalBackend:
@@ -74,11 +118,16 @@ class LocalBackend:
 
     Dead processes are reaped and replaced on the next `set_replicas`, so retrying is always safe. With
     `redis_url` set a worker counts as ready once it has registered there.
+
+    With `keep_workers` the workers outlive this backend (`close()` leaves them; whoever launched the control
+    plane stops them), and the backend adopts the live workers of its region on this machine that it finds in
+    the worker registry, so a restarted control plane counts them as its replicas instead of starting more.
     """
 
     def __init__(self, argv: tuple[str, ...] | list[str] = WORKER_ARGV, *, region: str = "local",
                  redis_url: str = "", model_dirs: dict[str, str] | None = None,
-                 log_dir: str | None = None, stop_timeout_s: float = 10.0, env: dict[str, str] | None = None) -> None:
+                 log_dir: str | None = None, stop_timeout_s: float = 10.0, env: dict[str, str] | None = None,
+                 keep_workers: bool = False) -> None:
         self.argv = list(argv)
         self.region = region
         self.redis_url = redis_url
@@ -86,6 +135,7 @@ class LocalBackend:
         self.log_dir = pathlib.Path(log_dir) if log_dir else None
         self.stop_timeout_s = stop_timeout_s
         self.env = env
+        self.keep_workers = keep_workers
         self._workers: dict[tuple[str, str], list[LocalWorker]] = {}
         self._seq = itertools.count()
         self._lock = threading.Lock()
@@ -100,7 +150,38 @@ class LocalBackend:
         with self._lock:
             return list(self._reap(model, pool))
 
+    def _adopt(self, model: str, pool: str) -> None:
+        """Tracks the pool's registered workers on this machine that this backend does not know yet: those a
+        previous control plane started. A registry that cannot be read is an error, never "no workers"."""
+        import redis
+
+        known = {w.worker_id for ws in self._workers.values() for w in ws}
+        prefix = f"{self.region}-{model}-{pool}-"
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        try:
+            raw = [client.hgetall(k) for k in client.scan_iter(match=WORKER_KEY_PREFIX + "*")]
+        except (redis.RedisError, OSError) as exc:
+            raise BackendError(f"local cluster {self.region}: cannot read the worker registry to adopt running "
+                               f"workers: {exc}") from None
+        finally:
+            client.close()
+        host, seq = socket.gethostname(), -1
+        for h in raw:
+            try:
+                r = WorkerRecord.from_hash(h)
+            except (ValueError, TypeError):
+                continue  # expired between SCAN and HGETALL
+            if not r.worker_id.startswith(prefix) or r.host != host or r.pid <= 0:
+                continue
+            seq = max(seq, int(r.worker_id[len(prefix):]) if r.worker_id[len(prefix):].isdigit() else -1)
+            if r.worker_id not in known and _runs_worker(r.pid, r.worker_id):
+                self._workers.setdefault((model, pool), []).append(LocalWorker(r.worker_id, WorkerProcess(r.pid)))
+        if seq >= 0:  # new workers' ids must not repeat an adopted one's
+            self._seq = itertools.count(max(seq + 1, next(self._seq)))
+
     def _reap(self, model: str, pool: str) -> list[LocalWorker]:
+        if self.keep_workers and self.redis_url:
+            self._adopt(model, pool)
         alive = [w for w in self._workers.get((model, pool), []) if w.proc.poll() is None]
         self._workers[(model, pool)] = alive
         return alive
@@ -156,4 +237,17 @@ class LocalBackend:
         with self._lock:
             everyone = [w for ws in self._workers.values() for w in ws]
             self._workers.clear()
+        if self.keep_workers:
+            return
         stop_processes([w.proc for w in everyone], self.stop_timeout_s)
+
+
+def _runs_worker(pid: int, worker_id: str) -> bool:
+    """Whether `pid` is alive and still the process of `worker_id` (a pid may be reused after a worker died)."""
+    if WorkerProcess(pid).poll() is not None:
+        return False
+    try:
+        argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc here: a live pid named by a fresh registry record is trusted
+    return worker_id.encode() in argv
