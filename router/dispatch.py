@@ -41,6 +41,11 @@ _BROKEN_STREAM_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, 
                         grpc.StatusCode.UNKNOWN)
 
 
+class OutOfCapacity(Exception):
+    """Every decode worker tried refused the request for lack of free KV blocks before its first token: the
+    cluster is full, not broken, so the client may come back later."""
+
+
 class WorkerFailed(Exception):
     """The request failed on a worker after its retries or migrations (or for a reason no other worker changes)."""
 
@@ -120,11 +125,12 @@ class Dispatcher:
         """Yields D's chunks; the last has finish_reason set. A failure before the first token is retried on
         another worker (max_attempts); one after it migrates the request: another decode worker prefills the
         prompt plus the tokens streamed so far and goes on from there (max_migrations). Raises NoWorkerAvailable /
-        WorkerFailed."""
+        WorkerFailed, or OutOfCapacity when every decode worker tried refused it for lack of free KV blocks."""
         # Prompt logprobs and the first token's alternatives exist only on the engine that prefills.
         local = sampling.HasField("prompt_logprobs") or sampling.top_logprobs > 0
         excluded_decode: set[str] = set()
         excluded_prefill: set[str] = set()
+        full: set[str] = set()  # decode workers that refused for lack of free KV blocks
         generated: list[int] = []  # every token yielded so far, over all attempts
         retries = migrations = 0
         last_error = "no attempt made"
@@ -137,6 +143,8 @@ class Dispatcher:
             try:
                 route = self.route(routing_request, excluded_decode, excluded_prefill)
             except NoWorkerAvailable as exc:
+                if full and full == excluded_decode and not generated:
+                    raise OutOfCapacity(last_error) from None
                 if retries == migrations == 0:
                     raise
                 raise NoWorkerAvailable(f"{exc} to {'migrate' if generated else 'retry'} on; "
@@ -173,6 +181,8 @@ class Dispatcher:
                             excluded_prefill.add(err.prefill_worker_id or (prefill.worker_id if prefill else ""))
                         else:
                             excluded_decode.add(decode.worker_id)
+                        if err.kind == DecodeError.KIND_OUT_OF_CAPACITY:
+                            full.add(decode.worker_id)
                         break
                     if chunk.token_ids and not emitted:
                         emitted = True
@@ -213,6 +223,8 @@ class Dispatcher:
                             extra={"request_id": request_id, "resumed_tokens": len(generated)})
             else:
                 retries += 1
+                if retries >= self._config.max_attempts and full and full == excluded_decode:
+                    raise OutOfCapacity(last_error)
                 if retries >= self._config.max_attempts:
                     raise WorkerFailed(f"request failed after {self._config.max_attempts} attempts; "
                                        f"last error: {last_error}")

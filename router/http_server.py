@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -31,7 +31,16 @@ class Admission:
     def refusal(self) -> APIError:
         return APIError(429, f"this router has {self.limit} requests in flight, its limit "
                              f"(max_inflight_requests); retry after {self.retry_after_s}s",
-                        type="rate_limit_error", code="too_many_requests")
+                        type="rate_limit_error", code="too_many_requests", headers=self._retry_after())
+
+    def out_of_capacity(self, reason: str) -> APIError:
+        """The 429 of a request that every decode worker refused for lack of free KV blocks: full, not broken."""
+        return APIError(429, f"no decode worker has free KV blocks for this request ({reason}); retry after "
+                             f"{self.retry_after_s}s", type="rate_limit_error", code="capacity",
+                        headers=self._retry_after())
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class RequestLimits:
@@ -59,8 +68,7 @@ class RequestLimits:
             return
         generating = path in GENERATE_PATHS
         if generating and not self.admission.enter():
-            await self._refuse(scope, receive, send, self.admission.refusal(),
-                               {"Retry-After": str(self.admission.retry_after_s)})
+            await self._refuse(scope, receive, send, self.admission.refusal())
             return
         replayed = False
 
@@ -92,6 +100,7 @@ class RequestLimits:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _refuse(self, scope, receive, send, error: APIError, headers: dict | None = None) -> None:
+    async def _refuse(self, scope, receive, send, error: APIError) -> None:
         self.metrics.request_done(scope["path"], error.status)
-        await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
+        await JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)(scope, receive,
+                                                                                                 send)

@@ -11,7 +11,7 @@ from baton.contracts.worker_registry import WorkerRegistry
 from baton.proto.finish_reason import finish_reason_name
 from baton.proto.v1 import inference_pb2
 from baton.router.config import RouterConfig
-from baton.router.dispatch import Dispatcher, WorkerFailed
+from baton.router.dispatch import Dispatcher, OutOfCapacity, WorkerFailed
 from baton.router.generation_defaults import GenerationDefaults
 from baton.router.limits import Admission
 from baton.router.metrics import RouterMetrics
@@ -164,6 +164,8 @@ class RouterService:
                 self.metrics.finished(delta.finish_reason)
                 yield delta
                 return
+        except OutOfCapacity as exc:
+            raise self.admission.out_of_capacity(str(exc)) from None
         except NoWorkerAvailable as exc:
             raise APIError(503, str(exc), type="service_unavailable", code="no_worker_available") from None
         except WorkerFailed as exc:

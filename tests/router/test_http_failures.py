@@ -179,9 +179,29 @@ async def test_all_prefill_workers_dead_falls_back_to_local_prefill(redis_url, m
         assert not attempts[-1].HasField("prefill"), "with no prefill worker left, D prefills locally"
 
 
-async def test_out_of_capacity_with_no_other_decode_worker_is_503(redis_url, model_dir, script) -> None:
-    async with Cluster(redis_url, model_dir, script) as c, httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+async def test_out_of_capacity_on_every_decode_worker_is_429_with_retry_after(redis_url, model_dir, script) -> None:
+    """A full cluster is not a broken one: the client is told to come back, over HTTP (streamed or not) and gRPC."""
+    async with Cluster(redis_url, model_dir, script, decodes=2) as c, \
+            httpx.AsyncClient(base_url=c.url, timeout=5) as http:
+        for d in c.decodes:
+            d.out_of_capacity = True
+        for stream in (False, True):
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4,
+                                                         "stream": stream})
+            assert r.status_code == 429, r.text
+            assert r.headers["retry-after"] == "1"
+            error = r.json()["error"]
+            assert error["type"] == "rate_limit_error" and error["code"] == "capacity"
+            assert "KIND_OUT_OF_CAPACITY" in error["message"]
+        assert all(len(d.requests) == 2 for d in c.decodes), "each decode worker is asked once per request"
+
+
+async def test_out_of_capacity_retries_on_a_decode_worker_with_free_blocks(redis_url, model_dir, script) -> None:
+    async with Cluster(redis_url, model_dir, script, decodes=2, policy="round_robin") as c, \
+            httpx.AsyncClient(base_url=c.url, timeout=5) as http:
         c.decodes[0].out_of_capacity = True
-        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
-        assert r.status_code == 503, r.text
-        assert "KIND_OUT_OF_CAPACITY" in r.json()["error"]["message"]
+        for _ in range(4):
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+        assert c.decodes[0].requests, "round robin must have tried the full decode worker"
+        assert len(c.decodes[1].requests) == 4
