@@ -30,7 +30,7 @@ def e2e_model_dir(tmp_path_factory) -> pathlib.Path:
 
 def start_cluster(model_dir, tmp_path, **kw) -> LocalCluster:
     opts = UpOptions(model=model_dir, port=free_port(), grpc_port=free_port(), controlplane_port=free_port(),
-                     num_kv_blocks=512, run_dir=tmp_path, **kw)
+                     run_dir=tmp_path, **{"num_kv_blocks": 512, **kw})
     cluster = LocalCluster(opts)
     try:
         cluster.start()

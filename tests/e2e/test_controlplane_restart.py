@@ -38,7 +38,7 @@ def _wait_ticks(cluster, ticks: int) -> dict:
     deadline = time.monotonic() + 30
     while True:
         try:
-            status = _status(cluster)
+            _status(cluster)
             break
         except httpx.HTTPError:
             assert time.monotonic() < deadline, "the restarted control plane's admin API did not answer"
