@@ -141,6 +141,14 @@ def up_cmd(
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
                                                help="Reuse KV blocks of prompts that share a prefix."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs for decode steps."),
+    quantization: str = typer.Option("none", "--quantization", help="fp8: decoder projections in FP8 (e4m3, "
+                                     "per-channel scales), quantized at load; none: the checkpoint's weights."),
+    speculative_method: str = typer.Option("off", "--speculative-method", help="Decode workers' default "
+                                           "speculation for requests that don't choose: ngram | draft | off."),
+    num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", min=1, max=16,
+                                               help="Tokens proposed per speculative step."),
+    speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="Draft model directory "
+                                                    "(same tokenizer) for --speculative-method draft."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template, or a file "
                                                 "holding one; replaces the model's own."),
     tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="How chat answers hold tool "
@@ -180,6 +188,11 @@ def up_cmd(
 
     workers = {"device": device, "dtype": dtype, "max_num_seqs": max_num_seqs,
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
+    if quantization != "none":
+        workers["quantization"] = quantization
+    if speculative_method != "off":
+        workers |= {"speculative_method": speculative_method, "num_speculative_tokens": num_speculative_tokens,
+                    "speculative_model": speculative_model}
     if gpu_memory_utilization is not None:
         workers["gpu_memory_utilization"] = gpu_memory_utilization
     if max_batch_delay_ms is not None:

@@ -29,7 +29,9 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     opts = UpOptions(model=model_dir, served_model_name="my-model", host="0.0.0.0", chat_template="{{ messages }}",
                      tool_call_parser="llama3_json", block_size=32, max_model_len=200, prefill=1, decode=2, max_decode=3, run_dir=tmp_path,
                      worker_settings={"device": "cpu", "dtype": "half", "max_num_seqs": 8,
-                                      "enable_prefix_caching": False, "enforce_eager": True})
+                                      "enable_prefix_caching": False, "enforce_eager": True,
+                                      "quantization": "fp8", "speculative_method": "ngram",
+                                      "num_speculative_tokens": 3})
     cluster = LocalCluster(opts)
     cluster.redis_url = "redis://127.0.0.1:1/0"
     assert cluster.url == f"http://127.0.0.1:{opts.port}"
@@ -41,6 +43,7 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     assert worker["model_name"] == "my-model"
     assert (worker["block_size"], worker["max_model_len"], worker["device"], worker["dtype"]) == (32, 200, "cpu", "half")
     assert (worker["max_num_seqs"], worker["enable_prefix_caching"], worker["enforce_eager"]) == (8, False, True)
+    assert (worker["quantization"], worker["speculative_method"], worker["num_speculative_tokens"]) == ("fp8", "ngram", 3)
     # Unless given, the workers the pools may grow to (1 prefill + 3 decode) split 0.9 of a GPU evenly.
     assert worker["gpu_memory_utilization"] == pytest.approx(0.225)
     assert "--chat-template" not in cluster.worker_args()  # the router renders chat prompts
