@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from baton.controlplane.backends.base import BackendError
+from baton.controlplane.backends.base import BackendError, ReplicaCount
 from baton.controlplane.backends.local import LocalBackend
 from tests.controlplane.conftest import sleeper
 
@@ -79,3 +79,45 @@ def test_stop_processes_terminates_then_kills_what_ignores_sigterm():
     stop_processes([polite, stubborn], timeout_s=1.0)
     assert polite.returncode == -15 and stubborn.returncode == -9
     assert time.monotonic() - started < 5  # one shared deadline, not one per process
+
+
+def test_a_new_backend_adopts_the_registered_workers_a_previous_one_left_running(tmp_path, redis_url):
+    """What a restarted control plane does under `baton up`: the old backend leaves its workers on close, the new
+    one counts them as its replicas (no new process), and can still stop them, though they are not its children."""
+    import os
+    import socket
+
+    import redis
+
+    from baton.contracts.worker_registry import WorkerRecord
+
+    old = LocalBackend(sleeper(tmp_path), region="r2", redis_url=redis_url, stop_timeout_s=5, keep_workers=True)
+    old.set_replicas("m", "decode", 2)
+    workers = old.workers("m", "decode")
+    pids = {w.worker_id: w.proc.pid for w in workers}
+    client = redis.Redis.from_url(redis_url)
+    for worker_id, pid in pids.items():  # what each worker registers once it serves
+        client.hset(f"baton:worker:{worker_id}", mapping=WorkerRecord(
+            worker_id=worker_id, pool="decode", grpc_address="127.0.0.1:1", model="m", region="r2",
+            host=socket.gethostname(), pid=pid).to_hash())
+    # A record whose pid is now another program's is not adopted.
+    client.hset("baton:worker:r2-m-decode-9", mapping=WorkerRecord(
+        worker_id="r2-m-decode-9", pool="decode", grpc_address="127.0.0.1:1", model="m", region="r2",
+        host=socket.gethostname(), pid=os.getpid()).to_hash())
+    old.close()
+    assert all(w.proc.poll() is None for w in workers), "keep_workers: close() must leave the workers running"
+
+    new = LocalBackend(sleeper(tmp_path), region="r2", redis_url=redis_url, stop_timeout_s=5, keep_workers=True)
+    try:
+        assert new.get_replicas("m", "decode") == ReplicaCount(desired=2, ready=2)
+        new.set_replicas("m", "decode", 2)
+        assert {w.worker_id: w.proc.pid for w in new.workers("m", "decode")} == pids
+        new.set_replicas("m", "decode", 3)  # a new worker's id follows the highest one registered
+        started = [w.worker_id for w in new.workers("m", "decode") if w.worker_id not in pids]
+        assert started == ["r2-m-decode-10"]
+        new.set_replicas("m", "decode", 0)
+        assert all(w.proc.poll() is not None for w in workers), "adopted workers are stopped like own ones"
+    finally:
+        new.set_replicas("m", "decode", 0)
+        client.delete(*(f"baton:worker:{w}" for w in [*pids, "r2-m-decode-9"]))
+        client.close()
