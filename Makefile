@@ -19,7 +19,7 @@ proto: setup
 ISOLATED := tests/engine/test_kv_transfer.py
 
 test: setup
-	$(BIN)/python -m pytest -q --ignore=$(ISOLATED)
+	$(BIN)/python -m pytest -q --durations=25 --ignore=$(ISOLATED)
 	$(BIN)/python -m pytest -q $(ISOLATED)
 
 test-fast: setup
