@@ -180,7 +180,7 @@ async def test_all_prefill_workers_dead_falls_back_to_local_prefill(redis_url, m
 
 
 async def test_out_of_capacity_on_every_decode_worker_is_429_with_retry_after(redis_url, model_dir, script) -> None:
-    """A full cluster is not a broken one: the client is told to come back, over HTTP (streamed or not) and gRPC."""
+    """A full cluster is not a broken one: the client is told to come back, streamed or not."""
     async with Cluster(redis_url, model_dir, script, decodes=2) as c, \
             httpx.AsyncClient(base_url=c.url, timeout=5) as http:
         for d in c.decodes:
