@@ -50,12 +50,13 @@ def matmul_peak() -> float:
     return 2 * 8192**3 / (ms / 1e3)
 
 
-def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Decode tok/s with `batch` requests whose contexts start at `context` tokens: decode-only steps timed."""
-    gen = torch.Generator().manual_seed(batch * 7 + context)
-    prompts = torch.randint(3, 30000, (batch, context), generator=gen).tolist()
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    ids = [f"b{batch}-c{context}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+def timed_decode(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+                 ) -> tuple[float, list[list[int]], int]:
+    """(decode tok/s, each request's output ids, tokens generated in the timed part). Prefill (and the mixed
+    steps) run first; then the decode-only run is timed as a whole: a sync per step would stall async
+    scheduling, which queues each step while the previous one still runs."""
+    stamp = time.monotonic_ns()
+    ids = [f"t{stamp}-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
     outputs = {rid: [] for rid in ids}
@@ -65,17 +66,25 @@ def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int) ->
             outputs[out.request_id].extend(out.new_token_ids)
         return sum(len(out.new_token_ids) for out in outs)
 
-    # Prefill (and the mixed steps) first; then the decode-only run is timed as a whole: a sync per step would
-    # stall async scheduling, which queues each step while the previous one still runs.
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
         collect(engine.step())
-    torch.cuda.synchronize()
+    if engine.config.device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     tokens = 0
     while engine.has_unfinished():
         tokens += collect(engine.step())
     timed = time.perf_counter() - t0
-    return tokens / timed if timed else float("nan"), [outputs[r] for r in ids]
+    return tokens / timed if timed else float("nan"), [outputs[r] for r in ids], tokens
+
+
+def decode_rate(engine: LLMEngine, batch: int, context: int, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """Decode tok/s with `batch` requests whose contexts start at `context` tokens: decode-only steps timed."""
+    gen = torch.Generator().manual_seed(batch * 7 + context)
+    prompts = torch.randint(3, 30000, (batch, context), generator=gen).tolist()
+    rate, outputs, _ = timed_decode(engine, prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0,
+                                                                     ignore_eos=True))
+    return rate, outputs
 
 
 def prefill_time(engine: LLMEngine, tokens: int) -> float:

@@ -17,7 +17,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baton.engine.config import EngineConfig  # noqa: E402
 from baton.engine.llm_engine import LLMEngine  # noqa: E402
 from baton.engine.sampling_params import SamplingParams, SpeculationParams  # noqa: E402
+from bench.engine_gpu import timed_decode  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 CODE = [
@@ -102,31 +102,6 @@ def prompts_for(engine: LLMEngine, workload: str) -> list[list[int]]:
     return [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list[list[int]], int]:
-    """(decode tok/s with prefill excluded, outputs, tokens generated in the timed part)."""
-    stamp = time.monotonic_ns()
-    ids = [f"s{stamp}-{i}" for i in range(len(prompts))]
-    for rid, prompt in zip(ids, prompts):
-        engine.add_request(rid, prompt, params)
-    outputs = {rid: [] for rid in ids}
-
-    def collect(outs) -> int:
-        for out in outs:
-            outputs[out.request_id].extend(out.new_token_ids)
-        return sum(len(out.new_token_ids) for out in outs)
-
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
-        collect(engine.step())
-    if engine.config.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    tokens = 0
-    while engine.has_unfinished():
-        tokens += collect(engine.step())
-    timed = time.perf_counter() - t0
-    return tokens / timed, [outputs[r] for r in ids], tokens
-
-
 def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
     # ngram by default (the plain runs ask for "off"): decode graphs are then captured for verification rows too.
     common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0, speculative_method="ngram",
@@ -188,13 +163,13 @@ def main() -> int:
                                         speculation=SpeculationParams("off"))
                 specced = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
                                          speculation=spec)
-                run(engine, prompts[:1], greedy)  # warm-up (kernels, allocator, prefix cache)
+                timed_decode(engine, prompts[:1], greedy)  # warm-up (kernels, allocator, prefix cache)
                 plain_rates, spec_rates = [], []
                 before = engine.stats().spec
                 for _ in range(args.repeats):  # alternated, so that load from other jobs hits both alike
-                    rate, plain_out, _ = run(engine, prompts, greedy)
+                    rate, plain_out, _ = timed_decode(engine, prompts, greedy)
                     plain_rates.append(rate)
-                    rate, spec_out, _ = run(engine, prompts, specced)
+                    rate, spec_out, _ = timed_decode(engine, prompts, specced)
                     spec_rates.append(rate)
                 after = engine.stats().spec
                 plain_rate, spec_rate = statistics.median(plain_rates), statistics.median(spec_rates)
