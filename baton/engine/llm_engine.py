@@ -95,6 +95,14 @@ class _InFlight:
     rows: dict[str, int]  # request id -> row in sample.tokens
 
 
+def _stamp_scheduled(scheduled: list[ScheduledSeq]) -> None:
+    """Records when each request was first admitted to a batch (queue-time metric)."""
+    now = time.monotonic()
+    for item in scheduled:
+        if item.seq.scheduled_time is None:
+            item.seq.scheduled_time = now
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, events: KVEventSink | None = None) -> None:
         self.config = config
@@ -283,10 +291,7 @@ class LLMEngine:
 
     def _launch_decode(self) -> _InFlight:
         scheduled = self.scheduler.schedule()
-        now = time.monotonic()
-        for item in scheduled:
-            if item.seq.scheduled_time is None:
-                item.seq.scheduled_time = now
+        _stamp_scheduled(scheduled)
         previous = self._inflight
         logits = self.runner.run(scheduled, (previous.sample.tokens, previous.rows) if previous else None)
         seqs = [item.seq for item in scheduled]
@@ -315,10 +320,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        now = time.monotonic()
-        for item in scheduled:
-            if item.seq.scheduled_time is None:
-                item.seq.scheduled_time = now
+        _stamp_scheduled(scheduled)
         logits = self.runner.run(scheduled)[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
         verified: list[tuple[Sequence, Verified]] = []
