@@ -236,13 +236,13 @@ class LocalCluster:
             for name, proc in self.procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode}; see {self.run_dir / name}.log")
-            counts = self.registered()
-            try:
-                ready = httpx.get(f"{self.url}/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                ready = False
-            if ready and all(counts[p] >= n for p, n in (("prefill", self.opts.prefill), ("decode", self.opts.decode),
-                                                          (EMBED_POOL, self.opts.embed))):
+            try:  # the router's own view: Redis may list a worker the router has not scanned yet
+                reply = httpx.get(f"{self.url}/ready", timeout=1)
+                body = reply.json() if reply.status_code == 200 else {}
+            except (httpx.HTTPError, ValueError):
+                body = {}
+            if body.get("ready") and all(body.get(f"{p}_workers", 0) >= n for p, n in (
+                    ("prefill", self.opts.prefill), ("decode", self.opts.decode), (EMBED_POOL, self.opts.embed))):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"cluster not ready after {self.opts.ready_timeout_s:.0f}s; logs in {self.run_dir}")

@@ -42,10 +42,25 @@ def index_entries(cluster) -> float:
     return float(found.group(1))
 
 
+def cached_on_workers(cluster) -> dict[str, int]:
+    """worker id -> prefix blocks it holds (idle workers: every hashed block sits in the reusable LRU)."""
+    return {w: int(s["kv_blocks_cached"]) for w, s in worker_stats(cluster).items()}
+
+
+def wait_index_matches_workers(cluster, timeout_s: float = 20.0) -> float:
+    """Waits until the router's index holds exactly the blocks the (idle) workers hold."""
+    deadline = time.monotonic() + timeout_s
+    while (n := index_entries(cluster)) != (held := sum((workers := cached_on_workers(cluster)).values())):
+        assert time.monotonic() < deadline, f"router index holds {n} entries, the workers {held}: {workers}"
+        time.sleep(0.1)
+    return n
+
+
 def wait_index(cluster, at_least: float, timeout_s: float = 15.0) -> float:
     deadline = time.monotonic() + timeout_s
     while (n := index_entries(cluster)) < at_least:
-        assert time.monotonic() < deadline, f"router index holds {n} entries, expected >= {at_least}"
+        assert time.monotonic() < deadline, (f"router index holds {n} entries, expected >= {at_least}; "
+                                             f"the workers hold {cached_on_workers(cluster)}")
         time.sleep(0.1)
     return n
 
@@ -119,13 +134,13 @@ def test_router_restart_rebuilds_index_from_snapshots_when_the_stream_is_trimmed
 def test_redis_restart_rebuilds_index(cluster, own_redis):
     rng = random.Random(3)
     placed = place(cluster, rng, n=2, min_holders=2)
-    before = index_entries(cluster)
+    before = wait_index_matches_workers(cluster)
     own_redis.restart()  # an empty Redis: no stream, no worker keys; workers re-register and re-publish snapshots
     deadline = time.monotonic() + 20
     while len(worker_stats(cluster)) < 2:
         assert time.monotonic() < deadline, "workers did not re-register after the Redis restart"
         time.sleep(0.2)
-    wait_index(cluster, before, timeout_s=20)
+    assert wait_index_matches_workers(cluster) == before
     # The fresh stream must hold each worker's full snapshot: that, not a stale index, is what routing uses now.
     entries = redis.Redis.from_url(own_redis.url).xrange("baton:kv_events")
     snapshots = {f[b"worker"].decode() for _id, f in entries if f[b"kind"] == b"snapshot"}
