@@ -171,6 +171,8 @@ def up_cmd(
     kv_transport: str = typer.Option("auto", "--kv-transport",
                                      help="workers' KV transports in order of preference (ipc,tcp,nixl); "
                                           "auto = ipc on the same host, else tcp"),
+    kv_layerwise: bool = typer.Option(False, "--kv-layerwise", help="Prefill workers copy each layer's KV into "
+                                      "the decode worker while later layers still run (ipc transport)."),
     local_prefill_threshold: int = typer.Option(64, "--local-prefill-threshold",
                                                 help="Prompts with fewer uncached tokens prefill on the decode "
                                                      "worker."),
@@ -195,6 +197,8 @@ def up_cmd(
                     "speculative_model": speculative_model}
     if gpu_memory_utilization is not None:
         workers["gpu_memory_utilization"] = gpu_memory_utilization
+    if kv_layerwise:
+        workers["kv_layerwise"] = True
     if max_batch_delay_ms is not None:
         workers["max_batch_delay_ms"] = max_batch_delay_ms
     if max_embed and not embed_workers:

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from baton.engine.errors import InvalidRequestError
-from baton.engine.kv_transfer.base import KVTransport
+from baton.engine.kv_transfer.base import KVTransferError, KVTransport
 from baton.proto.v1 import worker_pb2, worker_pb2_grpc
 from baton.worker.proto_convert import sampling_from_proto
 from baton.worker.server import WorkerRPCs, WorkerRuntime
@@ -41,37 +41,56 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
             params = sampling_from_proto(request.sampling)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        skip = kv.num_cached_tokens // rt.block_size
+        dst = list(kv.dst_block_ids)
+        sink = None
+        if rt.settings.kv_layerwise and transport.supports_layerwise:
+            # Writes may start during the prompt: never past the decode worker's deadline for this call (it keeps
+            # the destination blocks only a hand-off timeout past it).
+            remaining = context.time_remaining()
+            budget = rt.settings.prefill_timeout_s + rt.settings.transfer_timeout_s
+            try:
+                sink = transport.start_layerwise(endpoint, kv.transfer_id, skip, dst,
+                                                 budget if remaining is None else min(budget, remaining))
+            except KVTransferError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.perf_counter()
         first = None
         try:
-            async for out in rt.aengine.generate(rid, list(request.token_ids), params, prefill_only=True):
-                first = out
-        except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        prefill_s = time.perf_counter() - started
-        try:
-            skip = kv.num_cached_tokens // rt.block_size
-            src, dst = first.block_ids[skip:], list(kv.dst_block_ids)
+            try:
+                async for out in rt.aengine.generate(rid, list(request.token_ids), params, prefill_only=True,
+                                                     kv_sink=sink):
+                    first = out
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            prefill_s = time.perf_counter() - started
+            src = first.block_ids[skip:]
             if len(src) != len(dst):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{len(dst)} destination blocks for {len(src)} uncached prompt blocks")
-            # Never write after the decode worker's deadline for this call: it keeps the destination blocks only
-            # a hand-off timeout past it, and a worker stalled longer (stopped, swapping) must not write into
-            # blocks that another request may hold by then.
-            remaining = context.time_remaining()
-            timeout_s = rt.settings.transfer_timeout_s if remaining is None else min(rt.settings.transfer_timeout_s,
-                                                                                    remaining)
-            if timeout_s <= 0:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the decode worker's deadline passed "
-                                                                       "before the KV hand-off started")
-            send = asyncio.get_running_loop().run_in_executor(
-                None, transport.send, endpoint, kv.transfer_id, src, dst, timeout_s)
+            if sink is not None:
+                send = asyncio.get_running_loop().run_in_executor(None, sink.finish, src)
+            else:
+                # Never write after the decode worker's deadline for this call: it keeps the destination blocks
+                # only a hand-off timeout past it, and a worker stalled longer (stopped, swapping) must not write
+                # into blocks that another request may hold by then.
+                remaining = context.time_remaining()
+                timeout_s = rt.settings.transfer_timeout_s if remaining is None else min(
+                    rt.settings.transfer_timeout_s, remaining)
+                if timeout_s <= 0:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the decode worker's deadline passed "
+                                                                           "before the KV hand-off started")
+                send = asyncio.get_running_loop().run_in_executor(
+                    None, transport.send, endpoint, kv.transfer_id, src, dst, timeout_s)
+            sink = None  # finish() owns it now
             try:
                 result = await asyncio.shield(send)
             except asyncio.CancelledError:
                 await asyncio.wait([send])  # never free blocks that are still being read
                 raise
         finally:
+            if sink is not None:  # the prompt failed or was cancelled before its hand-off completed
+                await asyncio.get_running_loop().run_in_executor(None, sink.abandon)
             await asyncio.shield(rt.aengine.call(lambda e: e.release(rid)))
         if not result.ok:
             log.warning("request %s: KV transfer to %s failed: %s", rid, kv.decode_worker_id, result.error,

@@ -54,11 +54,11 @@ class AsyncEngine:
         return await asyncio.wrap_future(fut)
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 prefill_only: bool = False, generated_ids: list[int] = ()) -> AsyncIterator[RequestOutput]:
+                 prefill_only: bool = False, generated_ids: list[int] = (), kv_sink=None) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; leaving the iteration early (cancel, break) aborts it."""
         return self._stream(request_id, lambda e: e.add_request(request_id, prompt_ids, params,
                                                                  prefill_only=prefill_only,
-                                                                 generated_ids=generated_ids))
+                                                                 generated_ids=generated_ids, kv_sink=kv_sink))
 
     def resume_remote(self, request_id: str, first_token: int, first_logprob: float) -> AsyncIterator[RequestOutput]:
         """After a KV transfer into reserved blocks: commit the request and stream from its first token."""

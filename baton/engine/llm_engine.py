@@ -103,6 +103,22 @@ def _stamp_scheduled(scheduled: list[ScheduledSeq]) -> None:
             item.seq.scheduled_time = now
 
 
+def _layer_sinks(scheduled: list[ScheduledSeq]):
+    """The model's per-layer callback for this step: feeds the layer-wise KV hand-off of every request whose
+    prompt this step completes (None when there is none)."""
+    sinks = [(item.seq.kv_sink, item.seq.block_table) for item in scheduled
+             if item.seq.kv_sink is not None
+             and item.seq.num_computed_tokens + item.num_tokens >= item.seq.num_prompt_tokens]
+    if not sinks:
+        return None
+
+    def layer_done(layer: int) -> None:
+        for sink, block_table in sinks:
+            sink.layer_ready(layer, block_table)
+
+    return layer_done
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, events: KVEventSink | None = None) -> None:
         self.config = config
@@ -193,9 +209,10 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False, generated_ids: list[int] = ()) -> None:
+                    prefill_only: bool = False, generated_ids: list[int] = (), kv_sink=None) -> None:
         """`generated_ids` resumes a request another engine began: they are recomputed like a preempted
-        request's tokens and count as its output (limits, penalties, usage, text)."""
+        request's tokens and count as its output (limits, penalties, usage, text). `kv_sink` (prefill-only):
+        a layer-wise KV hand-off, told after each layer of the step that completes the prompt."""
         if request_id in self._seqs or request_id in self._prefilled or request_id in self._pending_remote:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt_ids, params)
@@ -203,8 +220,10 @@ class LLMEngine:
             self.speculator.validate(params)
         if generated_ids:
             self._validate_resume(generated_ids, params, prefill_only)
+        if kv_sink is not None and not prefill_only:
+            raise InvalidRequestError("a layer-wise KV hand-off needs a prefill-only request")
         seq = Sequence(request_id, list(prompt_ids), params, prefill_only=prefill_only,
-                       token_ids=[*prompt_ids, *generated_ids])
+                       token_ids=[*prompt_ids, *generated_ids], kv_sink=kv_sink)
         seq.grammar = self._matcher(params, seq.output_ids)
         self._seqs[request_id] = seq
         self._track_text(seq)
@@ -321,7 +340,7 @@ class LLMEngine:
         if not scheduled:
             return []
         _stamp_scheduled(scheduled)
-        logits = self.runner.run(scheduled)[:, : self._sample_vocab]
+        logits = self.runner.run(scheduled, layer_done=_layer_sinks(scheduled))[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
         verified: list[tuple[Sequence, Verified]] = []
         if any(s.seq.num_draft for s in sampling):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -257,13 +258,17 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         batch,
         logits_indices: torch.Tensor,
+        layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Runs the flat token batch; returns float32 logits only at logits_indices."""
+        """Runs the flat token batch; returns float32 logits only at logits_indices. `layer_done(i)` is called
+        after layer i (its KV written): the layer-wise KV hand-off starts copying it."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         residual = None
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, rope, kv_cache, batch)
+            if layer_done is not None:
+                layer_done(i)
         x, _ = self.model.norm(x[logits_indices], residual[logits_indices])
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight).float()

@@ -5,6 +5,7 @@ filled in place (nano-vllm's order); prefill and mixed steps run eagerly."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -50,20 +51,22 @@ class ModelRunner:
             prompt_indices.extend(first + p - start for p in item.prompt_positions)
         return ids, positions, queries, logits_indices, prompt_indices
 
-    def run(self, scheduled: list[ScheduledSeq], previous: PreviousTokens | None = None) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], previous: PreviousTokens | None = None,
+            layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
         """Computes every scheduled token; returns logits (float32, on the model's device): one row per request
         that samples (1 + num_draft rows for one verifying proposed tokens), then one per `prompt_positions` of
         each request in order (prompt logprobs).
 
         A token id not known on the host yet (PLACEHOLDER: sampled by the step still in flight) is taken on the
-        device from `previous`, so this step can be queued before that one's ids reach the host."""
+        device from `previous`, so this step can be queued before that one's ids reach the host. `layer_done(l)`
+        runs right after layer l has written its KV (eager steps only)."""
         ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
         src = _sources(scheduled, ids, previous)
         if len(logits_indices) == len(ids) > len(queries) and not prompt_indices:
             # Speculative verification: every token needs its logits, so each one runs as a decode row over the keys
             # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too.
             queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
-        if self.graphs is not None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
+        if self.graphs is not None and layer_done is None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
             return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src)
         if self.device.type == "cuda":
@@ -79,7 +82,7 @@ class ModelRunner:
             rows = as_tensor(src)
             input_ids = torch.where(rows >= 0, previous[0][rows.clamp(min=0)], input_ids)
         return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
-                          as_tensor(logits_indices + prompt_indices))
+                          as_tensor(logits_indices + prompt_indices), layer_done=layer_done)
 
 
 def _sources(scheduled: list[ScheduledSeq], ids: list[int], previous: PreviousTokens | None) -> list[int] | None:

@@ -44,6 +44,9 @@ class Sequence:
     grammar: object | None = None
     # Speculative decoding: proposed tokens at the end of token_ids, to be verified by this step (then removed).
     num_draft: int = 0
+    # A prefill-only request's layer-wise KV hand-off (kv_transfer.LayerwiseSend): fed after each layer of the
+    # step that completes the prompt.
+    kv_sink: object | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -84,6 +84,8 @@ class WorkerSettings(ProcessSettings):
     def kv_transports(self) -> list[str]:
         return self.kv_transport.split(",")
     transfer_timeout_s: float = Field(30.0, gt=0, description="deadline of one KV hand-off")
+    kv_layerwise: bool = Field(False, description="prefill: copy each layer's KV into the decode worker as soon as "
+                               "it is computed, beside the later layers (ipc transport; others send at the end)")
     prefill_timeout_s: float = Field(60.0, gt=0, description="how long a decode worker waits for a remote "
                                      "prefill (queueing and compute) on top of the KV hand-off's deadline")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch")

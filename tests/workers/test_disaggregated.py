@@ -63,12 +63,14 @@ async def prefill_stats(address):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["tcp", "ipc", "nixl"])
+@pytest.mark.parametrize("transport", ["tcp", "ipc", "ipc-layerwise", "nixl"])
 def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
     # find_spec, not import: loading UCX into this long-lived test process is what the workers must do, not us.
     if transport == "nixl" and importlib.util.find_spec("nixl") is None:
         pytest.skip("nixl is not installed")
-    p = start_worker("prefill", model_dir, redis_url, f"p-{transport}", "--kv-transport", transport)
+    transport, layerwise = transport.removesuffix("-layerwise"), transport.endswith("-layerwise")
+    p = start_worker("prefill", model_dir, redis_url, f"p-{transport}-{layerwise}", "--kv-transport", transport,
+                     *(["--kv-layerwise"] if layerwise else []))
     d = start_worker("decode", model_dir, redis_url, f"d-{transport}", "--kv-transport", transport)
     try:
         for i, prompt in enumerate(PROMPTS):
@@ -87,6 +89,8 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
         assert sent.get(f'transport="{transport}"', 0) > 0 and len(sent) == 1  # the configured transport, only
         if transport == "ipc":
             assert metric(p, "baton_kv_ipc_peer_mappings_total")[""] == 1  # the decode pool is mapped once
+            # every hand-off (one per prompt) copied layer by layer with --kv-layerwise, none without
+            assert metric(p, "baton_kv_layerwise_handoffs_total").get("", 0) == (len(PROMPTS) if layerwise else 0)
     finally:
         p.stop()
         d.stop()

@@ -130,6 +130,24 @@ def block_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> li
     return runs
 
 
+class LayerwiseSend(ABC):
+    """A hand-off that starts while its prompt is still being computed (`--kv-layerwise`): the engine calls
+    `layer_ready(l, block_table)` on its own thread right after layer l of the step that completes the prompt
+    has written its KV (all blocks, so earlier chunks' blocks go too); `finish(src_block_ids)` waits for the
+    copies, completes the hand-off and returns its result; `abandon()` stops it (the prompt failed or was
+    cancelled: the receiver then frees its blocks after the sender's timeout, as for any one-sided write).
+    `layer_ready` never raises and never blocks on the copy; a problem is kept for `finish` to report."""
+
+    @abstractmethod
+    def layer_ready(self, layer: int, block_table: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def finish(self, src_block_ids: Sequence[int]) -> TransferResult: ...
+
+    @abstractmethod
+    def abandon(self) -> None: ...
+
+
 @dataclass
 class _Expected:
     dst_block_ids: tuple[int, ...]
@@ -306,16 +324,44 @@ class KVTransport(ABC):
             raise KVTransferError("destination block ids must be distinct")
         started = time.monotonic()
         error = self._send(peer, transfer_id, block_runs(src_block_ids, dst_block_ids), started + timeout_s)
-        nbytes = 0 if error else len(src_block_ids) * self.geometry.block_nbytes
-        result = TransferResult(transfer_id, error is None, nbytes, time.monotonic() - started, error)
-        if result.ok:
-            self._record(result)
-        return result
+        return self._finished_send(transfer_id, len(src_block_ids) * self.geometry.block_nbytes,
+                                   time.monotonic() - started, error)
 
     @abstractmethod
     def _send(self, peer: Endpoint, transfer_id: str, runs: list[tuple[int, int, int]],
               deadline: float) -> str | None:
         """Move the runs before `deadline` (time.monotonic); return None on success or an error message."""
+
+    # Whether start_layerwise copies layer by layer during the prefill (else the whole send runs at finish).
+    supports_layerwise: ClassVar[bool] = False
+
+    def start_layerwise(self, peer_endpoint: bytes, transfer_id: str, skip_blocks: int,
+                        dst_block_ids: Sequence[int], timeout_s: float) -> LayerwiseSend:
+        """A hand-off of the prompt's blocks from the `skip_blocks`-th on (the receiver has the ones before) into
+        the peer's `dst_block_ids`, fed by the engine layer by layer; nothing is written after `timeout_s`."""
+        if self._closed:
+            raise KVTransferError(f"{self.name} transport is closed")
+        peer = Endpoint.from_bytes(peer_endpoint)
+        if peer.transport != self.name:
+            raise KVTransferError(f"peer endpoint is for transport {peer.transport!r}, this is {self.name!r}")
+        self.geometry.check_compatible(peer.geometry)
+        peer.geometry.check_block_ids(dst_block_ids, "destination")
+        if len(set(dst_block_ids)) != len(dst_block_ids):
+            raise KVTransferError("destination block ids must be distinct")
+        if skip_blocks < 0:
+            raise KVTransferError(f"skip_blocks must be >= 0, got {skip_blocks}")
+        return self._start_layerwise(peer_endpoint, peer, transfer_id, skip_blocks, list(dst_block_ids),
+                                     time.monotonic() + timeout_s)
+
+    def _start_layerwise(self, peer_endpoint: bytes, peer: Endpoint, transfer_id: str, skip_blocks: int,
+                         dst_block_ids: list[int], deadline: float) -> LayerwiseSend:
+        return _SendAtFinish(self, peer_endpoint, transfer_id, dst_block_ids, deadline)
+
+    def _finished_send(self, transfer_id: str, nbytes: int, seconds: float, error: str | None) -> TransferResult:
+        result = TransferResult(transfer_id, error is None, 0 if error else nbytes, seconds, error)
+        if result.ok:
+            self._record(result)
+        return result
 
     def close(self) -> None:
         if self._closed:
@@ -335,3 +381,24 @@ class KVTransport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _SendAtFinish(LayerwiseSend):
+    """A transport without layer-wise copies: the whole send runs at finish, within the same deadline."""
+
+    def __init__(self, transport: KVTransport, peer_endpoint: bytes, transfer_id: str, dst_block_ids: list[int],
+                 deadline: float) -> None:
+        self._transport, self._peer_endpoint, self._transfer_id = transport, peer_endpoint, transfer_id
+        self._dst, self._deadline = dst_block_ids, deadline
+
+    def layer_ready(self, layer: int, block_table: Sequence[int]) -> None:
+        pass
+
+    def finish(self, src_block_ids: Sequence[int]) -> TransferResult:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            return TransferResult(self._transfer_id, False, error="deadline passed before the copy started")
+        return self._transport.send(self._peer_endpoint, self._transfer_id, src_block_ids, self._dst, remaining)
+
+    def abandon(self) -> None:
+        pass

@@ -8,9 +8,10 @@ receiver keeps the destination blocks until the sender's timeout (cancel_stops_w
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
-import hashlib
+import queue
 import socket
 import threading
 import time
@@ -22,13 +23,16 @@ import torch
 from prometheus_client import Counter
 
 from baton.engine.config import DTYPES
-from baton.engine.kv_transfer.base import Endpoint, KVTransferError, KVTransport
+from baton.engine.kv_transfer.base import Endpoint, KVTransferError, KVTransport, LayerwiseSend, TransferResult, \
+    block_runs
 
 log = logging.getLogger(__name__)
 # Pools exported by this process, by pool id: CUDA cannot open an IPC handle in the process that made it, so a
 # sender and receiver that share a process (tests, a colocated pair) use the tensor itself.
 _OWN_POOLS: dict[str, torch.Tensor] = {}
 KV_IPC_PEER_MAPPINGS = Counter("baton_kv_ipc_peer_mappings", "Peer KV pools this process mapped (once per peer)")
+KV_LAYERWISE_HANDOFFS = Counter("baton_kv_layerwise_handoffs", "KV hand-offs copied layer by layer while their "
+                                "prompt was computed (--kv-layerwise)")
 
 
 def host_id() -> str:
@@ -215,13 +219,23 @@ class IpcTransport(KVTransport):
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=dst.is_cuda)
                 if dst.is_cuda:
                     torch.cuda.synchronize(dst.device)
+        return self._notify(peer, transfer_id, dst_ids)
+
+    def _notify(self, peer: Endpoint, transfer_id: str, dst_ids: list[int]) -> str | None:
+        """Tells the receiver that every block of the hand-off has landed: the one message per hand-off."""
         note = json.dumps({"id": transfer_id, "dst": _ids_digest(dst_ids),
-                           "nbytes": len(src_ids) * self.geometry.block_nbytes}).encode()
+                           "nbytes": len(dst_ids) * self.geometry.block_nbytes}).encode()
         try:
             self._sock.sendto(note, base64.b64decode(peer.params["notify"]).decode())
         except OSError as exc:
             return f"the receiver is gone (notification failed: {exc})"
         return None
+
+    supports_layerwise = True
+
+    def _start_layerwise(self, peer_endpoint: bytes, peer: Endpoint, transfer_id: str, skip_blocks: int,
+                         dst_block_ids: list[int], deadline: float) -> LayerwiseSend:
+        return _IpcLayerwiseSend(self, peer_endpoint, peer, transfer_id, skip_blocks, dst_block_ids, deadline)
 
     def _close(self) -> None:
         self._sock.close()
@@ -232,3 +246,124 @@ class IpcTransport(KVTransport):
                 self._shm.unlink()  # the mapping itself stays valid for the engine until the process ends
             except FileNotFoundError:
                 pass
+
+
+class _IpcLayerwiseSend(LayerwiseSend):
+    """Copies layer l of every block into the mapped peer pool as soon as the engine has written it: on a GPU one
+    launch per layer on a side stream that waits for the layer (an event), so the copy runs beside the later
+    layers; on the CPU a thread copies while the engine computes on. `finish` waits for the copies and sends the
+    hand-off's one notification."""
+
+    def __init__(self, transport: IpcTransport, peer_endpoint: bytes, peer: Endpoint, transfer_id: str,
+                 skip_blocks: int, dst_block_ids: list[int], deadline: float) -> None:
+        self._t, self._peer_endpoint, self._peer, self._transfer_id = transport, peer_endpoint, peer, transfer_id
+        self._skip, self._dst, self._deadline = skip_blocks, dst_block_ids, deadline
+        self._src: list[int] | None = None
+        self._layers: set[int] = set()
+        self._error: str | None = None
+        self._started = time.monotonic()
+        src = transport._cache
+        self._dst_pool: torch.Tensor | None = None
+        if not transport._reaches(peer):
+            self._error = "the receiver is not on this host and device kind (use tcp or nixl)"
+            return
+        try:
+            self._dst_pool = transport._peer_pool(peer)
+        except (OSError, RuntimeError, KVTransferError) as exc:
+            self._error = f"cannot map the receiver's KV pool (receiver gone?): {exc}"
+            return
+        self._cuda = src.is_cuda and self._dst_pool.device == src.device
+        if self._cuda:
+            self._stream = torch.cuda.Stream(src.device)
+        else:
+            self._queue: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._copy_layers, name=f"kv-layerwise-{transfer_id[:8]}",
+                                            daemon=True)
+            self._thread.start()
+
+    def layer_ready(self, layer: int, block_table) -> None:
+        if self._error is not None:
+            return
+        try:
+            if time.monotonic() > self._deadline:
+                self._error = "deadline passed while the prompt was still being computed"
+                return
+            if self._src is None:
+                src = list(block_table[self._skip:])
+                if len(src) != len(self._dst):
+                    self._error = f"{len(self._dst)} destination blocks for {len(src)} uncached prompt blocks"
+                    return
+                self._t.geometry.check_block_ids(src, "source")
+                self._src, self._runs = src, block_runs(src, self._dst)
+                if self._cuda:
+                    device = self._t._cache.device
+                    self._ids = torch.tensor([src, self._dst], dtype=torch.int32).to(device, non_blocking=True)
+            if self._cuda:
+                from baton.kernels.kv_block_copy import copy_kv_block_layers
+
+                written = torch.cuda.Event()
+                written.record()  # on the engine's stream, after this layer's KV writes
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(written)
+                    copy_kv_block_layers(self._t._cache, self._dst_pool, self._ids[0], self._ids[1], layer, layer + 1)
+            else:
+                self._queue.put(layer)
+            self._layers.add(layer)
+        except Exception as exc:  # never into the engine's step
+            self._error = f"layer-wise copy failed: {exc!r}"
+
+    def _copy_layers(self) -> None:
+        src_pool, dst_pool = self._t._cache, self._dst_pool
+        while True:
+            layer = self._queue.get()
+            try:
+                if layer is None:
+                    return
+                if self._error is None and time.monotonic() <= self._deadline:
+                    for s, d, n in self._runs:
+                        dst_pool[d:d + n, layer].copy_(src_pool[s:s + n, layer])
+            except Exception as exc:
+                self._error = f"layer-wise copy failed: {exc!r}"
+            finally:
+                self._queue.task_done()
+
+    def _drain(self) -> None:
+        if self._dst_pool is None:
+            return
+        if self._cuda:
+            self._stream.synchronize()
+        else:
+            self._queue.join()
+
+    def finish(self, src_block_ids) -> TransferResult:
+        started = time.monotonic()
+        src_block_ids = list(src_block_ids)
+        self._drain()
+        error = self._error
+        if error is None and (self._src != src_block_ids or len(self._layers) != self._t.geometry.num_layers):
+            # Some layers were not fed (a step that skipped the hook): copy everything now, the plain way.
+            self._stop()
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                return TransferResult(self._transfer_id, False, error="deadline passed before the copy started")
+            return self._t.send(self._peer_endpoint, self._transfer_id, src_block_ids, self._dst,
+                                remaining)
+        self._stop()
+        if error is None and time.monotonic() > self._deadline:
+            error = "deadline passed during the copy"
+        if error is None:
+            error = self._t._notify(self._peer, self._transfer_id, self._dst)
+        if error is None:
+            KV_LAYERWISE_HANDOFFS.inc()
+        return self._t._finished_send(self._transfer_id, len(self._dst) * self._t.geometry.block_nbytes,
+                                      time.monotonic() - started, error)
+
+    def _stop(self) -> None:
+        if self._dst_pool is not None and not self._cuda:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    def abandon(self) -> None:
+        self._error = self._error or "abandoned"
+        self._drain()
+        self._stop()
