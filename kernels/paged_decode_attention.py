@@ -1,6 +1,8 @@
 """Flash-decoding over the paged KV cache: one query token per request, split-K over the context, then a merge.
 
 The grid is fixed at (batch, kv_heads, num_splits) so that a decode step can be captured in a CUDA graph.
+An FP8 cache (float8_e4m3fn) reads as value * the layer's scale: K's scale is folded into the query, V's into the
+output, and the keys and values are upcast exactly (to the query's dtype, float32 in the interpreter).
 """
 from __future__ import annotations
 
@@ -21,14 +23,14 @@ def pick_num_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132, max_
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, kv_scale_ptr,
     stride_qb, stride_qh,
     stride_kv_block, stride_kv_layer, stride_kv_kv, stride_kv_slot, stride_kv_head,
     stride_bt,
     layer, qk_scale, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -52,7 +54,11 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(tl.float32) * qk_scale  # scale folded with log2(e): the softmax below uses exp2
-    if not UPCAST:
+    if FP8_KV:
+        q = q * tl.load(kv_scale_ptr)  # s = q . (k * k_scale)
+        if not UPCAST:
+            q = q.to(q_ptr.dtype.element_ty)
+    elif not UPCAST:
         q = q.to(kv_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -72,6 +78,9 @@ def _decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif FP8_KV:  # every e4m3 value is exact in bf16 / fp16 / fp32
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -85,6 +94,8 @@ def _decode_split_kernel(
     # An empty split (short context) leaves l_i = 0: it writes zeros and lse = -inf, which the merge ignores.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if FP8_KV:
+        out = out * tl.load(kv_scale_ptr + 1)  # sum p (v * v_scale) = v_scale * sum p v
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2, like m_i
     row = (b * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
     tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
@@ -124,18 +135,22 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     partial_out: torch.Tensor | None = None,
     partial_lse: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, D] (one token per request) over each request's first context_lens[b] cached keys.
 
     block_tables [B, max_blocks] and context_lens [B] are int32. partial_out [B, Hq, num_splits, D] and
     partial_lse [B, Hq, num_splits] (float32) are scratch; pass them and out [B, Hq, D] preallocated to
-    capture the call in a CUDA graph. A request with context_lens 0 gets zeros.
+    capture the call in a CUDA graph. A request with context_lens 0 gets zeros. An FP8 (float8_e4m3fn) cache
+    takes kv_scale: float32 [2], the layer's K and V scales.
     """
     batch, num_heads, head_dim = q.shape
     _, _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and kv_cache.stride(5) == 1
     assert block_tables.stride(1) == 1
     group = num_heads // num_kv_heads
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (kv_scale is not None and kv_scale.dtype == torch.float32), "an FP8 cache needs kv_scale"
     if out is None:
         out = torch.empty_like(q)
     if partial_out is None:
@@ -145,7 +160,7 @@ def paged_decode_attention(
     assert partial_out.is_contiguous() and partial_lse.is_contiguous() and out.stride(2) == 1
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, context_lens, partial_out, partial_lse,
+        q, kv_cache, block_tables, context_lens, partial_out, partial_lse, kv_scale if fp8 else partial_lse,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
@@ -153,7 +168,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size),
         UPCAST=q.device.type != "cuda",  # the CPU interpreter gets bf16 arithmetic wrong
-        num_warps=4, num_stages=2,
+        FP8_KV=fp8, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(batch, num_heads)](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
@@ -171,8 +186,9 @@ def paged_decode_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch, one request at a time, softmax in float32."""
+    """Plain torch, one request at a time, softmax in float32; an FP8 cache's values times kv_scale (K, V)."""
     block_size, num_kv_heads = kv_cache.shape[3], kv_cache.shape[4]
     group = q.shape[1] // num_kv_heads
     out = torch.zeros_like(q)
@@ -182,6 +198,8 @@ def paged_decode_attention_reference(
             continue
         pages = block_tables[b, : triton.cdiv(ctx, block_size)].long()
         kv = kv_cache[pages, layer].float()  # [pages, 2, block_size, Hkv, D]
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            kv = kv * kv_scale.view(1, 2, 1, 1, 1)
         k = kv[:, 0].flatten(0, 1)[lo:ctx].repeat_interleave(group, dim=1)  # [n, Hq, D]
         v = kv[:, 1].flatten(0, 1)[lo:ctx].repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)

@@ -1,6 +1,8 @@
 """Causal attention for prefill chunks of several requests, every key read from the paged KV cache.
 
 Covers prefix-cache hits and chunked prefill: a chunk's queries are the last q_len positions of its context.
+An FP8 cache (float8_e4m3fn) reads as value * the layer's scale: K's scale is folded into the queries, V's into
+the output, and the keys and values are upcast exactly (to the query's dtype, float32 in the interpreter).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def _attend_keys(
     acc, l_i, m_i, q, q_pos, kv_base, table, k_begin, k_end, lo, hi, window,
     stride_kv_block, stride_kv_kv, stride_kv_slot,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, UPCAST: tl.constexpr,
+    MASKED: tl.constexpr, UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     """Online softmax over key tiles [k_begin, k_end); MASKED tiles may hold keys some rows must not see."""
     n = tl.arange(0, BLOCK_N)
@@ -36,6 +38,9 @@ def _attend_keys(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif FP8_KV:  # every e4m3 value is exact in bf16 / fp16 / fp32
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if MASKED:
             attend = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
@@ -54,13 +59,14 @@ def _attend_keys(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kv_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr,
+    q_ptr, kv_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, kv_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv_block, stride_kv_layer, stride_kv_kv, stride_kv_slot, stride_kv_head,
     stride_bt,
     num_requests, layer, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -86,7 +92,11 @@ def _prefill_kernel(
         q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + head * stride_qh + d[None, :], mask=io_mask,
                     other=0.0)
         q = q.to(tl.float32) * qk_scale  # scale folded with log2(e): the softmax uses exp2
-        if not UPCAST:
+        if FP8_KV:
+            q = q * tl.load(kv_scale_ptr)  # s = q . (k * k_scale)
+            if not UPCAST:
+                q = q.to(q_ptr.dtype.element_ty)
+        elif not UPCAST:
             q = q.to(kv_ptr.dtype.element_ty)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -104,14 +114,16 @@ def _prefill_kernel(
         table = block_tables_ptr + req * stride_bt
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, lo // BLOCK_N * BLOCK_N, full_lo,
                                      lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
-                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST)
+                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST, FP8_KV)
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, full_lo, full_hi,
                                      lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
-                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, UPCAST)
+                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, UPCAST, FP8_KV)
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, full_hi, hi,
                                      lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
-                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST)
+                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST, FP8_KV)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if FP8_KV:
+            out = out * tl.load(kv_scale_ptr + 1)  # sum p (v * v_scale) = v_scale * sum p v
         tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -128,23 +140,27 @@ def prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D], flat over R requests (cu_seqlens_q [R+1] int32), over the paged cache.
 
     context_lens [R] int32 counts each request's cached tokens after this chunk was written; its queries are
-    the last q_len of them. block_tables [R, max_blocks] int32. Returns out [T, Hq, D] in q's dtype.
+    the last q_len of them. block_tables [R, max_blocks] int32. Returns out [T, Hq, D] in q's dtype. An FP8
+    (float8_e4m3fn) cache takes kv_scale: float32 [2], the layer's K and V scales.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_requests = context_lens.shape[0]
     block_size, num_kv_heads = kv_cache.shape[3], kv_cache.shape[4]
     assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and kv_cache.stride(5) == 1
     assert block_tables.stride(1) == 1 and cu_seqlens_q.shape[0] == num_requests + 1
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (kv_scale is not None and kv_scale.dtype == torch.float32), "an FP8 cache needs kv_scale"
     if out is None:
         out = torch.empty_like(q)
     assert out.stride(2) == 1
     grid = (triton.cdiv(num_tokens, block_m) + num_requests, num_heads)
     _prefill_kernel[grid](
-        q, kv_cache, out, cu_seqlens_q, context_lens, block_tables,
+        q, kv_cache, out, cu_seqlens_q, context_lens, block_tables, kv_scale if fp8 else context_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
@@ -153,7 +169,7 @@ def prefill_attention(
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(num_requests)),
         UPCAST=q.device.type != "cuda",  # the CPU interpreter gets bf16 arithmetic wrong
-        num_warps=4, num_stages=3,
+        FP8_KV=fp8, num_warps=4, num_stages=3,
     )
     return out
 
@@ -167,8 +183,9 @@ def prefill_attention_reference(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch, one request at a time, in float32."""
+    """Plain torch, one request at a time, in float32; an FP8 cache's values times kv_scale (K, V)."""
     block_size, num_kv_heads = kv_cache.shape[3], kv_cache.shape[4]
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
@@ -176,6 +193,8 @@ def prefill_attention_reference(
         qs = q[cu[r]: cu[r + 1]].float()
         pages = block_tables[r, : triton.cdiv(ctx, block_size)].long()
         kv = kv_cache[pages, layer].float()  # [pages, 2, block_size, Hkv, D]
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            kv = kv * kv_scale.view(1, 2, 1, 1, 1)
         k, v = (kv[:, i].flatten(0, 1)[:ctx] for i in (0, 1))
         q_pos = torch.arange(ctx - qs.shape[0], ctx, device=q.device)[:, None]
         k_pos = torch.arange(ctx, device=q.device)[None, :]

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baton.engine.config import FP8_KV_DTYPE
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # Queries of up to this many tokens after cached ones run as decode rows (1 + the most proposed tokens verified).
 DECODE_ROWS_MAX = 17
 
@@ -44,13 +47,14 @@ class AttentionBatch:
     block_size: int
     decode: DecodeBatch | None = None
 
-    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_kv(kv_cache, layer, k, v, self.slot_mapping)
+    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 kv_scale: torch.Tensor | None = None) -> None:
+        write_kv(kv_cache, layer, k, v, self.slot_mapping, kv_scale)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-               sliding_window: int | None) -> torch.Tensor:
-        """k, v: this step's (already in the cache, read from there)."""
-        return paged_attention(q, kv_cache, layer, self, sliding_window)
+               sliding_window: int | None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """k, v: this step's (already in the cache, read from there). kv_scale: an FP8 cache's (k, v) scales."""
+        return paged_attention(q, kv_cache, layer, self, sliding_window, kv_scale)
 
 
 def build_batch(
@@ -89,7 +93,8 @@ def build_batch(
         if sliding_window is not None:
             attended &= k_pos >= lens - sliding_window
         # An additive float mask: SDPA on CPU is several times slower with a boolean one, same result.
-        key_bias = torch.zeros(attended.shape, dtype=kv_cache.dtype, device=device)
+        mask_dtype = torch.float32 if kv_cache.dtype == FP8_KV_DTYPE else kv_cache.dtype
+        key_bias = torch.zeros(attended.shape, dtype=mask_dtype, device=device)
         key_bias.masked_fill_(~attended, float("-inf"))
         index = None if len(decode_index) == len(slots) else torch.tensor(decode_index, dtype=torch.long,
                                                                            device=device)
@@ -105,12 +110,27 @@ def allocate_kv_cache(
     return torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
 
-def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatters this step's keys/values ([tokens, kv_heads, head_dim]) into their cache slots."""
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What an FP8 cache stores for x: x / scale in float32, saturated to e4m3's range, rounded to nearest even."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What an FP8 cache's x reads as: float32 times the scale, in dtype."""
+    return (x.float() * scale).to(dtype)
+
+
+def write_kv(kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scale: torch.Tensor | None = None) -> None:
+    """Scatters this step's keys/values ([tokens, kv_heads, head_dim]) into their cache slots. An FP8 cache
+    takes kv_scale, float32 [2]: K's and V's scale of this layer."""
     block_size = kv_cache.shape[3]
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
     offsets = slot_mapping % block_size
-    kv_cache[blocks, layer, :, offsets] = torch.stack((k, v), dim=1).to(kv_cache.dtype)
+    kv = torch.stack((k, v), dim=1)
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        kv = quantize_kv(kv, kv_scale.view(1, 2, 1, 1))
+    kv_cache[blocks, layer, :, offsets] = kv.to(kv_cache.dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, context_len: int):
@@ -122,17 +142,20 @@ def gather_kv(kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, con
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: AttentionBatch, sliding_window: int | None = None
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: AttentionBatch, sliding_window: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's query tokens over its cached context. q: [tokens, heads, head_dim]."""
     d = batch.decode
     if d is not None and d.token_index is None:
-        return _decode_attention(q, kv_cache, layer, d)  # a decode-only step: the common case
+        return _decode_attention(q, kv_cache, layer, d, kv_scale)  # a decode-only step: the common case
     out = torch.empty_like(q)
     if d is not None:
-        out[d.token_index] = _decode_attention(q[d.token_index], kv_cache, layer, d)
+        out[d.token_index] = _decode_attention(q[d.token_index], kv_cache, layer, d, kv_scale)
     for s in batch.seqs:
         k, v = gather_kv(kv_cache, layer, s.block_table, s.context_len)
+        if kv_cache.dtype == FP8_KV_DTYPE:
+            k, v = dequantize_kv(k, kv_scale[0], q.dtype), dequantize_kv(v, kv_scale[1], q.dtype)
         qs = q[s.query_start : s.query_start + s.query_len]
         mask = None
         is_causal = False
@@ -155,15 +178,21 @@ def paged_attention(
     return out
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, d: DecodeBatch) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, d: DecodeBatch,
+                      kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [n, heads, head_dim], one query token per request; returns the same shape."""
     n, heads, head_dim = q.shape
     num_blocks, num_layers, _, block_size, kv_heads, _ = kv_cache.shape
     # One row per (block, layer, K|V) is a contiguous span, so index_select copies whole spans: several times
     # faster than advanced indexing, and K and V of every request come out in a single call.
     rows = kv_cache.view(num_blocks * num_layers * 2, -1).index_select(0, d.kv_rows + 2 * layer)
-    kv = rows.view(n, 2, -1, kv_heads, head_dim).transpose(2, 3).to(q.dtype)  # [n, 2, H, width * block_size, D]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[:, 0], kv[:, 1], attn_mask=d.key_bias, enable_gqa=True)
+    kv = rows.view(n, 2, -1, kv_heads, head_dim).transpose(2, 3)  # [n, 2, H, width * block_size, D]
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        kv = dequantize_kv(kv, kv_scale.view(1, 2, 1, 1, 1), q.dtype)
+    else:
+        kv = kv.to(q.dtype)
+    mask = d.key_bias if d.key_bias.dtype == q.dtype else d.key_bias.to(q.dtype)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[:, 0], kv[:, 1], attn_mask=mask, enable_gqa=True)
     return o.squeeze(2)
 
 

@@ -21,6 +21,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # vLLM's spellings of --dtype: "auto" is the checkpoint's own dtype.
 DTYPE_ALIASES = {"auto": None, "half": "float16", "float": "float32"}
 DTYPE_CHOICES = (*DTYPE_ALIASES, *DTYPES)
+# --kv-cache-dtype, as vLLM spells it: "auto" stores keys and values in the model's dtype; "fp8" (alias "fp8_e4m3")
+# in float8 e4m3 with a per-layer scale for K and one for V.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}
+# Every dtype a KV pool may be stored in, by the name CacheGeometry carries between processes.
+KV_STORAGE_DTYPES = {**DTYPES, str(FP8_KV_DTYPE).removeprefix("torch."): FP8_KV_DTYPE}
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take (weights + KV + work)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 / fp8_e4m3: float8 e4m3 with per-layer K and V scales
     quantization: str | None = None  # fp8: decoder projections in FP8 e4m3, per-channel scales, quantized at load
     fp8_all_layers: bool = False  # also the first and last decoder layers (kept in the model dtype by default)
     # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
@@ -190,6 +197,8 @@ class EngineConfig:
             self.quantization = None
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be fp8 or none, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
@@ -201,3 +210,7 @@ class EngineConfig:
         if self.dtype is None and self.device == "cpu" and name != "float32":
             name = "float32"  # half-precision matmuls on CPU are slow and less exact
         return DTYPES[name]
+
+    def resolve_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's storage dtype for a model running in model_dtype."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype

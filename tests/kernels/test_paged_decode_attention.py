@@ -4,6 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned, random_paged_cache
 
+from baton.engine.attention import quantize_kv
 from baton.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -12,9 +13,14 @@ from baton.kernels.paged_decode_attention import (
 
 
 def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=None, num_splits=4,
-         block_size=16, num_layers=2, layer=1):
-    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
-                                          device)
+         block_size=16, num_layers=2, layer=1, fp8_scales=None):
+    """fp8_scales: (k_scale, v_scale) of an FP8 cache, quantized from the random one (dtype is then q's)."""
+    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
+                                          torch.float32 if fp8_scales else dtype, device)
+    kv_scale = None
+    if fp8_scales is not None:
+        kv_scale = torch.tensor(fp8_scales, dtype=torch.float32, device=device)
+        kv_cache = quantize_kv(kv_cache * 4, kv_scale.view(1, 1, 2, 1, 1, 1))
     batch = len(context_lens)
     q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
@@ -23,9 +29,9 @@ def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=
     partial_out = poisoned(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
     partial_lse = poisoned(batch, num_heads, num_splits, dtype=torch.float32, device=device)
     paged_decode_attention(q, kv_cache, layer, tables, lens, scale, window, num_splits,
-                           out=out, partial_out=partial_out, partial_lse=partial_lse)
+                           out=out, partial_out=partial_out, partial_lse=partial_lse, kv_scale=kv_scale)
     assert not partial_out.isnan().any() and not partial_lse.isnan().any(), "a split left its scratch unwritten"
-    expected = paged_decode_attention_reference(q, kv_cache, layer, tables, lens, scale, window)
+    expected = paged_decode_attention_reference(q, kv_cache, layer, tables, lens, scale, window, kv_scale)
     assert_close(out, expected)
     return out
 
@@ -61,6 +67,13 @@ def test_every_context_length(device, window):
     _run(list(range(34)), 2, 1, 16, torch.float32, device, window=window, num_splits=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_reads_values_times_the_layer_scales(device, dtype):
+    # scales far from 1 and unequal, so a missing or swapped K/V scale shows; some values saturate at 448
+    _run([37, 5, 70], 4, 2, 16, dtype, device, num_splits=3, fp8_scales=(0.011, 0.37))
+    _run([33, 9], 3, 1, 16, torch.float32, device, window=21, num_splits=2, fp8_scales=(0.05, 2.0))
+
+
 def test_pick_num_splits_fills_the_machine():
     assert pick_num_splits(8, 8, num_sms=132) * 8 * 8 >= 2 * 132
     assert pick_num_splits(64, 8, num_sms=132) == 1
@@ -83,6 +96,16 @@ def test_llama3_8b_shapes(batch, max_ctx):
 def test_head_dim_64_windows_dtypes(dtype, num_heads, num_kv_heads, window):
     lens = torch.randint(1, 3000, (9,)).tolist()
     _run(lens, num_heads, num_kv_heads, 64, dtype, "cuda", window=window, num_splits=6)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("batch,max_ctx", [(1, 4096), (64, 2048)])
+def test_llama3_8b_shapes_fp8_cache(batch, max_ctx):
+    lens = torch.randint(1, max_ctx + 1, (batch,)).tolist()
+    lens[0] = max_ctx
+    _run(lens, 32, 8, 128, torch.bfloat16, "cuda", num_splits=pick_num_splits(batch, 8), num_layers=3,
+         fp8_scales=(0.013, 0.021))
 
 
 @pytest.mark.gpu

@@ -4,22 +4,28 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned, random_paged_cache
 
+from baton.engine.attention import quantize_kv
 from baton.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 
 def _run(chunks, num_heads, num_kv_heads, head_dim, dtype, device, window=None, block_size=16, num_layers=2,
-         layer=1, **blocks):
-    """chunks: (tokens already cached before this chunk, chunk length) per request."""
+         layer=1, fp8_scales=None, **blocks):
+    """chunks: (tokens already cached before this chunk, chunk length) per request. fp8_scales: (k_scale,
+    v_scale) of an FP8 cache, quantized from the random one (dtype is then q's)."""
     context_lens = [cached + n for cached, n in chunks]
-    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
-                                          device)
+    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
+                                          torch.float32 if fp8_scales else dtype, device)
+    kv_scale = None
+    if fp8_scales is not None:
+        kv_scale = torch.tensor(fp8_scales, dtype=torch.float32, device=device)
+        kv_cache = quantize_kv(kv_cache * 4, kv_scale.view(1, 1, 2, 1, 1, 1))
     cu = torch.tensor([0] + [n for _, n in chunks], device=device).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
     out = poisoned(*q.shape, dtype=dtype, device=device)
-    prefill_attention(q, kv_cache, layer, cu, lens, tables, scale, window, out=out, **blocks)
-    assert_close(out, prefill_attention_reference(q, kv_cache, layer, cu, lens, tables, scale, window))
+    prefill_attention(q, kv_cache, layer, cu, lens, tables, scale, window, out=out, kv_scale=kv_scale, **blocks)
+    assert_close(out, prefill_attention_reference(q, kv_cache, layer, cu, lens, tables, scale, window, kv_scale))
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (3, 1), (4, 1)])
@@ -48,6 +54,13 @@ def test_every_tile_alignment(device, window):
          window=window, block_m=16, block_n=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_reads_values_times_the_layer_scales(device, dtype):
+    # scales far from 1 and unequal, so a missing or swapped K/V scale shows; some values saturate at 448
+    _run([(19, 40), (0, 21), (5, 3)], 2, 1, 16, dtype, device, block_m=16, block_n=16, fp8_scales=(0.011, 0.37))
+    _run([(25, 30)], 2, 1, 16, torch.float32, device, window=6, block_m=16, block_n=16, fp8_scales=(0.05, 2.0))
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("window", [None, 700])
@@ -55,6 +68,13 @@ def test_llama3_8b_shapes(window):
     # a long fresh prompt, chunked prefills behind prefix hits, a decode-sized chunk, in one flat batch
     chunks = [(0, 2048), (1024, 512), (3000, 1096), (15, 1), (0, 77), (512, 333)]
     _run(chunks, 32, 8, 128, torch.bfloat16, "cuda", window=window)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_llama3_8b_shapes_fp8_cache():
+    chunks = [(0, 2048), (1024, 512), (15, 1), (512, 333)]
+    _run(chunks, 32, 8, 128, torch.bfloat16, "cuda", fp8_scales=(0.013, 0.021))
 
 
 @pytest.mark.gpu

@@ -68,3 +68,32 @@ def test_rope_and_kv_write_in_one_launch(device, dtype):
     assert_close(q, ref_q)
     assert_close(k, ref_k)
     assert_close(cache, expected_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_fp8_kv_write_in_one_launch(device, dtype):
+    """With an FP8 cache the fused kernel stores rotated k / k_scale and v / v_scale as kernels/kv_write.py does.
+    Its rotation may round differently from the reference's in the last place, so an element may land one e4m3
+    step away; nearly all are the same bytes."""
+    from baton.kernels.kv_write import write_kv_reference
+
+    num_tokens, num_heads, num_kv_heads, head_dim, block_size = 6, 4, 2, 16, 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    cos, sin = rope_cos_sin(inv_freq, 64)
+    positions = torch.randint(0, 64, (num_tokens,), device=device)
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=device).to(dtype)
+    q, k = qkv[:, :num_heads], qkv[:, num_heads: num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads:]
+    cache = torch.randn(6, 3, 2, block_size, num_kv_heads, head_dim, device=device).to(torch.float8_e4m3fn)
+    expected = cache.clone()
+    slots = torch.tensor([9, 2, -1, 23, 14, 0], device=device)
+    kv_scale = torch.tensor([0.004, 0.05], device=device)  # k / 0.004 saturates for |k| > 1.8
+    ref_q, ref_k = apply_rope_reference(q, k, positions, cos, sin)
+    write_kv_reference(expected, 1, ref_k, v, slots, kv_scale)
+    apply_rope(q, k, positions, cos, sin, kv=(v, cache, 1, slots, kv_scale))
+    assert_close(q, ref_q)
+    assert_close(k, ref_k)
+    same = cache.view(torch.uint8) == expected.view(torch.uint8)
+    assert same.float().mean() > 0.99
+    got, want = cache.float(), expected.float()
+    assert ((got - want).abs() <= 0.125 * want.abs() + 2 ** -9).all()
