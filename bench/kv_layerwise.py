@@ -120,6 +120,7 @@ def main() -> int:
     cuda = args.device == "cuda"
     tokens = [int(x) for x in (args.tokens or ("4096,16384,32768" if cuda else "512,2048")).split(",")]
     config = (QUICK if args.quick else LLAMA3_8B) if cuda else CPU_QUICK
+    config = dict(config, max_position_embeddings=max(config["max_position_embeddings"], max(tokens) + 16))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))

@@ -7,11 +7,13 @@
 #   tests: GPU kernel/runtime tests, async scheduling on the GPU, real prefill + decode worker processes handing
 #          KV over CUDA IPC (token-exact at fp32 against one engine), and a `baton up` cluster serving the OpenAI API
 #   bench: bench/engine_gpu.py (Llama-3-8B-shaped bf16);  kv: bench/kv_transfer.py --device cuda
+#   layerwise: bench/kv_layerwise.py (prefill + layer-wise vs whole hand-off, 4k-32k tokens)
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
+#   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 STEP="${1:-all}"
-OUT="${2:-$R/bench/results}"
+if [ "$STEP" = pytest ]; then shift; OUT="$R/bench/results"; else OUT="${2:-$R/bench/results}"; fi
 PY=python3
 
 if [ "$STEP" = prepare ]; then
@@ -58,11 +60,13 @@ run_tests() {  # every group runs; the step fails if any did
 
 case "$STEP" in
   tests) run_tests ;;
+  pytest) $PY -m pytest -q -p no:cacheprovider --timeout 300 "$@" ;;
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
-  gemv) $PY "$R"/bench/gemv.py --out "$OUT/gemv.json" ;;
+  gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
+  layerwise) $PY "$R"/bench/kv_layerwise.py --tokens 4096,16384,32768 --out "$OUT/kv_layerwise.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|bench|quick|kv|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|layerwise|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ On the GPU, decode-only steps replay a CUDA graph captured per batch-size bucket
 filled in place (nano-vllm's order); prefill and mixed steps run eagerly."""
 from __future__ import annotations
 
+import gc
 import math
 from typing import Callable
 
@@ -145,17 +146,25 @@ class DecodeGraphs:
         return r.model(self.ids[:b], self.positions[:b], r.kv_cache, self.batches[b], self.rows[:b])
 
     def capture(self) -> None:
-        """Largest bucket first, so the smaller graphs reuse its memory pool."""
+        """Largest bucket first, so the smaller graphs reuse its memory pool. The garbage collector is held off
+        meanwhile: collecting another engine's pinned buffers (cudaFreeHost) inside a capture invalidates it."""
         pool = None
-        for b in reversed(self.buckets):
-            self._forward(b)  # compiles the kernels for this shape outside the capture
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for b in reversed(self.buckets):
+                self._forward(b)  # compiles the kernels for this shape outside the capture
+                torch.cuda.synchronize(self.runner.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._forward(b)
+                pool = graph.pool()
+                self.graphs[b] = (graph, out)
             torch.cuda.synchronize(self.runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = (graph, out)
-        torch.cuda.synchronize(self.runner.device)
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def replay(self, ids: list[int], positions: list[int], queries, previous: torch.Tensor | None = None,
                src: list[int] | None = None) -> torch.Tensor:

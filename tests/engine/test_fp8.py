@@ -80,8 +80,10 @@ def test_fp8_linear_on_the_gpu_matches_the_dequantized_reference(m, silu):
         h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
     ref = h.float() @ q.dequantized(torch.float32).t()
     out = q(x, silu_mul=silu).float()
-    # gemv (m <= 4) is exact up to float rounding; _scaled_mm also quantizes the activations per token.
-    tol = 0.02 if m <= 4 else 0.08
+    # gemv is exact up to float rounding; _scaled_mm also quantizes the activations per token. Which one a shape
+    # uses at m <= 4 is timed once per (rows bucket, silu) and kept in q._plans (None: _scaled_mm was faster).
+    used_gemv = q._plans.get((1 << (m - 1).bit_length(), silu)) is not None
+    tol = 0.02 if used_gemv else 0.08
     assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < tol
 
 
@@ -144,10 +146,11 @@ def test_loads_compressed_tensors_fp8_checkpoints_as_they_are(model_dir, tmp_pat
     ckpt = load_file(f"{dst}/model.safetensors")
     q = layers[2].self_attn.qkv_proj
     rows = ckpt["model.layers.2.self_attn.q_proj.weight"].shape[0]
-    assert torch.equal(q.weight[:rows].view(torch.uint8), ckpt["model.layers.2.self_attn.q_proj.weight"].view(torch.uint8))
-    assert torch.equal(q.scale[rows:rows + 4], ckpt["model.layers.2.self_attn.k_proj.weight_scale"][:4, 0])
+    assert torch.equal(q.weight[:rows].cpu().view(torch.uint8),
+                       ckpt["model.layers.2.self_attn.q_proj.weight"].view(torch.uint8))
+    assert torch.equal(q.scale[rows:rows + 4].cpu(), ckpt["model.layers.2.self_attn.k_proj.weight_scale"][:4, 0])
     per_tensor = ckpt["model.layers.0.mlp.down_proj.weight_scale"]
-    assert torch.equal(layers[0].mlp.down_proj.scale, per_tensor.expand(layers[0].mlp.down_proj.scale.shape))
+    assert torch.equal(layers[0].mlp.down_proj.scale.cpu(), per_tensor.expand(layers[0].mlp.down_proj.scale.shape))
     # And it scores text like the unquantized checkpoint it came from.
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
     prompt = [7, 19, 23, 101, 5, 77] * 6
