@@ -44,6 +44,15 @@ def _parse_ids(text: str) -> list[int]:
         raise typer.BadParameter("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
 
 
+def _check_kv_cache_dtype(value: str) -> None:
+    """One line naming the flag and exit 2, before any model is loaded or process started."""
+    from baton.engine.config import KV_CACHE_DTYPES
+
+    if value not in KV_CACHE_DTYPES:
+        typer.echo(f"error: --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}", err=True)
+        raise typer.Exit(2)
+
+
 def generate_cmd(
     model: str = typer.Argument(..., help="A model directory, a Hugging Face Hub id, or smollm2."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (tokenized with BOS as the model does)."),
@@ -58,6 +67,8 @@ def generate_cmd(
     device: str = typer.Option("auto", "--device", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | half | float16 | bfloat16 | float | "
                               "float32."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) | fp8 | fp8_e4m3 "
+                                       "(float8 e4m3 KV cache, per-layer scales)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, ...)."),
 ) -> None:
     """Generate from one prompt on a single in-process engine."""
@@ -70,12 +81,14 @@ def generate_cmd(
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
+    _check_kv_cache_dtype(kv_cache_dtype)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=list(stop), ignore_eos=ignore_eos)
         model_dir, _ = resolve_any_model(model)
         check_model_dir(model_dir)
-        engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, show_progress=not as_json))
+        engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                                        show_progress=not as_json))
         if prompt_ids is not None:
             ids = _parse_ids(prompt_ids)
         else:
@@ -130,6 +143,8 @@ def up_cmd(
                                "cuda | cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (the checkpoint's) | half | float16 | bfloat16 | "
                               "float | float32."),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="Workers' KV cache: auto (the model's "
+                                       "dtype) | fp8 | fp8_e4m3 (float8 e4m3, per-layer scales; half the bytes)."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="Context length in tokens "
                                                 "(default: the model's)."),
     gpu_memory_utilization: Optional[float] = typer.Option(
@@ -188,10 +203,13 @@ def up_cmd(
     from baton.engine.errors import ModelFilesError
     from baton.engine.model_files import check_model_dir
 
+    _check_kv_cache_dtype(kv_cache_dtype)
     workers = {"device": device, "dtype": dtype, "max_num_seqs": max_num_seqs,
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
     if quantization != "none":
         workers["quantization"] = quantization
+    if kv_cache_dtype != "auto":
+        workers["kv_cache_dtype"] = kv_cache_dtype
     if speculative_method != "off":
         workers |= {"speculative_method": speculative_method, "num_speculative_tokens": num_speculative_tokens,
                     "speculative_model": speculative_model}

@@ -23,17 +23,21 @@ class TritonBatch:
     cu_seqlens_q: torch.Tensor | None = None  # [requests + 1] int32 (steps with prefill chunks)
     fresh: list[tuple[int, int]] | None = None  # (first token, length) when every request starts at position 0
 
-    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_kv(kv_cache, layer, k, v, self.slot_mapping)
+    def write_kv(self, kv_cache: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 kv_scale: torch.Tensor | None = None) -> None:
+        write_kv(kv_cache, layer, k, v, self.slot_mapping, kv_scale)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-               sliding_window: int | None) -> torch.Tensor:
+               sliding_window: int | None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_scale: an FP8 cache's (K, V) scales of this layer."""
         if self.decode_only:
             return paged_decode_attention(q, kv_cache, layer, self.block_tables, self.context_lens, self.scale,
-                                          sliding_window, self.num_splits)
+                                          sliding_window, self.num_splits, kv_scale=kv_scale)
         if self.fresh is not None and sliding_window is None:
             out = torch.empty_like(q)
-            for start, n in self.fresh:  # no cached prefix: FlashAttention on this step's own k and v
+            # No cached prefix: FlashAttention on this step's own k and v (unquantized even with an FP8 cache, as
+            # vLLM's prefill reads them).
+            for start, n in self.fresh:
                 # 4-D [1, heads, tokens, dim]: SDPA's flash backend takes no 3-D input (it would fall back to
                 # the math backend, which materialises the whole score matrix).
                 o = F.scaled_dot_product_attention(
@@ -42,7 +46,7 @@ class TritonBatch:
                 out[start:start + n] = o[0].transpose(0, 1)
             return out
         return prefill_attention(q, kv_cache, layer, self.cu_seqlens_q, self.context_lens, self.block_tables,
-                                 self.scale, sliding_window)
+                                 self.scale, sliding_window, kv_scale=kv_scale)
 
 
 def build_triton_batch(queries: list[tuple[int, int, list[int]]], block_size: int, scale: float,

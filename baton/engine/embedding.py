@@ -64,11 +64,11 @@ class PackedAttention:
             mask = (causal[None] & valid[:, None, :])[:, None].to(device)
         return _Bucket(rows.to(device), valid.reshape(-1).to(device), rows[valid].to(device), mask)
 
-    def write_kv(self, kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_kv(self, kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, kv_scale=None) -> None:
         """Nothing is kept: an embedding forward is the whole request."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache, layer: int,
-               sliding_window: int | None) -> torch.Tensor:
+               sliding_window: int | None, kv_scale=None) -> torch.Tensor:
         out = torch.empty_like(q)
         for b in self.buckets:
             n, width = b.rows.shape

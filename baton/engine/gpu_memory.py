@@ -22,7 +22,7 @@ def kv_blocks_for_gpu(model: CausalLM, config: EngineConfig, mc: ModelConfig, bl
     bs = config.block_size
     blocks = -(-n // bs)
     cache = allocate_kv_cache(blocks, mc.num_layers, bs, mc.num_kv_heads, mc.head_dim,
-                              next(model.parameters()).dtype, device)
+                              config.resolve_kv_cache_dtype(next(model.parameters()).dtype), device)
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     batch = build_triton_batch([(0, n, list(range(blocks)))], bs, mc.head_dim ** -0.5, device, num_sms,
                                mc.num_kv_heads)

@@ -131,8 +131,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model = load_model(config, mc)
         self.dtype = next(self.model.parameters()).dtype
+        self.kv_cache_dtype = config.resolve_kv_cache_dtype(self.dtype)
         bs = config.block_size
-        block_nbytes = mc.num_layers * 2 * bs * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        # Bytes, not elements: an FP8 pool holds twice the blocks of a bf16 one in the same memory.
+        block_nbytes = mc.num_layers * 2 * bs * mc.num_kv_heads * mc.head_dim * self.kv_cache_dtype.itemsize
         draft = None
         if config.speculative_model:
             from baton.engine.draft_model import kv_block_nbytes, load_draft
@@ -148,7 +150,7 @@ class LLMEngine:
         elif num_blocks is None:
             num_blocks = max(1, int(config.kv_cache_memory_gb * 2**30) // block_nbytes)
         self.kv_cache = allocate_kv_cache(num_blocks, mc.num_layers, bs, mc.num_kv_heads, mc.head_dim,
-                                          self.dtype, config.device)
+                                          self.kv_cache_dtype, config.device)
         self.max_model_len = min(config.max_model_len or mc.max_position, mc.max_position, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, events)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

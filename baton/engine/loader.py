@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import torch
 from safetensors import safe_open
@@ -45,6 +46,10 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     # Buffers were made on the meta device; RoPE frequencies stay float32 as in the reference.
     model.rotary.inv_freq = rope_inv_freq(mc.rope, mc.head_dim).to(config.device)
     model.rotary.reset_tables()
+    # Per-layer K and V scales of an FP8 KV cache: float32, 1.0 (vLLM's default) unless the checkpoint has them.
+    kv_scales = torch.ones(mc.num_layers, 2, dtype=torch.float32, device=config.device)
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.kv_scale = kv_scales[i]
     if config.load_format == "dummy":
         return _quantized(_random_weights(model, config.seed), config)
     files = weight_files(model_dir)
@@ -68,6 +73,10 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
                         continue
                     if name.endswith(("rotary_emb.inv_freq", ".input_scale")):
                         continue  # FP8 activations are scaled per token on the fly, not by a static input_scale
+                    kv_scale = _KV_SCALE_NAME.fullmatch(name)
+                    if kv_scale is not None:
+                        _load_kv_scale(kv_scales, kv_scale, f.get_tensor(name), path.name, mc)
+                        continue
                     target = _param_slice(_scale_name(name, to_checkpoint=False), params, mc)
                     if target is None:
                         raise ModelFilesError(f"{path.name}: unexpected tensor '{name}' for {mc.arch}")
@@ -89,6 +98,23 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ModelFilesError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s): {shown}")
     return _quantized(model.eval(), config)
+
+
+# KV-cache scales as vLLM / compressed-tensors / llm-compressor checkpoints name them (kv_scale: one for both).
+_KV_SCALE_NAME = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:attn\.)?"
+                            r"(k_scale|v_scale|kv_scale|k_proj\.output_scale|v_proj\.output_scale)")
+
+
+def _load_kv_scale(kv_scales: torch.Tensor, match: re.Match, tensor: torch.Tensor, file: str,
+                   mc: ModelConfig) -> None:
+    layer, kind = int(match.group(1)), match.group(2)
+    if not layer < mc.num_layers:
+        raise ModelFilesError(f"{file}: unexpected tensor '{match.group(0)}': the model has {mc.num_layers} layers")
+    if tensor.numel() != 1 or not (tensor.float() > 0).all() or not tensor.float().isfinite().all():
+        raise ModelFilesError(f"{file}: tensor '{match.group(0)}' must be one positive finite number, got "
+                              f"shape {tuple(tensor.shape)}")
+    columns = {"k": [0], "v": [1], "kv": [0, 1]}[kind.split("_")[0]]
+    kv_scales[layer, columns] = tensor.float().reshape(()).to(kv_scales.device)
 
 
 def _quantized(model: CausalLM, config: EngineConfig) -> CausalLM:

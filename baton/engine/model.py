@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.engine.config import ModelConfig, RopeConfig
+from baton.engine.config import FP8_KV_DTYPE, ModelConfig, RopeConfig
 from baton.engine.quantization import Fp8Linear
 
 # oneDNN's linear (the one torch.compile's CPU backend calls) on the same dense weights; bench/engine_cpu.py
@@ -173,6 +173,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.sliding_window = config.sliding_window
+        # float32 [2]: this layer's K and V scales (the loader's: the checkpoint's, else 1.0); an FP8 cache uses them.
+        self.kv_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rope, kv_cache: torch.Tensor, batch) -> torch.Tensor:
         n = x.shape[0]
@@ -183,16 +185,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
+        kv_scale = self.kv_scale if kv_cache is not None and kv_cache.dtype == FP8_KV_DTYPE else None
         slots = getattr(batch, "slot_mapping", None)
         if rope[0] == "cuda" and slots is not None:  # one kernel rotates q, k and writes k, v into the cache
             from baton.kernels.rope import apply_rope as rope_kernel
 
             _, positions, cos, sin = rope
-            rope_kernel(q, k, positions, cos, sin, kv=(v, kv_cache, self.layer_idx, slots))
+            rope_kernel(q, k, positions, cos, sin, kv=(v, kv_cache, self.layer_idx, slots, kv_scale))
         else:
             q, k = apply_rope(q, k, rope)
-            batch.write_kv(kv_cache, self.layer_idx, k, v)
-        out = batch.attend(q, k, v, kv_cache, self.layer_idx, self.sliding_window)
+            batch.write_kv(kv_cache, self.layer_idx, k, v, kv_scale)
+        out = batch.attend(q, k, v, kv_cache, self.layer_idx, self.sliding_window, kv_scale)
         return linear(out.reshape(n, self.q_size), self.o_proj)
 
 

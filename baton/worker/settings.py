@@ -48,6 +48,9 @@ class WorkerSettings(ProcessSettings):
     # The names EngineConfig takes (engine.config is not imported here: it pulls in torch).
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = Field(
         "auto", description="auto (the checkpoint's) | half | float16 | bfloat16 | float | float32")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV cache storage: auto (the model's dtype) | fp8 / fp8_e4m3 (float8 e4m3, per-layer "
+                            "K and V scales from the checkpoint, else 1.0; half the bytes of bf16 per token)")
     max_model_len: int | None = Field(None, gt=0, description="context length in tokens (default: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of prompts that share a prefix")
     block_size: int = Field(16, ge=1, description="KV block size in tokens; must match the router's")
@@ -134,7 +137,8 @@ class WorkerSettings(ProcessSettings):
         from baton.engine.config import EngineConfig
 
         return EngineConfig(
-            model_dir=str(self.model_dir), device=self.device, dtype=self.dtype, block_size=self.block_size,
+            model_dir=str(self.model_dir), device=self.device, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
+            block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             quantization=None if self.quantization == "none" else self.quantization,

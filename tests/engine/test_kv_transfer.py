@@ -46,7 +46,7 @@ def assert_moved(src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids) -> None
     for s, d in zip(src_ids, dst_ids):
         assert torch.equal(src[s].view(torch.uint8), dst[d].view(torch.uint8)), f"block {s} -> {d} differs"
     untouched = sorted(set(range(dst.shape[0])) - set(dst_ids))
-    assert bool((dst[untouched] == -7.0).all()), "a block outside the destination list was written"
+    assert bool((dst[untouched].float() == -7.0).all()), "a block outside the destination list was written"
 
 
 @pytest.fixture
@@ -71,9 +71,10 @@ def test_block_runs_coalesce_only_when_both_sides_are_consecutive():
     assert block_runs([1, 2], [5, 4]) == [(1, 5, 1), (2, 4, 1)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moves_scattered_blocks_bit_exactly(pair, backend, dtype):
+    """An FP8 pool's blocks go as they are: a quarter of float32's bytes, half of bf16's."""
     src, dst = cache(32, dtype, seed=1), cache(48, dtype)
     sender, receiver = pair(backend, src, dst)
     tid = "req|1 \"é\""  # ids travel inside wire headers and notifications
@@ -140,6 +141,20 @@ def test_mismatched_geometry_is_a_clear_error(pair, backend):
             other.send(sender.endpoint(), "req", [0], [0], timeout_s=5)
     finally:
         other.close()
+    # An FP8 pool and a bf16 one of the same shape: refused by the sender, and by the layer-wise hand-off.
+    fp8, bf16 = create_transport(backend), create_transport(backend)
+    try:
+        fp8.register_cache(cache(8, torch.float8_e4m3fn, seed=4))
+        bf16.register_cache(cache(8, torch.bfloat16))
+        bf16.expect("fp8", [1])
+        with pytest.raises(KVTransferError, match="dtype float8_e4m3fn != bfloat16"):
+            fp8.send(bf16.endpoint(), "fp8", [0], [1], timeout_s=5)
+        with pytest.raises(KVTransferError, match="dtype float8_e4m3fn != bfloat16"):
+            fp8.start_layerwise(bf16.endpoint(), "fp8", 0, [1], timeout_s=5)
+        assert bf16.cancel("fp8")
+    finally:
+        fp8.close()
+        bf16.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,8 +26,8 @@ def model_dir(tmp_path_factory):
     return str(make_model(tmp_path_factory.mktemp("pd") / "model", arch="llama", vocab=512, seed=11))
 
 
-def reference(model_dir, prompt, max_tokens=12):
-    engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=128, show_progress=False))
+def reference(model_dir, prompt, max_tokens=12, kv_cache_dtype="auto"):
+    engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=128, show_progress=False, kv_cache_dtype=kv_cache_dtype))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return engine.generate([prompt], params)[0].output_ids
 
@@ -63,22 +63,27 @@ async def prefill_stats(address):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["tcp", "ipc", "ipc-layerwise", "nixl"])
+@pytest.mark.parametrize("transport", ["tcp", "ipc", "ipc-layerwise", "nixl", "tcp-fp8"])
 def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
     # find_spec, not import: loading UCX into this long-lived test process is what the workers must do, not us.
     if transport == "nixl" and importlib.util.find_spec("nixl") is None:
         pytest.skip("nixl is not installed")
+    transport, fp8 = transport.removesuffix("-fp8"), transport.endswith("-fp8")
     transport, layerwise = transport.removesuffix("-layerwise"), transport.endswith("-layerwise")
-    p = start_worker("prefill", model_dir, redis_url, f"p-{transport}-{layerwise}", "--kv-transport", transport,
-                     *(["--kv-layerwise"] if layerwise else []))
-    d = start_worker("decode", model_dir, redis_url, f"d-{transport}", "--kv-transport", transport)
+    kv_cache_dtype = "fp8" if fp8 else "auto"  # both workers and the single engine: FP8 blocks go as they are
+    p = start_worker("prefill", model_dir, redis_url, f"p-{transport}-{layerwise}-{fp8}", "--kv-transport", transport,
+                     "--kv-cache-dtype", kv_cache_dtype, *(["--kv-layerwise"] if layerwise else []))
+    d = start_worker("decode", model_dir, redis_url, f"d-{transport}-{fp8}", "--kv-transport", transport,
+                     "--kv-cache-dtype", kv_cache_dtype)
+    # The model is float32: an FP8 block is a quarter of its bytes.
+    block_nbytes = 2 * 2 * 16 * 2 * 16 * (1 if fp8 else 4)  # layers, K|V, block size, KV heads, head dim
     try:
         for i, prompt in enumerate(PROMPTS):
             chunks, stats = asyncio.run(decode(d.grpc_address, f"r{i}", prompt, prefill=p))
             assert not any(c.HasField("error") for c in chunks), chunks[-1]
             tokens = [t for c in chunks for t in c.token_ids]
-            assert tokens == reference(model_dir, prompt), f"prompt {i}"
-            assert chunks[0].prefill.kv_bytes > 0
+            assert tokens == reference(model_dir, prompt, kv_cache_dtype=kv_cache_dtype), f"prompt {i}"
+            assert chunks[0].prefill.kv_bytes == -(-len(prompt) // 16) * block_nbytes
             assert chunks[-1].usage.completion_tokens == 12
             assert chunks[-1].usage.prompt_tokens == len(prompt)
         assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
@@ -91,6 +96,25 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
             assert metric(p, "baton_kv_ipc_peer_mappings_total")[""] == 1  # the decode pool is mapped once
             # every hand-off (one per prompt) copied layer by layer with --kv-layerwise, none without
             assert metric(p, "baton_kv_layerwise_handoffs_total").get("", 0) == (len(PROMPTS) if layerwise else 0)
+    finally:
+        p.stop()
+        d.stop()
+
+
+@pytest.mark.slow
+def test_kv_cache_dtype_mismatch_is_refused_and_frees_the_blocks(model_dir, redis_url):
+    """An FP8 prefill worker and a float32 decode worker never swap bytes: the request fails naming both dtypes,
+    and neither worker keeps a block."""
+    p = start_worker("prefill", model_dir, redis_url, "p-fp8-mix", "--kv-transport", "tcp", "--kv-cache-dtype", "fp8")
+    d = start_worker("decode", model_dir, redis_url, "d-auto-mix", "--kv-transport", "tcp")
+    try:
+        chunks, stats = asyncio.run(decode(d.grpc_address, "mix", PROMPTS[1], prefill=p))
+        err = chunks[-1].error
+        assert err.kind == worker_pb2.DecodeError.KIND_PREFILL_FAILED, chunks[-1]
+        assert "dtype float8_e4m3fn != float32" in err.message, err.message
+        assert not any(c.token_ids for c in chunks)
+        assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
+        assert asyncio.run(prefill_stats(p.grpc_address)).kv_blocks_used == 0
     finally:
         p.stop()
         d.stop()

@@ -64,6 +64,23 @@ def test_a_bad_dtype_is_refused_naming_the_flag_not_with_a_traceback(model_dir):
         EngineConfig(str(model_dir), device="cpu", dtype="fp8")
 
 
+@pytest.mark.parametrize("given", ["auto", "fp8", "fp8_e4m3"])
+def test_kv_cache_dtype_flag_reaches_the_engine_config(model_dir, served, given):
+    result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), "--kv-cache-dtype", given])
+    assert result.exit_code == 0, result.output
+    assert served[0].engine_config().kv_cache_dtype == given
+
+
+def test_a_bad_kv_cache_dtype_is_one_line_naming_the_flag(model_dir):
+    result = CliRunner().invoke(app, ["prefill-worker", "--model", str(model_dir), "--kv-cache-dtype", "fp16"])
+    assert result.exit_code == 2 and "setting 'kv_cache_dtype' (flag --kv-cache-dtype)" in result.output
+    assert "Traceback" not in result.output
+    for command in (["generate", str(model_dir), "--prompt-ids", "1,2"], ["up", "--model", str(model_dir)]):
+        result = CliRunner().invoke(app, [*command, "--kv-cache-dtype", "e5m2"])
+        assert result.exit_code == 2
+        assert result.output.strip() == "error: --kv-cache-dtype must be one of auto, fp8, fp8_e4m3, got 'e5m2'"
+
+
 def test_router_chat_template_replaces_the_models_own(model_dir, tmp_path):
     default = Router(RouterConfig.load(model=str(model_dir))).service.tokenizer
     assert default.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>")

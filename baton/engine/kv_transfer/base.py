@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from prometheus_client import Counter, Histogram
 
-from baton.engine.config import DTYPES
+from baton.engine.config import KV_STORAGE_DTYPES
 
 # Version of the endpoint descriptor and of every backend's hand-off payload; bump on any change.
 PROTOCOL_VERSION = 1
@@ -51,17 +51,19 @@ class CacheGeometry:
         if not kv_cache.is_contiguous():
             raise KVTransferError("kv_cache must be contiguous so that each block is one span of memory")
         dtype = str(kv_cache.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
-            raise KVTransferError(f"kv_cache dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        if dtype not in KV_STORAGE_DTYPES:
+            raise KVTransferError(f"kv_cache dtype must be one of {sorted(KV_STORAGE_DTYPES)}, got {dtype}")
         n, layers, _, block_size, heads, head_dim = kv_cache.shape
         return cls(n, layers, block_size, heads, head_dim, dtype)
 
     @property
     def block_nbytes(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
+        itemsize = KV_STORAGE_DTYPES[self.dtype].itemsize
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
     def check_compatible(self, peer: CacheGeometry) -> None:
-        """Raise unless a block of ours and a block of the peer's hold the same thing (num_blocks may differ)."""
+        """Raise unless a block of ours and a block of the peer's hold the same thing (num_blocks may differ): the
+        dtype too, so an FP8 pool and a bf16 one never swap bytes."""
         diffs = [f"{name} {getattr(self, name)} != {getattr(peer, name)}"
                  for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
                  if getattr(self, name) != getattr(peer, name)]

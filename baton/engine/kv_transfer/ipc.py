@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from prometheus_client import Counter
 
-from baton.engine.config import DTYPES
+from baton.engine.config import KV_STORAGE_DTYPES
 from baton.engine.kv_transfer.base import Endpoint, KVTransferError, KVTransport, LayerwiseSend, TransferResult, \
     block_runs
 
@@ -166,7 +166,7 @@ class IpcTransport(KVTransport):
                 return pool
             g = peer.geometry
             shape = (g.num_blocks, g.num_layers, 2, g.block_size, g.num_kv_heads, g.head_dim)
-            dtype = DTYPES[g.dtype]
+            dtype = KV_STORAGE_DTYPES[g.dtype]
             if p["pool_id"] in _OWN_POOLS:
                 pool = _OWN_POOLS[p["pool_id"]]
             elif p.get("kind") == "cuda":
