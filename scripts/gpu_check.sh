@@ -7,6 +7,7 @@
 #   tests: GPU kernel/runtime tests, async scheduling on the GPU, real prefill + decode worker processes handing
 #          KV over CUDA IPC (token-exact at fp32 against one engine), and a `baton up` cluster serving the OpenAI API
 #   bench: bench/engine_gpu.py (Llama-3-8B-shaped bf16);  kv: bench/kv_transfer.py --device cuda
+#   so: bench/structured_output.py on Llama-3-8B-shaped weights with SmolLM2's tokenizer (carry .gpu_assets)
 #   layerwise: bench/kv_layerwise.py (prefill + layer-wise vs whole hand-off, 4k-32k tokens)
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
@@ -30,9 +31,13 @@ if [ "$STEP" = prepare ]; then
     rpds-py jsonschema-specifications sniffio grpcio opentelemetry-api annotated-doc
   (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 && for f in *%3a*; do
      [ -e "$f" ] && mv "$f" "${f//%3a/_}"; done; true)
+  # The real model's tokenizer (no weights): bench/structured_output.py --shape llama3-8b masks its vocabulary.
+  SMOL="$HOME/.cache/baton/models/SmolLM2-135M-Instruct"
+  mkdir -p .gpu_assets/smollm2
+  for f in config.json generation_config.json tokenizer.json tokenizer_config.json; do cp "$SMOL/$f" .gpu_assets/smollm2/; done
   rm -f .whl/baton-*.whl
   .venv/bin/pip wheel -q --no-deps --no-build-isolation -w .whl .
-  du -sh .whl .debs
+  du -sh .whl .debs .gpu_assets
   exit 0
 fi
 
@@ -65,8 +70,10 @@ case "$STEP" in
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
+  so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \
+        --out "$OUT/structured_output_gpu.json" ;;
   layerwise) $PY "$R"/bench/kv_layerwise.py --tokens 4096,16384,32768 --out "$OUT/kv_layerwise.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|layerwise|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|layerwise|so|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
