@@ -1,12 +1,21 @@
-"""FP8 weights (`--quantization fp8`) against the model dtype, measured side by side in one run.
+"""FP8 weights (`--quantization fp8`) and the FP8 KV cache (`--kv-cache-dtype fp8`) against the model dtype,
+measured side by side in one run.
 
 speed (CUDA): Llama-3-8B-shaped random weights, bf16 engine then FP8 engine: decode tok/s at batch 1 and 64
   (1k context) and prefill of 4k tokens; writes bench/results/fp8.json.
 quality (CPU or CUDA): a real checkpoint (default: `baton up`'s SmolLM2-135M-Instruct) in bf16 and in FP8:
   perplexity on bench/data/declaration_of_independence.txt (public domain, teacher-forced prompt logprobs) and
   greedy agreement (tokens before the first divergence) on a few prompts; writes bench/results/fp8_quality.json.
+kv-speed (CUDA): Llama-3-8B-shaped bf16 weights, a bf16 KV cache then an FP8 one: decode tok/s at batch 1 and 64
+  over 4k-token contexts (where reading the KV cache is much of a step) and the blocks each pool gets from the same
+  --gpu-memory-utilization; writes bench/results/fp8_kv.json.
+kv-quality (CPU or CUDA): as quality, bf16 weights with a bf16 KV cache vs an FP8 one with the checkpoint's scales
+  (else 1.0, vLLM's default), and vs one with per-layer scales calibrated on the text (absmax / 448 of what the bf16
+  cache held, written into a copy of the checkpoint under vLLM's k_scale / v_scale names);
+  writes bench/results/fp8_kv_quality.json.
 
 Usage: python bench/fp8.py speed [--quick]  |  python bench/fp8.py quality [--model DIR] [--device cpu]
+       python bench/fp8.py kv-speed [--quick]  |  python bench/fp8.py kv-quality [--model DIR] [--device cpu]
 """
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ from baton.engine.sampling_params import SamplingParams  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "declaration_of_independence.txt"
+# What the bf16 and the FP8 engine of each mode differ in.
+VARIANTS = {"weights": {"bf16": {}, "fp8": {"quantization": "fp8"}},
+            "kv": {"bf16": {}, "fp8": {"kv_cache_dtype": "fp8"}}}
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France? Explain briefly.",
            "List three uses of a paperclip.", "def fibonacci(n):", "The theory of relativity says that"]
 
@@ -73,9 +85,62 @@ def speed(args) -> int:
     return 0
 
 
-def _engine(model_dir: str, device: str, quant: str | None) -> LLMEngine:
-    return LLMEngine(EngineConfig(model_dir, device=device, dtype="bfloat16", quantization=quant, num_kv_blocks=256,
-                                  max_num_seqs=8, enable_prefix_caching=False, show_progress=False))
+def kv_speed(args) -> int:
+    """Decode over long contexts with a bf16 and an FP8 KV cache; the pools come from the same memory share."""
+    from bench.engine_gpu import LLAMA3_8B, QUICK, decode_rate
+
+    config = QUICK if args.quick else LLAMA3_8B
+    context, new_tokens = (1024, 32) if args.quick else (4096, 64)
+    rows, outputs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        for name, variant in VARIANTS["kv"].items():
+            engine = LLMEngine(EngineConfig(tmp, device="cuda", dtype="bfloat16", load_format="dummy", max_num_seqs=64,
+                                            max_num_batched_tokens=8192, max_model_len=context + new_tokens + 32,
+                                            gpu_memory_utilization=0.6, enable_prefix_caching=False,
+                                            show_progress=False, **variant))
+            cache = engine.kv_cache
+            row = {"kv_dtype": str(cache.dtype).removeprefix("torch."), "kv_blocks": cache.shape[0],
+                   "kv_gb": cache.numel() * cache.element_size() / 1e9,
+                   "kv_tokens": cache.shape[0] * engine.config.block_size}
+            for batch in (1, 64):
+                row[f"b{batch}_tok_s"], outputs[(name, batch)] = decode_rate(engine, batch, context, new_tokens)
+            rows[name] = row
+            print(f"KV {name}: {row['kv_blocks']} blocks ({row['kv_tokens']} tokens) in {row['kv_gb']:.1f} GB, "
+                  f"decode b1 {row['b1_tok_s']:.0f} tok/s, b64 {row['b64_tok_s']:.0f} tok/s", flush=True)
+            del engine, cache
+            gc.collect()
+            torch.cuda.empty_cache()
+    bf, f8 = rows["bf16"], rows["fp8"]
+    print(f"\n| KV cache | GB | tokens held | decode b1 tok/s ({context} ctx) | decode b64 tok/s ({context} ctx) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['kv_gb']:.1f} | {r['kv_tokens']} | {r['b1_tok_s']:.0f} | {r['b64_tok_s']:.0f} |")
+    # Random weights: greedy ids mostly agree, not exactly (FP8 rounds the keys and values).
+    agree = [agreement_of(a, b) for batch in (1, 64)
+             for a, b in zip(outputs[("bf16", batch)], outputs[("fp8", batch)])]
+    head = {"b1_fp8_over_bf16": round(f8["b1_tok_s"] / bf["b1_tok_s"], 3),
+            "b64_fp8_over_bf16": round(f8["b64_tok_s"] / bf["b64_tok_s"], 3),
+            "kv_tokens_fp8_over_bf16": round(f8["kv_tokens"] / bf["kv_tokens"], 3),
+            "greedy_agreement": round(sum(n for n, _ in agree) / max(1, sum(m for _, m in agree)), 3)}
+    emit("fp8_kv", head, {"model": "quick" if args.quick else "llama3-8b-shaped", "context": context,
+                          "device": torch.cuda.get_device_name(), "rows": rows}, out=args.out)
+    return 0
+
+
+def agreement_of(a: list[int], b: list[int]) -> tuple[int, int]:
+    """(tokens equal before the first divergence, tokens compared)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n, min(len(a), len(b))
+
+
+def _engine(model_dir: str, device: str, variant: dict) -> LLMEngine:
+    return LLMEngine(EngineConfig(model_dir, device=device, dtype="bfloat16", num_kv_blocks=256, max_num_seqs=8,
+                                  enable_prefix_caching=False, show_progress=False, **variant))
 
 
 def perplexity(engine: LLMEngine, ids: list[int]) -> float:
@@ -87,64 +152,89 @@ def perplexity(engine: LLMEngine, ids: list[int]) -> float:
     return math.exp(-sum(scores) / len(scores))
 
 
+def with_kv_scales(model_dir: Path, kv_cache: torch.Tensor, out: Path) -> Path:
+    """A copy of model_dir (weights linked) plus per-layer K and V scales: absmax / 448 of kv_cache's values."""
+    from safetensors.torch import save_file
+
+    amax = kv_cache.float().abs().amax(dim=(0, 3, 4, 5)).cpu()  # [layers, K|V]
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = sorted(model_dir.glob("*.safetensors"))
+    assert not (model_dir / "model.safetensors.index.json").exists() and len(weights) == 1, "one weights file"
+    (out / "weights-0.safetensors").symlink_to(weights[0].resolve())  # no model.safetensors: both files load
+    save_file({f"model.layers.{i}.self_attn.{kind}_scale": (amax[i, j] / 448).clamp(min=1e-8).reshape(())
+               for i in range(amax.shape[0]) for j, kind in enumerate("kv")}, out / "weights-1.safetensors")
+    return out
+
+
 def quality(args) -> int:
     from baton.devtools.fetch_model import resolve_any_model
 
+    kv = args.mode == "kv-quality"
+    what = "KV cache" if kv else "weights"
     model_dir, name = resolve_any_model(args.model)
     text_ids = None
     result = {}
     outputs = {}
-    for quant in (None, "fp8"):
-        engine = _engine(str(model_dir), args.device, quant)
+    calibrated = tempfile.TemporaryDirectory()
+    runs = [(label, model_dir, variant) for label, variant in VARIANTS["kv" if kv else "weights"].items()]
+    if kv:
+        runs.append(("fp8_calibrated", Path(calibrated.name), VARIANTS["kv"]["fp8"]))
+    for label, path, variant in runs:
+        engine = _engine(str(path), args.device, variant)
         if text_ids is None:
             text_ids = engine.tokenizer.encode(TEXT.read_text())[: engine.max_model_len - 1]
-        label = quant or "bf16"
         result[label] = {"perplexity": perplexity(engine, text_ids)}
+        if kv and label == "bf16":  # the bf16 cache now holds the whole text's keys and values
+            with_kv_scales(Path(model_dir), engine.kv_cache, Path(calibrated.name))
         prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
         seqs = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
         outputs[label] = [s.output_ids for s in seqs]
-        print(f"{label}: perplexity {result[label]['perplexity']:.3f}", flush=True)
+        print(f"{what} {label}: perplexity {result[label]['perplexity']:.3f}", flush=True)
         del engine
         gc.collect()
-    agree = []
-    for a, b in zip(outputs["bf16"], outputs["fp8"]):
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        agree.append((n, min(len(a), len(b))))
-    ppl_ratio = result["fp8"]["perplexity"] / result["bf16"]["perplexity"]
-    print(f"\n| weights | perplexity ({len(text_ids)} tokens) |")
-    print("|---|---:|")
+    calibrated.cleanup()
+    agree = {label: [agreement_of(a, b) for a, b in zip(outputs["bf16"], outputs[label])] for label in result}
+    print(f"\n| {what} | perplexity ({len(text_ids)} tokens) | greedy tokens before the first divergence from bf16 |")
+    print("|---|---:|---|")
     for label, r in result.items():
-        print(f"| {label} | {r['perplexity']:.3f} |")
-    print("greedy tokens agreeing before the first divergence (fp8 vs bf16): "
-          + ", ".join(f"{n}/{m}" for n, m in agree))
+        print(f"| {label} | {r['perplexity']:.3f} | {', '.join(f'{n}/{m}' for n, m in agree[label])} |")
+
+    def share(label: str) -> float:
+        return round(sum(n for n, _ in agree[label]) / sum(m for _, m in agree[label]), 3)
+
     head = {"ppl_bf16": round(result["bf16"]["perplexity"], 4), "ppl_fp8": round(result["fp8"]["perplexity"], 4),
-            "ppl_fp8_over_bf16": round(ppl_ratio, 4),
-            "greedy_agreement": round(sum(n for n, _ in agree) / sum(m for _, m in agree), 3)}
-    emit("fp8_quality", head, {"model": name, "device": args.device, "text_tokens": len(text_ids),
-                               "agreement": agree}, out=args.out)
+            "ppl_fp8_over_bf16": round(result["fp8"]["perplexity"] / result["bf16"]["perplexity"], 4),
+            "greedy_agreement": share("fp8")}
+    if kv:
+        head |= {"ppl_fp8_calibrated": round(result["fp8_calibrated"]["perplexity"], 4),
+                 "ppl_fp8_calibrated_over_bf16": round(result["fp8_calibrated"]["perplexity"]
+                                                       / result["bf16"]["perplexity"], 4),
+                 "greedy_agreement_calibrated": share("fp8_calibrated")}
+    emit("fp8_kv_quality" if kv else "fp8_quality", head,
+         {"model": name, "device": args.device, "text_tokens": len(text_ids), "agreement": agree}, out=args.out)
     return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    s = sub.add_parser("speed", help="decode and prefill speed on a CUDA device, bf16 vs FP8")
-    s.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
-    s.add_argument("--out", default=None)
-    q = sub.add_parser("quality", help="perplexity and greedy agreement on a real checkpoint, bf16 vs FP8")
-    q.add_argument("--model", default="smollm2", help="model directory, Hub id or packaged name (default smollm2)")
-    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    q.add_argument("--out", default=None)
+    for mode, what in (("speed", "FP8 weights"), ("kv-speed", "an FP8 KV cache")):
+        s = sub.add_parser(mode, help=f"decode speed on a CUDA device, bf16 vs {what}")
+        s.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
+        s.add_argument("--out", default=None)
+    for mode, what in (("quality", "FP8 weights"), ("kv-quality", "an FP8 KV cache")):
+        q = sub.add_parser(mode, help=f"perplexity and greedy agreement on a real checkpoint, bf16 vs {what}")
+        q.add_argument("--model", default="smollm2", help="model directory, Hub id or packaged name (default smollm2)")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        q.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.mode == "speed":
+    if args.mode in ("speed", "kv-speed"):
         if not torch.cuda.is_available():
-            print("bench/fp8.py speed needs a CUDA device", file=sys.stderr)
+            print(f"bench/fp8.py {args.mode} needs a CUDA device", file=sys.stderr)
             return 2
-        return speed(args)
+        return speed(args) if args.mode == "speed" else kv_speed(args)
     return quality(args)
 
 
