@@ -136,13 +136,17 @@ def paged_decode_attention(
     partial_out: torch.Tensor | None = None,
     partial_lse: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, D] (one token per request) over each request's first context_lens[b] cached keys.
 
     block_tables [B, max_blocks] and context_lens [B] are int32. partial_out [B, Hq, num_splits, D] and
     partial_lse [B, Hq, num_splits] (float32) are scratch; pass them and out [B, Hq, D] preallocated to
     capture the call in a CUDA graph. A request with context_lens 0 gets zeros. An FP8 (float8_e4m3fn) cache
-    takes kv_scale: float32 [2], the layer's K and V scales.
+    takes kv_scale: float32 [2], the layer's K and V scales. block_n (keys per loop step, a multiple of the
+    page size), num_warps and num_stages tune the split kernel (bench/decode_attention.py sweeps them).
     """
     batch, num_heads, head_dim = q.shape
     _, _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -166,9 +170,9 @@ def paged_decode_attention(
         block_tables.stride(0),
         layer, scale * _LOG2E, sliding_window or 0,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=max(64, block_size),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=max(block_n or 64, block_size),
         UPCAST=q.device.type != "cuda",  # the CPU interpreter gets bf16 arithmetic wrong
-        FP8_KV=fp8, num_warps=4, num_stages=2,
+        FP8_KV=fp8, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(batch, num_heads)](
         partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
