@@ -75,3 +75,38 @@ def test_kv_pool_is_sized_from_gpu_memory_utilization(tmp_path):
     total = torch.cuda.get_device_properties(0).total_memory
     assert len(small.block_manager.blocks) < len(large.block_manager.blocks)
     assert small.kv_cache.numel() * small.kv_cache.element_size() < 0.05 * total
+
+
+def test_fp8_kv_cache_on_the_gpu_scores_like_the_cpu_fp8_engine_and_replays_graphs(tmp_path):
+    """The GPU's FP8 path (fused RoPE + FP8 write, paged prefill and decode kernels, CUDA graphs) against the CPU's
+    torch FP8 path and the GPU's model-dtype cache. A fresh prompt's own attention reads unquantized k and v on
+    the GPU (FlashAttention) but the cache on the CPU, so the two FP8 engines agree within FP8's error only."""
+    model_dir = make_hf_checkpoint(tmp_path / "m", "qwen2", seed=5)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (7, 40, 90, 130)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+
+    def run(device, kv_cache_dtype, eager=False):
+        engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype="float32", num_kv_blocks=128,
+                                        kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=64, max_num_seqs=8,
+                                        enforce_eager=eager, show_progress=False))
+        seqs = engine.generate(prompts, params)
+        stats = engine.stats().blocks
+        assert stats.in_use == 0 and stats.free + stats.cached == stats.total
+        return (torch.tensor([lp for s in seqs for lp in s.prompt_logprobs if lp is not None]),
+                [s.output_ids for s in seqs])
+
+    gpu, gpu_eager, cpu, auto = (run("cuda", "fp8"), run("cuda", "fp8", eager=True), run("cpu", "fp8"),
+                                 run("cuda", "auto"))
+    assert gpu[1] == gpu_eager[1]  # graph replay equals eager steps
+    assert (gpu[0] - cpu[0]).abs().max() < 0.05
+    assert (gpu[0] - auto[0]).abs().max() < 0.05
+
+
+def test_fp8_kv_pool_from_gpu_memory_utilization_holds_twice_the_bf16_blocks(tmp_path):
+    model_dir = make_hf_checkpoint(tmp_path / "m", "llama", seed=1)
+    engines = [LLMEngine(EngineConfig(str(model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.05,
+                                      kv_cache_dtype=kv, show_progress=False)) for kv in ("auto", "fp8")]
+    bf16, fp8 = (len(e.block_manager.blocks) for e in engines)
+    assert engines[1].kv_cache.dtype == torch.float8_e4m3fn
+    assert 1.9 < fp8 / bf16 < 2.1
