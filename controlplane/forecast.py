@@ -79,6 +79,9 @@ class Forecast:
     upper: Load  # expected + z sigma of the level: what the planner provisions for (the capacity model's
     # queueing already covers the arrivals' own randomness around it)
     noise: float  # the band's width relative to the expected prompt tokens/s, for the decision record
+    wander: float  # the same less a shift's own band: how far the level moves tick to tick, the margin against
+    # flapping (a shift's band only shrinks as its arrivals add up, and `upper` holds it already: counted twice,
+    # it kept the spike example's burst replicas for minutes)
     rising: bool = False  # in a sudden step up: a queue is the step's, not the ordinary one of a busy pool
 
 
@@ -153,17 +156,19 @@ class LoadForecaster:
     def forecast(self, horizon_s: float, z: float, window_s: float) -> Forecast:
         """Never below the level: a falling trend waits for the load itself to fall before replicas go. During
         a shift the band is the sampling noise of the arrivals since it began."""
-        expected, upper = {}, {}
+        expected, upper, band = {}, {}, {}
         poisson = _poisson(self.series["request_rate"].level or 0.0, window_s)
         since = math.sqrt(2.0 / max(1.0, self.shift.requests)) if self.shift is not None else 0.0
         for name, s in self.series.items():
             level = s.level or 0.0
             smoothing = math.sqrt(s.alpha / (2 - s.alpha))  # how much smoothing narrows errors for the level
             expected[name] = max(level, s.forecast(horizon_s))
-            upper[name] = expected[name] + z * max(smoothing * max(s.sigma, poisson * level), since * level)
+            band[name] = z * smoothing * max(s.sigma, poisson * level)
+            upper[name] = expected[name] + max(band[name], z * since * level)
         exp_prompt = expected["prompt_tokens_per_s"]
         noise = (upper["prompt_tokens_per_s"] - exp_prompt) / exp_prompt if exp_prompt > 0 else 0.0
-        return Forecast(expected=Load(**expected), upper=Load(**upper), noise=noise,
+        wander = band["prompt_tokens_per_s"] / exp_prompt if exp_prompt > 0 else 0.0
+        return Forecast(expected=Load(**expected), upper=Load(**upper), noise=noise, wander=wander,
                         rising=self.shift is not None and self.shift.direction > 0)
 
 

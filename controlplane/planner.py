@@ -69,6 +69,7 @@ DRAIN_SHARE = 0.25
 class _PoolState:
     spec: int
     history: rm.PoolHistory
+    since: float  # when this planner first planned the pool
     base: int = -1  # the load-driven part of `spec`: what it would be without replicas draining a queue
     forecaster: LoadForecaster = field(default_factory=LoadForecaster)
     correction: CapacityCorrection = field(default_factory=CapacityCorrection)
@@ -145,7 +146,7 @@ class Planner:
         now = inp.now
         st = self._pools.get(key)
         if st is None:
-            st = self._pools[key] = _PoolState(spec=self._ready(inp, key), history=rm.PoolHistory([]))
+            st = self._pools[key] = _PoolState(spec=self._ready(inp, key), history=rm.PoolHistory([]), since=now)
         current = st.spec
         base_now = current if st.base < 0 else min(st.base, current)
         sig = inp.signals.get(key)
@@ -222,6 +223,7 @@ class Planner:
         inputs = {f"load_{unit}_per_s": round(measured.tokens(pool_name), 3),
                   f"forecast_{unit}_per_s": round(fc.expected.tokens(pool_name), 3),
                   f"upper_{unit}_per_s": round(fc.upper.tokens(pool_name), 3), "noise": round(fc.noise, 4),
+                  "wander": round(fc.wander, 4),
                   "shift": st.forecaster.shift.direction if st.forecaster.shift is not None else 0,
                   "needed_replicas": round(needed, 3) if math.isfinite(needed) else None,
                   "capacity_factor": round(st.correction.value, 3), "request_rate": round(sig.request_rate, 4),
@@ -232,8 +234,9 @@ class Planner:
         # Load-driven needs go through hysteresis and the stabilisation window; the queue's drain replicas are
         # added on top and leave as soon as the queue is gone, instead of being held for a window.
         load_need = min(float(pol.max_replicas), max(v for k, v in needs.items() if k != "queue"))
-        # The margin grows with the forecast's own noise: a dip of a sigma or two is not a reason to shrink.
-        raw = rm.with_hysteresis(base_now, load_need, pol.tolerance + fc.noise)
+        # The margin grows with how far the forecast's level wanders: a dip of a sigma or two is not a reason to
+        # shrink.
+        raw = rm.with_hysteresis(base_now, load_need, pol.tolerance + fc.wander)
         if raw == base_now and math.ceil(load_need - 1e-9) < base_now:
             limits.append("hysteresis")
         drain_raw = math.ceil(min(float(pol.max_replicas), needs.get("queue", 0.0)) - 1e-9)
@@ -268,6 +271,12 @@ class Planner:
         n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down)
         if n != raw:
             limits.append("stabilization")
+        if n < base_now and now - st.since < policy.signals.window_s:
+            # Until it has watched a whole window the forecast has no errors of its own to size its band by, and
+            # its level may be one partial window's: too little to shrink on (in the spike example's replay the
+            # first 5 s took eu-west's decode pool to one replica, whose KV pool then overflowed).
+            n = base_now
+            limits.append("first-window")
         load_n = n
         n = max(n, drain_raw)
         stepped = rm.step_limit(current, n, pol.scale_up, pol.scale_down)

@@ -144,3 +144,22 @@ def test_a_shift_measures_its_level_from_its_start_until_the_window_holds_only_i
         f.update(120.0 + 5 * k, SignalWindow(15.0, 15_000.0, 1500.0, recent=Interval(5.0, 75, 75_000, 7500)), 60)
     assert f.shift is None and not f.forecast(25, 2.0, 60).rising
     assert f.series["prompt_tokens_per_s"].level == pytest.approx(15_000, rel=0.01)
+
+
+def test_a_shift_band_widens_the_upper_load_but_not_the_scale_down_margin():
+    f = LoadForecaster()
+    for i in range(24):  # 3 requests/s of 1,000 tokens, 5 s ticks, a 60 s window
+        f.update(i * 5.0, SignalWindow(3.0, 3000.0, 300.0, recent=Interval(5.0, 15, 15_000, 1500)), 60)
+    for k, n in enumerate((75, 80, 70)):  # a step to 15 requests/s: 225 requests since it began
+        f.update(120.0 + 5 * k, SignalWindow(4.0, 4000.0, 400.0, recent=Interval(5.0, n, 1000 * n, 100 * n)), 60)
+    fc = f.forecast(25, 2.0, 60)
+    shift_band = 2 * math.sqrt(2 / 225)
+    assert fc.upper.prompt_tokens_per_s == pytest.approx(15_000 * (1 + shift_band))
+    # The margin against flapping is the level's own wander: 2 sigma of a 60 s window at 15 requests/s, narrowed
+    # by Holt's smoothing (alpha 0.2), about a sixth of the shift's band.
+    wander = 2 * math.sqrt(0.2 / 1.8) * math.sqrt(2 / (15 * 60))
+    assert fc.wander == pytest.approx(wander) and fc.wander < fc.noise / 5
+    for k in range(3, 12):  # once the window holds only the new level, band and margin are the same again
+        f.update(120.0 + 5 * k, SignalWindow(15.0, 15_000.0, 1500.0, recent=Interval(5.0, 75, 75_000, 7500)), 60)
+    fc = f.forecast(25, 2.0, 60)
+    assert f.shift is None and fc.wander == pytest.approx(fc.noise)

@@ -299,3 +299,45 @@ def test_a_queue_is_drained_with_the_replicas_already_starting():
     assert min(desired_log[12:16]) >= first  # none cancelled while they start
     assert max(desired_log[12:16]) <= first + 2  # the projection foresaw the growth: no chase, tick after tick
     assert desired_log[-1] <= 6  # queue gone: back to the load's 4.5 replicas plus the band
+
+
+FIRM_POLICY = """\
+tick_s: 10
+signals: {window_s: 120}
+clusters:
+  - {name: a, region: r1, backend: local, gpus: 100}
+models:
+  - name: m
+    regions:
+      r1:
+        prefill:
+          max_replicas: 40
+          capacity_tokens_per_s: 1000
+          tolerance: 0.0
+          ttft_p90_ms: 1000
+          scale_up: {stabilization_s: 0, max_step: 40, cooldown_s: 0}
+          scale_down: {stabilization_s: 0, max_step: 40, cooldown_s: 0}
+        decode: {capacity_tokens_per_s: 100, itl_p90_ms: 50}
+"""
+
+
+def test_a_step_comes_down_as_its_level_firms_up_not_when_the_window_holds_only_it():
+    """After a step the band is that of the arrivals since it began (wide at first) and shrinks as they add up;
+    the scale-down margin is only how far the level wanders, so the replicas that band asked for go once it has
+    narrowed, not a whole window later when the step stops being one."""
+    pol = parse_policy(FIRM_POLICY)
+    desired, decisions = run(pol, traffic([60] * 12 + [929] * 12, window_ticks=12))
+    assert decisions[12].inputs["shift"] == 1 and desired[12] == 15  # 929 requests' band: ~9%
+    assert decisions[12].inputs["noise"] > 4 * decisions[12].inputs["wander"]
+    firm = next(i for i in range(13, 24) if desired[i] < desired[12])
+    assert decisions[firm].inputs["shift"] == 1 and firm <= 16  # within the step's first 40 s
+    assert set(desired[firm:]) == {14}  # and no lower: that is the level's need
+    assert decisions[-1].inputs["shift"] == 0  # the window holds only the new level from here on
+
+
+def test_a_planner_does_not_shrink_a_pool_before_it_has_watched_a_whole_window():
+    # 8 ready replicas for 2,600 tokens/s (3 replicas' worth): a fresh planner (a restart, or a replay's first
+    # tick) holds them until it has seen a 60 s window, then scales down at once, the margin allowing.
+    desired, decisions = run(policy(window=60, down_step=10), [window(2600)] * 12, start=8)
+    assert desired[:6] == [8] * 6 and all("first-window" in d.limits for d in decisions[:6])
+    assert desired[6] == 3 and "first-window" not in decisions[6].limits

@@ -48,19 +48,21 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
     total = result.total()
     # The oracle, sized by the same capacity model, meets the SLO in the simulated world: model and world agree.
     assert total.attainment("oracle") >= 0.999 and total.attainment("static") >= 0.999
-    # This run (README, bench/autoscale.py): 1.17x the oracle, 0.42x static peak; 98.6% of request checks within
+    # This run (README, bench/autoscale.py): 1.15x the oracle, 0.42x static peak; 98.65% of request checks within
     # their SLO, the misses being the spike's first ~25 s, until replicas asked for at the first tick after it
     # serve (they take 20 s to start). Meanwhile about 14% of us-east's requests go to eu-west's spare ready
-    # replicas (80 ms further away): without that spill, 98.3%.
+    # replicas (80 ms further away): without that spill, 98.4%.
     assert total.ratio("static") <= 0.45
-    assert total.ratio("oracle") <= 1.2
-    assert total.attainment() >= 0.985
+    assert total.ratio("oracle") <= 1.16
+    assert total.attainment() >= 0.986
     assert [x for x, share in spilled if share > 0] == [1205, 1210, 1215, 1220]  # the start-up gap, no longer
     assert all(share <= 0.5 for _x, share in spilled)  # the rule's max_share
     assert result.pools[("llama-3-8b", "eu-west", "prefill")].attainment() >= 0.99  # the host keeps its SLO
     for key, pool in result.pools.items():
-        assert pool.total > 0 and pool.events["planner"] > 0, key
-    for pool in ("prefill", "decode"):  # eu-west's steady 2 requests/s: no flapping
+        assert pool.total > 0, key
+    for pool in ("prefill", "decode"):
+        assert result.pools[("llama-3-8b", "us-east", pool)].events["planner"] > 0  # the spike moves us-east
+        # eu-west's steady 2 requests/s: no flapping (its prefill pool now holds its 2 replicas all hour)
         assert result.pools[("llama-3-8b", "eu-west", pool)].events["planner"] <= 5
     t, reps = result.series["t"], result.series["us-east/prefill"]
     before = max(n for x, n in zip(t, reps) if 300 <= x < 1100)
