@@ -10,7 +10,7 @@
 #   attn: bench/decode_attention.py (paged decode attention knobs vs the default launch)
 #   so: bench/structured_output.py on Llama-3-8B-shaped weights with SmolLM2's tokenizer (carry .gpu_assets)
 #   layerwise: bench/kv_layerwise.py (prefill + layer-wise vs whole hand-off, 4k-32k tokens)
-#   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
+#   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -70,6 +70,7 @@ case "$STEP" in
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
+  fp8kv) $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
   attn) $PY "$R"/bench/decode_attention.py --out "$OUT/decode_attention.json" ;;
   so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \
@@ -77,5 +78,5 @@ case "$STEP" in
   layerwise) $PY "$R"/bench/kv_layerwise.py --tokens 4096,16384,32768 --out "$OUT/kv_layerwise.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|layerwise|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
