@@ -1,9 +1,9 @@
-"""Paged decode attention on the GPU: the engine's default launch (kernels/paged_decode_attention.py) against a
-sweep of its tuning knobs (keys per loop step, warps, pipeline stages, splits per request and KV head), on
-Llama-3-8B's attention shape (32 query heads, 8 KV heads, head_dim 128, 16-token pages scattered over the pool),
-at decode batch sizes and contexts the engine serves. Times are device time as a decode step runs the kernels:
-from a CUDA graph, L2 flushed before each call (kernels.gemv.device_time_ms). Bandwidth counts the K and V
-bytes read against the measured HBM copy bandwidth.
+"""Paged decode attention on the GPU: the engine's default launch (kernels/paged_decode_attention.py: the last split
+merges) against the same with a separate merge kernel and against a sweep of its tuning knobs (keys per loop step,
+warps, pipeline stages, splits per request and KV head), on Llama-3-8B's attention shape (32 query heads, 8 KV
+heads, head_dim 128, 16-token pages scattered over the pool), at decode batch sizes and contexts the engine serves.
+Times are device time as a decode step runs the kernels: from a CUDA graph, L2 flushed before each call
+(kernels.gemv.device_time_ms). Bandwidth counts the K and V bytes read against the measured HBM copy bandwidth.
 Usage: python bench/decode_attention.py [--shapes 1x1024,1x4096,16x4096,64x1024,64x4096] [--out FILE]
 """
 from __future__ import annotations
@@ -65,12 +65,13 @@ def main() -> int:
         default_splits = pick_num_splits(batch, KV_HEADS, sms)
         ref = paged_decode_attention_reference(q, cache, 0, tables, lens, scale, None).float()
 
-        def call(splits, knobs=(None, 4, 2)):
+        def call(splits, knobs=(None, 4, 2), fused=True):
             block_n, warps, stages = knobs
             return paged_decode_attention(q, cache, 0, tables, lens, scale, None, splits, block_n=block_n,
-                                          num_warps=warps, num_stages=stages)
+                                          num_warps=warps, num_stages=stages, fused_merge=fused)
 
         default_us = 1e3 * device_time_ms(lambda: call(default_splits))
+        unfused_us = 1e3 * device_time_ms(lambda: call(default_splits, fused=False))  # split + merge kernels
         best = (default_us, (64, 4, 2), default_splits)
         for knobs in KNOBS:
             for splits in SPLITS:
@@ -83,15 +84,16 @@ def main() -> int:
                 us = 1e3 * device_time_ms(lambda: call(splits, knobs))
                 if us < best[0]:
                     best = (us, knobs, splits)
-        row = dict(batch=batch, context=context, kv_mb=kv_bytes / 1e6, default_us=default_us,
+        row = dict(batch=batch, context=context, kv_mb=kv_bytes / 1e6, default_us=default_us, unfused_us=unfused_us,
                    default_splits=default_splits, default_tb_s=kv_bytes / default_us / 1e6, best_us=best[0],
                    best_block_n=best[1][0], best_warps=best[1][1], best_stages=best[1][2], best_splits=best[2],
                    best_tb_s=kv_bytes / best[0] / 1e6, speedup=default_us / best[0])
         rows.append(row)
         head[f"b{batch}_c{context}_default_tb_s"] = round(row["default_tb_s"], 3)
         head[f"b{batch}_c{context}_best_speedup"] = round(row["speedup"], 3)
+        head[f"b{batch}_c{context}_fused_merge_speedup"] = round(unfused_us / default_us, 3)
         print(f"b={batch:3d} ctx={context:5d}: default {default_us:7.1f} us ({row['default_tb_s']:.2f} TB/s, "
-              f"{default_splits} splits)  best {best[0]:7.1f} us ({row['best_tb_s']:.2f} TB/s) "
+              f"{default_splits} splits; separate merge kernel {unfused_us:.1f} us)  best {best[0]:7.1f} us ({row['best_tb_s']:.2f} TB/s) "
               f"block_n {best[1][0]} warps {best[1][1]} stages {best[1][2]} splits {best[2]}", flush=True)
     print("\n| batch | context | KV MB | default us | default TB/s | best us | best TB/s | best (block_n, warps, "
           "stages, splits) |")

@@ -24,13 +24,14 @@ def pick_num_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132, max_
 @triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, kv_scale_ptr,
+    out_ptr, counter_ptr, stride_ob, stride_oh,
     stride_qb, stride_qh,
     stride_kv_block, stride_kv_layer, stride_kv_kv, stride_kv_slot, stride_kv_head,
     stride_bt,
     layer, qk_scale, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
+    UPCAST: tl.constexpr, FP8_KV: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -96,10 +97,44 @@ def _decode_split_kernel(
     out = acc / l_safe[:, None]
     if FP8_KV:
         out = out * tl.load(kv_scale_ptr + 1)  # sum p (v * v_scale) = v_scale * sum p v
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2, like m_i
-    row = (b * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(part_lse_ptr + row, lse, mask=g_mask)
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    if MERGE == 0:  # one split: this program's output is the answer
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2, like m_i
+        row = (b * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=gd_mask)
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+        if MERGE == 1:
+            # The last split of (request, KV head) to finish merges all of them: no second kernel. Its stores
+            # are published by the barrier + release-acquire count; it reads the others' past L1 (.cg).
+            tl.debug_barrier()
+            counter = counter_ptr + b * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call or replay
+                _merge_group(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kv_head,
+                             GROUP * tl.num_programs(1), num_splits, GROUP, BLOCK_S, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, kv_head, num_heads, num_splits,
+                 GROUP: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    for gi in tl.static_range(GROUP):
+        h = kv_head * GROUP + gi
+        row = (b * num_heads + h) * num_splits + s
+        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 0)
+        w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m)))
+        mask = (s[:, None] < num_splits) & (d[None, :] < HEAD_DIM)
+        parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+        total = tl.sum(w, 0)
+        out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -139,6 +174,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, D] (one token per request) over each request's first context_lens[b] cached keys.
 
@@ -147,6 +183,9 @@ def paged_decode_attention(
     capture the call in a CUDA graph. A request with context_lens 0 gets zeros. An FP8 (float8_e4m3fn) cache
     takes kv_scale: float32 [2], the layer's K and V scales. block_n (keys per loop step, a multiple of the
     page size), num_warps and num_stages tune the split kernel (bench/decode_attention.py sweeps them).
+    fused_merge: the last split of each (request, KV head) merges the partials itself (a zeroed int32 counter per
+    (request, KV head), kept per device and reset by that program), instead of a second kernel; one split writes
+    out directly either way.
     """
     batch, num_heads, head_dim = q.shape
     _, _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -163,8 +202,11 @@ def paged_decode_attention(
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     assert partial_out.is_contiguous() and partial_lse.is_contiguous() and out.stride(2) == 1
     block_d = triton.next_power_of_2(head_dim)
+    merge = 0 if num_splits == 1 else (1 if fused_merge else 2)
+    counters = _counters(q.device, batch * num_kv_heads) if merge == 1 else context_lens
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, context_lens, partial_out, partial_lse, kv_scale if fp8 else partial_lse,
+        out, counters, out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
         block_tables.stride(0),
@@ -172,14 +214,28 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=max(block_n or 64, block_size),
         UPCAST=q.device.type != "cuda",  # the CPU interpreter gets bf16 arithmetic wrong
-        FP8_KV=fp8, num_warps=num_warps, num_stages=num_stages,
+        FP8_KV=fp8, MERGE=merge, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_merge_kernel[(batch, num_heads)](
-        partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        num_warps=4 if head_dim >= 128 else 2,
-    )
+    if merge == 2:
+        _decode_merge_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, at least n, one set per device; every fused-merge call leaves them zero again.
+    Allocated generously once, so that a CUDA graph capture never has to grow them."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return buf
 
 
 def paged_decode_attention_reference(

@@ -13,8 +13,10 @@ from baton.kernels.paged_decode_attention import (
 
 
 def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=None, num_splits=4,
-         block_size=16, num_layers=2, layer=1, fp8_scales=None):
-    """fp8_scales: (k_scale, v_scale) of an FP8 cache, quantized from the random one (dtype is then q's)."""
+         block_size=16, num_layers=2, layer=1, fp8_scales=None, fused_merge=True, calls=1):
+    """fp8_scales: (k_scale, v_scale) of an FP8 cache, quantized from the random one (dtype is then q's).
+    calls > 1: the same inputs again, each call into a fresh poisoned output (the fused merge's counters must
+    be back at zero after every call)."""
     kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
                                           torch.float32 if fp8_scales else dtype, device)
     kv_scale = None
@@ -25,20 +27,25 @@ def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=
     q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
-    out = poisoned(batch, num_heads, head_dim, dtype=dtype, device=device)
-    partial_out = poisoned(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
-    partial_lse = poisoned(batch, num_heads, num_splits, dtype=torch.float32, device=device)
-    paged_decode_attention(q, kv_cache, layer, tables, lens, scale, window, num_splits,
-                           out=out, partial_out=partial_out, partial_lse=partial_lse, kv_scale=kv_scale)
-    assert not partial_out.isnan().any() and not partial_lse.isnan().any(), "a split left its scratch unwritten"
     expected = paged_decode_attention_reference(q, kv_cache, layer, tables, lens, scale, window, kv_scale)
-    assert_close(out, expected)
+    for _ in range(calls):
+        out = poisoned(batch, num_heads, head_dim, dtype=dtype, device=device)
+        partial_out = poisoned(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+        partial_lse = poisoned(batch, num_heads, num_splits, dtype=torch.float32, device=device)
+        paged_decode_attention(q, kv_cache, layer, tables, lens, scale, window, num_splits, out=out,
+                               partial_out=partial_out, partial_lse=partial_lse, kv_scale=kv_scale,
+                               fused_merge=fused_merge)
+        if num_splits > 1:  # one split writes its output directly and no scratch
+            assert not partial_out.isnan().any() and not partial_lse.isnan().any(), "a split left its scratch unwritten"
+        assert_close(out, expected)
     return out
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2)])
-def test_gqa_groups_fp32(device, num_heads, num_kv_heads):
-    _run([37, 5, 16, 70], num_heads, num_kv_heads, 16, torch.float32, device)
+def test_gqa_groups_fp32(device, num_heads, num_kv_heads, fused_merge):
+    """The last split merges (fused) or a second kernel does: the same answer, call after call."""
+    _run([37, 5, 16, 70], num_heads, num_kv_heads, 16, torch.float32, device, fused_merge=fused_merge, calls=2)
 
 
 def test_head_dim_32_bf16_uneven_batch(device):
@@ -82,11 +89,21 @@ def test_pick_num_splits_fills_the_machine():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("batch,max_ctx", [(1, 4096), (7, 1500), (64, 4096)])
-def test_llama3_8b_shapes(batch, max_ctx):
+def test_llama3_8b_shapes(batch, max_ctx, fused_merge):
     lens = torch.randint(1, max_ctx + 1, (batch,)).tolist()
     lens[0] = max_ctx
-    _run(lens, 32, 8, 128, torch.bfloat16, "cuda", num_splits=pick_num_splits(batch, 8), num_layers=3)
+    _run(lens, 32, 8, 128, torch.bfloat16, "cuda", num_splits=pick_num_splits(batch, 8), num_layers=3,
+         fused_merge=fused_merge, calls=20)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_merge_under_many_splits_repeatedly():
+    """Many splits racing to be last, 200 calls: every output right, so no partial was read before written."""
+    lens = torch.randint(500, 4097, (4,)).tolist()
+    _run(lens, 32, 8, 128, torch.bfloat16, "cuda", num_splits=64, num_layers=1, layer=0, calls=200)
 
 
 @pytest.mark.gpu
