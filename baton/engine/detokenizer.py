@@ -3,7 +3,7 @@ character, and a stop-string checker that never emits any part of a stop string.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from baton.engine.tokenizer import Tokenizer
@@ -21,12 +21,17 @@ class IncrementalDetokenizer:
     and emit what the new id added. Text ending in U+FFFD is held back because the bytes of a
     multi-byte character may still be arriving. `"".join(pushes) + flush()` equals
     `tokenizer.decode(generated_ids)` whenever the prompt context itself decodes cleanly.
+
+    With `skip_special_tokens`, the special tokens in `keep_special_ids` still show (a tool parser's markers):
+    the others are dropped from the ids before decoding, which is what the tokenizer's own skipping does.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] | None = None,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, keep_special_ids: Collection[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        kept = frozenset(keep_special_ids) & tokenizer.all_special_ids if skip_special_tokens else frozenset()
+        self._dropped = tokenizer.all_special_ids - kept if kept else None  # None: the tokenizer's own choice
         self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
         self._prefix = 0  # window start: context that shapes decoding but was already emitted
         self._read = len(self._ids)  # ids before this were emitted
@@ -34,7 +39,9 @@ class IncrementalDetokenizer:
         self.text = ""  # everything emitted so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        if self._dropped is None:
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return self._tokenizer.decode([i for i in ids if i not in self._dropped], skip_special_tokens=False)
 
     def _emit(self, force: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix:self._read])

@@ -500,8 +500,7 @@ class LLMEngine:
 
     def _track_text(self, seq: Sequence) -> None:
         if self.tokenizer is not None and not seq.prefill_only:
-            tracker = TextTracker(self.tokenizer, seq.prompt_ids, seq.params.stop,
-                                  include_stop=seq.params.include_stop_str_in_output)
+            tracker = TextTracker.of(self.tokenizer, seq.prompt_ids, seq.params, self.eos_token_ids)
             # A resumed request: the earlier engine emitted these tokens' text; replaying them leaves the
             # detokenizer and stop checker holding back exactly what that engine held back.
             for n, token in enumerate(seq.output_ids, start=1):

@@ -50,6 +50,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus k alternatives
     structured_output: StructuredOutput | None = None  # the output must match this grammar (JSON)
     speculation: SpeculationParams | None = None  # None: the server's default
+    skip_special_tokens: bool = True  # special tokens stay out of the text (EOS always does: output_text.py)
+    kept_special_token_ids: frozenset[int] = frozenset()  # special tokens kept in the text anyway (tool call markers)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -31,6 +31,8 @@ def sampling_from_proto(p: inference_pb2.SamplingParams) -> SamplingParams:
         structured_output=structured_from_proto(p.structured_output) if p.HasField("structured_output") else None,
         speculation=SpeculationParams(p.speculative.method, int(p.speculative.num_tokens) or None)
         if p.HasField("speculative") else None,
+        skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+        kept_special_token_ids=frozenset(p.kept_special_token_ids),
     )
 
 

@@ -13,6 +13,8 @@ from baton.devtools.make_model import make_model
 from baton.devtools.tokenizer_training import SPECIAL_TOKENS
 from baton.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from baton.engine.errors import ModelFilesError
+from baton.engine.output_text import TextTracker
+from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -187,6 +189,43 @@ def test_detokenizer_round_trips_random_ids(model_dirs, arch):
             tail = det.flush()
             assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=skip)
             assert det.text == "".join(pieces) + tail and det.output_ids == ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_detokenizer_keeps_only_the_special_tokens_asked_for(model_dirs, arch):
+    """Random ids dense in special tokens: the stream equals decoding the ids without the special tokens that are
+    not kept, and shows each kept one's text."""
+    tok = Tokenizer.from_dir(model_dirs[arch])
+    specials = sorted(tok.all_special_ids)
+    rng = random.Random(99)
+    prompt = tok.encode("The prompt: ")
+    for _ in range(200):
+        keep = set(rng.sample(specials, rng.randrange(1, len(specials))))
+        ids = [rng.choice(specials) if rng.random() < 0.3 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 40))]
+        det = IncrementalDetokenizer(tok, prompt_ids=rng.choice([None, prompt]), keep_special_ids=keep)
+        text = "".join(det.push(i) for i in ids) + det.flush()
+        shown = [i for i in ids if i in keep or i not in tok.all_special_ids]
+        assert text == tok.decode(shown, skip_special_tokens=False)
+        assert text.count(tok.id_to_token(min(keep))) >= ids.count(min(keep))
+
+
+def test_text_tracker_shows_kept_special_tokens_and_never_eos(model_dirs):
+    """Defaults skip every special token; kept ids show; skip_special_tokens false shows all but EOS and the stop
+    token ids (qwen2 style: <|im_end|> and <|end_of_text|> are EOS)."""
+    tok = Tokenizer.from_dir(model_dirs["qwen2"])
+    start, end, pad, bos = (tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"))
+    body = tok.encode("hi there", add_special_tokens=False)
+    ids = [start, *body, pad, bos, end]
+
+    def text(**params) -> str:
+        tracker = TextTracker.of(tok, [], SamplingParams(**params), tok.eos_token_ids)
+        return "".join(tracker.push(i)[0] for i in ids) + tracker.flush()
+
+    assert text() == "hi there"
+    assert text(kept_special_token_ids=frozenset({start, end})) == "<|im_start|>hi there<|im_end|>"
+    assert text(skip_special_tokens=False) == "<|im_start|>hi there<|pad|><|begin_of_text|>"
+    assert text(skip_special_tokens=False, stop_token_ids=[pad]) == "<|im_start|>hi there<|begin_of_text|>"
 
 
 def test_detokenizer_holds_back_partial_characters(llama):
