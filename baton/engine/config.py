@@ -152,6 +152,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory this engine may take (weights + KV + work)
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 / fp8_e4m3: float8 e4m3 with per-layer K and V scales
+    # FP8 KV cache whose checkpoint has no K/V scales: measure them at start-up (absmax / 448, kv_calibration.py).
+    calculate_kv_scales: bool = False
     quantization: str | None = None  # fp8: decoder projections in FP8 e4m3, per-channel scales, quantized at load
     fp8_all_layers: bool = False  # also the first and last decoder layers (kept in the model dtype by default)
     # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
@@ -199,6 +201,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be fp8 or none, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.calculate_kv_scales and KV_CACHE_DTYPES[self.kv_cache_dtype] != FP8_KV_DTYPE:
+            raise ValueError(f"calculate_kv_scales needs kv_cache_dtype fp8 (scales are for an FP8 KV cache), "
+                             f"got {self.kv_cache_dtype!r}")
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")

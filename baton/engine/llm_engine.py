@@ -130,6 +130,10 @@ class LLMEngine:
             tokenizer = Tokenizer.from_dir(config.model_dir)
         self.tokenizer = tokenizer
         self.model = load_model(config, mc)
+        if config.calculate_kv_scales:  # before the pool, any request or graph capture: see kv_calibration.py
+            from baton.engine.kv_calibration import calculate_kv_scales
+
+            calculate_kv_scales(self.model, config, tokenizer)
         self.dtype = next(self.model.parameters()).dtype
         self.kv_cache_dtype = config.resolve_kv_cache_dtype(self.dtype)
         bs = config.block_size

@@ -50,6 +50,7 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
     kv_scales = torch.ones(mc.num_layers, 2, dtype=torch.float32, device=config.device)
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.kv_scale = kv_scales[i]
+    model.kv_scales = kv_scales
     if config.load_format == "dummy":
         return _quantized(_random_weights(model, config.seed), config)
     files = weight_files(model_dir)
@@ -76,6 +77,7 @@ def load_model(config: EngineConfig, model_config: ModelConfig | None = None) ->
                     kv_scale = _KV_SCALE_NAME.fullmatch(name)
                     if kv_scale is not None:
                         _load_kv_scale(kv_scales, kv_scale, f.get_tensor(name), path.name, mc)
+                        model.kv_scales_from_checkpoint = True
                         continue
                     target = _param_slice(_scale_name(name, to_checkpoint=False), params, mc)
                     if target is None:

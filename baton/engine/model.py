@@ -248,6 +248,10 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.rotary = Rotary(config)
+        # float32 [layers, 2]: every layer's K and V scales of an FP8 KV cache (each Attention.kv_scale is a row
+        # view, so an update in place reaches the layers and any captured graph); set by the loader.
+        self.kv_scales: torch.Tensor | None = None
+        self.kv_scales_from_checkpoint = False
         if config.tie_embeddings:
             self.lm_head = None
         else:

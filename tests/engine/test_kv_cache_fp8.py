@@ -164,3 +164,73 @@ def test_a_malformed_kv_scale_is_refused(models, tmp_path):
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(ModelFilesError, match="'model.layers.0.self_attn.k_scale' must be one positive finite"):
         new_engine(bad, kv_cache_dtype="fp8")
+
+
+def _kv_magnitudes_times(model_dir, out, factor: float):
+    """The same function with every layer's K and V `factor` times larger: k_proj and v_proj scaled by factor,
+    q_proj and o_proj by 1 / factor, so q.k and the attention output are unchanged. Only the cache sees it."""
+    out.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(model_dir / "model.safetensors")
+    for name in tensors:
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            tensors[name] = tensors[name] * factor
+        elif name.endswith(("q_proj.weight", "o_proj.weight")):
+            tensors[name] = tensors[name] / factor
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+# 1e-3: K/V ~1e-3, below e4m3's smallest subnormal (2^-9) at scale 1.0, so nearly all of it is stored as zero.
+# 1e4: K/V in the thousands, far past e4m3's 448 at scale 1.0, so most of it saturates. (1e2 still fits e4m3.)
+@pytest.mark.parametrize("factor", [1e-3, 1e4])
+def test_calculated_scales_fix_kv_magnitudes_far_from_one(models, tmp_path, factor):
+    """With --calculate-kv-scales, an FP8 cache scores like the model-dtype cache whatever the K/V magnitudes;
+    without it (scales 1.0) it is far off. Measured (llama, seed 5): with 0.0064 nats at both factors (the
+    unscaled model's FP8 error), without 0.38 (1e-3) and 0.34 (1e4)."""
+    path = _kv_magnitudes_times(models["llama"], tmp_path / "scaled", factor)
+    prompts = prompts_of([60, 30, 90])
+    kw = dict(max_num_batched_tokens=48)
+    auto_lp, _ = scored(new_engine(path, **kw), prompts)
+    unit_lp, _ = scored(new_engine(path, kv_cache_dtype="fp8", **kw), prompts)
+    engine = new_engine(path, kv_cache_dtype="fp8", calculate_kv_scales=True, **kw)
+    calc_lp, _ = scored(engine, prompts)
+    with_flag, without = (calc_lp - auto_lp).abs().max(), (unit_lp - auto_lp).abs().max()
+    print(f"x{factor:g}: prompt logprobs max |diff| with the flag {with_flag:.4f}, without {without:.4f}")
+    assert with_flag < 0.02
+    assert without > 0.2 and without > 20 * with_flag
+    # The scales follow the magnitudes: those of the unscaled model times the factor.
+    base = new_engine(models["llama"], kv_cache_dtype="fp8", calculate_kv_scales=True, **kw).model.kv_scales
+    torch.testing.assert_close(engine.model.kv_scales, base * factor, rtol=1e-3, atol=0)
+    assert_all_free(engine)
+
+
+def test_calculated_scales_are_set_before_serving_and_frozen(models):
+    """Calculated in the constructor (nothing stored yet), in place (every layer reads the model's one tensor,
+    as a captured graph would), the same for every engine of the model (a disaggregated pair reads each other's
+    blocks), and never changed by serving: prefill, chunked prefill, prefix hits, decode."""
+    engine = new_engine(models["qwen2"], kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=32)
+    scales = engine.model.kv_scales
+    first = scales.clone()
+    assert not torch.equal(first, torch.ones_like(first)) and (first > 0).all()
+    for i, layer in enumerate(engine.model.model.layers):
+        assert layer.self_attn.kv_scale.data_ptr() == scales[i].data_ptr()
+    twin = new_engine(models["qwen2"], kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=32)
+    assert torch.equal(twin.model.kv_scales, first)
+    shared = prompts_of([40], seed=7)[0]
+    prompts = [shared + p for p in prompts_of([3, 50, 20], seed=8)]
+    for _ in range(2):  # the second time, prompts start from prefix-cached blocks
+        engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert engine.stats().prefix_cache_hits > 0
+    assert engine.model.kv_scales is scales and torch.equal(scales, first)
+
+
+def test_calculate_kv_scales_keeps_a_checkpoints_scales_and_needs_fp8(models, tmp_path):
+    given = {f"model.layers.{i}.self_attn.{kind}_scale": 0.01 * (i + 1) for i in range(2) for kind in "kv"}
+    engine = new_engine(_with_kv_scales(models["llama"], tmp_path, given), kv_cache_dtype="fp8",
+                        calculate_kv_scales=True)
+    assert engine.model.kv_scales.flatten().tolist() == pytest.approx([0.01, 0.01, 0.02, 0.02])
+    with pytest.raises(ValueError, match="calculate_kv_scales needs kv_cache_dtype fp8 .*got 'auto'"):
+        EngineConfig(str(models["llama"]), calculate_kv_scales=True)
