@@ -44,12 +44,16 @@ def _parse_ids(text: str) -> list[int]:
         raise typer.BadParameter("--prompt-ids takes comma-separated integers, e.g. 1,2,3") from None
 
 
-def _check_kv_cache_dtype(value: str) -> None:
+def _check_kv_cache_dtype(value: str, calculate_kv_scales: bool = False) -> None:
     """One line naming the flag and exit 2, before any model is loaded or process started."""
     from baton.engine.config import KV_CACHE_DTYPES
 
     if value not in KV_CACHE_DTYPES:
         typer.echo(f"error: --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}", err=True)
+        raise typer.Exit(2)
+    if calculate_kv_scales and KV_CACHE_DTYPES[value] is None:
+        typer.echo(f"error: --calculate-kv-scales needs --kv-cache-dtype fp8 (the scales are an FP8 KV cache's), "
+                   f"got {value!r}", err=True)
         raise typer.Exit(2)
 
 
@@ -69,6 +73,9 @@ def generate_cmd(
                               "float32."),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) | fp8 | fp8_e4m3 "
                                        "(float8 e4m3 KV cache, per-layer scales)."),
+    calculate_kv_scales: bool = typer.Option(False, "--calculate-kv-scales", help="With --kv-cache-dtype fp8 and "
+                                             "no scales in the checkpoint: measure each layer's K and V scale at "
+                                             "start-up on a built-in calibration text."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (token_ids, text, ...)."),
 ) -> None:
     """Generate from one prompt on a single in-process engine."""
@@ -81,14 +88,14 @@ def generate_cmd(
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt or --prompt-ids")
-    _check_kv_cache_dtype(kv_cache_dtype)
+    _check_kv_cache_dtype(kv_cache_dtype, calculate_kv_scales)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=list(stop), ignore_eos=ignore_eos)
         model_dir, _ = resolve_any_model(model)
         check_model_dir(model_dir)
         engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                                        show_progress=not as_json))
+                                        calculate_kv_scales=calculate_kv_scales, show_progress=not as_json))
         if prompt_ids is not None:
             ids = _parse_ids(prompt_ids)
         else:
@@ -145,6 +152,9 @@ def up_cmd(
                               "float | float32."),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="Workers' KV cache: auto (the model's "
                                        "dtype) | fp8 | fp8_e4m3 (float8 e4m3, per-layer scales; half the bytes)."),
+    calculate_kv_scales: bool = typer.Option(False, "--calculate-kv-scales", help="With --kv-cache-dtype fp8 and "
+                                             "no scales in the checkpoint: workers measure each layer's K and V "
+                                             "scale at start-up on a built-in calibration text."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1, help="Context length in tokens "
                                                 "(default: the model's)."),
     gpu_memory_utilization: Optional[float] = typer.Option(
@@ -203,13 +213,15 @@ def up_cmd(
     from baton.engine.errors import ModelFilesError
     from baton.engine.model_files import check_model_dir
 
-    _check_kv_cache_dtype(kv_cache_dtype)
+    _check_kv_cache_dtype(kv_cache_dtype, calculate_kv_scales)
     workers = {"device": device, "dtype": dtype, "max_num_seqs": max_num_seqs,
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
     if quantization != "none":
         workers["quantization"] = quantization
     if kv_cache_dtype != "auto":
         workers["kv_cache_dtype"] = kv_cache_dtype
+    if calculate_kv_scales:
+        workers["calculate_kv_scales"] = True
     if speculative_method != "off":
         workers |= {"speculative_method": speculative_method, "num_speculative_tokens": num_speculative_tokens,
                     "speculative_model": speculative_model}

@@ -7,7 +7,7 @@ import socket
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from baton.engine.model_source import is_hub_id, resolve_model, served_name
@@ -50,7 +50,11 @@ class WorkerSettings(ProcessSettings):
         "auto", description="auto (the checkpoint's) | half | float16 | bfloat16 | float | float32")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
         "auto", description="KV cache storage: auto (the model's dtype) | fp8 / fp8_e4m3 (float8 e4m3, per-layer "
-                            "K and V scales from the checkpoint, else 1.0; half the bytes of bf16 per token)")
+                            "K and V scales from the checkpoint, else 1.0 or --calculate-kv-scales; half the bytes "
+                            "of bf16 per token)")
+    calculate_kv_scales: bool = Field(False, description="with --kv-cache-dtype fp8 and a checkpoint without K/V "
+                                      "scales: measure each layer's at start-up on a built-in calibration text "
+                                      "(absmax / 448), then keep them")
     max_model_len: int | None = Field(None, gt=0, description="context length in tokens (default: the model's)")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of prompts that share a prefix")
     block_size: int = Field(16, ge=1, description="KV block size in tokens; must match the router's")
@@ -71,6 +75,14 @@ class WorkerSettings(ProcessSettings):
                                                             "tokenizer, the draft proposer")
     kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
                               "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
+
+    @field_validator("calculate_kv_scales")
+    @classmethod
+    def _fp8_cache(cls, value: bool, info: ValidationInfo) -> bool:
+        kv_cache_dtype = info.data.get("kv_cache_dtype", "auto")
+        if value and kv_cache_dtype == "auto":
+            raise ValueError(f"needs --kv-cache-dtype fp8 (the scales are an FP8 KV cache's), got {kv_cache_dtype!r}")
+        return value
 
     @field_validator("kv_transport")
     @classmethod
@@ -138,6 +150,7 @@ class WorkerSettings(ProcessSettings):
 
         return EngineConfig(
             model_dir=str(self.model_dir), device=self.device, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype,
+            calculate_kv_scales=self.calculate_kv_scales,
             block_size=self.block_size,
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,

@@ -31,7 +31,8 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
                      worker_settings={"device": "cpu", "dtype": "half", "max_num_seqs": 8,
                                       "enable_prefix_caching": False, "enforce_eager": True,
                                       "quantization": "fp8", "speculative_method": "ngram",
-                                      "num_speculative_tokens": 3, "kv_cache_dtype": "fp8"})
+                                      "num_speculative_tokens": 3, "kv_cache_dtype": "fp8",
+                                      "calculate_kv_scales": True})
     cluster = LocalCluster(opts)
     cluster.redis_url = "redis://127.0.0.1:1/0"
     assert cluster.url == f"http://127.0.0.1:{opts.port}"
@@ -44,7 +45,7 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     assert (worker["block_size"], worker["max_model_len"], worker["device"], worker["dtype"]) == (32, 200, "cpu", "half")
     assert (worker["max_num_seqs"], worker["enable_prefix_caching"], worker["enforce_eager"]) == (8, False, True)
     assert (worker["quantization"], worker["speculative_method"], worker["num_speculative_tokens"]) == ("fp8", "ngram", 3)
-    assert worker["kv_cache_dtype"] == "fp8"
+    assert (worker["kv_cache_dtype"], worker["calculate_kv_scales"]) == ("fp8", True)
     # Unless given, the workers the pools may grow to (1 prefill + 3 decode) split 0.9 of a GPU evenly.
     assert worker["gpu_memory_utilization"] == pytest.approx(0.225)
     assert "--chat-template" not in cluster.worker_args()  # the router renders chat prompts

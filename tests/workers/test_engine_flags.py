@@ -2,6 +2,7 @@
 command lines, down to the engine config and the router's tokenizer. No server is started."""
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -92,3 +93,29 @@ def test_router_chat_template_replaces_the_models_own(model_dir, tmp_path):
         assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
     with pytest.raises(ConfigError, match="setting 'chat_template' .flag --chat-template.: .*neither a file nor"):
         RouterConfig.load(model=str(model_dir), chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_calculate_kv_scales_flag_reaches_the_engine_config_and_needs_fp8(model_dir, served):
+    result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), "--kv-cache-dtype", "fp8",
+                                      "--calculate-kv-scales"])
+    assert result.exit_code == 0, result.output
+    config = served[0].engine_config()
+    assert (config.kv_cache_dtype, config.calculate_kv_scales) == ("fp8", True)
+    result = CliRunner().invoke(app, ["prefill-worker", "--model", str(model_dir), "--calculate-kv-scales"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == ("error: baton worker setting 'calculate_kv_scales' (flag --calculate-kv-scales): "
+                                     "Value error, needs --kv-cache-dtype fp8 (the scales are an FP8 KV cache's), "
+                                     "got 'auto'")
+    for command in (["generate", str(model_dir), "--prompt-ids", "1,2"], ["up", "--model", str(model_dir)]):
+        result = CliRunner().invoke(app, [*command, "--calculate-kv-scales"])
+        assert result.exit_code == 2
+        assert result.output.strip() == ("error: --calculate-kv-scales needs --kv-cache-dtype fp8 (the scales are "
+                                         "an FP8 KV cache's), got 'auto'")
+
+
+def test_generate_with_calculated_kv_scales(model_dir):
+    result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt-ids", "5,6,7", "--max-tokens", "3",
+                                      "--device", "cpu", "--kv-cache-dtype", "fp8", "--calculate-kv-scales", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = next(line for line in result.output.splitlines() if line.startswith("{"))  # stderr may hold log lines
+    assert len(json.loads(doc)["token_ids"]) == 3
