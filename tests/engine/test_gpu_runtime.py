@@ -110,3 +110,30 @@ def test_fp8_kv_pool_from_gpu_memory_utilization_holds_twice_the_bf16_blocks(tmp
     bf16, fp8 = (len(e.block_manager.blocks) for e in engines)
     assert engines[1].kv_cache.dtype == torch.float8_e4m3fn
     assert 1.9 < fp8 / bf16 < 2.1
+
+
+def test_calculated_kv_scales_on_the_gpu_match_the_cpu_and_reach_the_graphs(tmp_path):
+    """--calculate-kv-scales on the GPU: the same scales as the CPU engine's, and decode through CUDA graphs reads
+    them (K/V at 1e-3: under scale 1.0 nearly every value would be stored as zero), equal to eager steps."""
+    from tests.engine.test_kv_cache_fp8 import _kv_magnitudes_times
+
+    model_dir = _kv_magnitudes_times(make_hf_checkpoint(tmp_path / "m", "llama", seed=5), tmp_path / "small", 1e-3)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (9, 50, 100)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+
+    def run(device, kv_cache_dtype="fp8", eager=False):
+        engine = LLMEngine(EngineConfig(str(model_dir), device=device, dtype="float32", num_kv_blocks=128,
+                                        kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=kv_cache_dtype == "fp8",
+                                        max_num_seqs=8, enforce_eager=eager, show_progress=False))
+        seqs = engine.generate(prompts, params)
+        return (engine.model.kv_scales.cpu() if kv_cache_dtype == "fp8" else None,
+                torch.tensor([lp for s in seqs for lp in s.prompt_logprobs if lp is not None]),
+                [s.output_ids for s in seqs])
+
+    (gpu_scales, gpu_lp, gpu_tokens), (_, _, eager_tokens) = run("cuda"), run("cuda", eager=True)
+    cpu_scales, _, _ = run("cpu")
+    _, auto_lp, _ = run("cuda", "auto")
+    torch.testing.assert_close(gpu_scales, cpu_scales, rtol=1e-3, atol=0)
+    assert gpu_tokens == eager_tokens
+    assert (gpu_lp - auto_lp).abs().max() < 0.05

@@ -62,3 +62,16 @@ def test_triton_path_on_an_fp8_cache_equals_the_torch_path(model):
         # The caches agree to the byte but where float rounding lands a value on an e4m3 rounding boundary.
         same = caches[0].view(torch.uint8) == caches[1].view(torch.uint8)
         assert same.float().mean() > 0.999
+
+
+def test_kv_scale_calibration_measures_the_same_absmax_on_the_triton_path(model):
+    """--calculate-kv-scales on the GPU runs its calibration prompt through TritonBatch (KV write and prefill
+    kernels; not the fused RoPE + KV write, whose K the observer could not see): the same per-layer absmax of K
+    (after RoPE) and V as the torch path, so GPU and CPU engines of a model get the same scales."""
+    from baton.engine.kv_calibration import measure_kv_absmax
+
+    ids = [random.Random(1).randrange(3, 256) for _ in range(37)]
+    torch_path = measure_kv_absmax(model, ids, BLOCK, triton=False)
+    triton_path = measure_kv_absmax(model, ids, BLOCK, triton=True)
+    assert (torch_path > 0).all()
+    torch.testing.assert_close(triton_path, torch_path, rtol=1e-5, atol=0)
