@@ -27,6 +27,7 @@ from baton.router.openai_protocol import (
 )
 from baton.router.openai_responses import Rendering, fan_out, respond
 from baton.router.service import RouterService
+from baton.router.tool_calls import special_marker_ids
 from baton.router.tool_parsers import PARSERS
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,11 @@ def create_app(service: RouterService) -> FastAPI:
         if body.tool_use is not None:
             messages, tools = body.tool_use.prompt(messages, service.tokenizer, parser)
         ids = service.tokenize_chat(messages, body.add_generation_prompt, tools=tools, **body.chat_template_kwargs)
+        sampling = body.wire_sampling(service.defaults)
+        if body.tool_use is not None:
+            sampling.kept_special_token_ids.extend(special_marker_ids(service.tokenizer, parser))
         rid = new_request_id("chatcmpl")
-        choices = fan_out(service, rid, request.url.path, [(ids, None)], body.wire_sampling(service.defaults), body.n)
+        choices = fan_out(service, rid, request.url.path, [(ids, None)], sampling, body.n)
         how = Rendering(chat=True, stream=body.stream, include_usage=body.include_usage, logprobs=body.logprobs,
                         top=body.top_logprobs, n=body.n,
                         tools=body.tool_use.output(parser) if body.tool_use is not None else None)

@@ -204,6 +204,7 @@ class _Sampling(_Request):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extra
     speculative: Speculative | None = None  # extra: per-request speculative decoding
+    skip_special_tokens: bool = True  # vLLM's extra; false: special tokens stay in the text, EOS excepted
     _structured_output: inference_pb2.StructuredOutput | None = PrivateAttr(None)  # checked response_format
 
     @model_validator(mode="after")
@@ -259,6 +260,8 @@ class _Sampling(_Request):
             params.structured_output.CopyFrom(self._structured_output)
         if self.speculative is not None:
             params.speculative.CopyFrom(self.speculative.wire())
+        if not self.skip_special_tokens:
+            params.skip_special_tokens = False
         return params
 
 

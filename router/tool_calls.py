@@ -122,6 +122,18 @@ def template_renders_tools(tokenizer) -> bool:
     return "baton_probe_tool" in text
 
 
+@lru_cache(maxsize=8)
+def special_marker_ids(tokenizer, parser: ToolParser) -> tuple[int, ...]:
+    """The ids of the parser's call markers that the tokenizer holds as special tokens (Hermes models'
+    <tool_call> / </tool_call>, Llama 3's <|python_tag|>), for the request's `kept_special_token_ids`.
+
+    Workers leave special tokens out of the text (skip_special_tokens, as vLLM), so without this the parser would
+    see bare JSON. vLLM's Hermes parser turns skipping off for requests with tools; keeping only these ids instead
+    keeps <|im_end|>, <|im_start|> and the like out of the content the client sees (engine/output_text.py)."""
+    ids = (tokenizer.token_to_id(marker) for marker in parser.markers)
+    return tuple(i for i in ids if i is not None and i in tokenizer.all_special_ids)
+
+
 def tools_in_system_prompt(messages: list[dict], tools: list[dict], parser: ToolParser) -> list[dict]:
     """The fallback for templates without tools: the parser's instructions and the tools (one JSON per line) open
     the system message; assistant turns that called tools show those calls in the parser's format."""

@@ -245,9 +245,10 @@ class ToolParser:
     scan: Scanner
     render_calls: Callable[[list[tuple[str, object]]], str]
     instructions: str  # formatted with tools= the tool definitions, one JSON per line
+    markers: tuple[str, ...]  # the tags `scan` looks for, which some tokenizers hold as special tokens
 
 
 PARSERS = {
-    "hermes": ToolParser(scan_hermes, render_hermes, HERMES_INSTRUCTIONS),
-    "llama3_json": ToolParser(scan_llama3_json, render_llama3_json, LLAMA3_INSTRUCTIONS),
+    "hermes": ToolParser(scan_hermes, render_hermes, HERMES_INSTRUCTIONS, (HERMES_OPEN, HERMES_CLOSE)),
+    "llama3_json": ToolParser(scan_llama3_json, render_llama3_json, LLAMA3_INSTRUCTIONS, (LLAMA3_PYTHON_TAG,)),
 }

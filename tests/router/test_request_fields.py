@@ -267,3 +267,28 @@ async def test_speculative_extra_keeps_greedy_output_and_refuses_what_is_not_ser
                        ({"method": "draft"}, "speculative method 'draft' is not served here")):
         with pytest.raises(openai.BadRequestError, match=match):
             await client.completions.create(**common, extra_body={"speculative": bad})
+
+
+async def test_skip_special_tokens_false_shows_special_tokens_but_never_eos(router, model_dir, tok):
+    """vLLM's skip_special_tokens extra: special tokens are skipped by default; false shows them, streamed or not,
+    but the EOS that ends the answer is not part of it. vLLM's spaces_between_special_tokens is not served: a 400."""
+    r, client = router
+    start, eos = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|end_of_text|>")
+    common = dict(model=name(model_dir), prompt=PROMPT, max_tokens=3, temperature=0, logit_bias={str(start): 100})
+    skipped = await client.completions.create(**common)
+    assert skipped.choices[0].text == "" and skipped.usage.completion_tokens == 3
+    shown = await client.completions.create(**common, extra_body={"skip_special_tokens": False})
+    assert shown.choices[0].text == "<|im_start|>" * 3
+    streamed = await client.completions.create(**common, stream=True, extra_body={"skip_special_tokens": False})
+    assert "".join([c.choices[0].text async for c in streamed if c.choices]) == "<|im_start|>" * 3
+    chat = await client.chat.completions.create(model=name(model_dir), messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2, temperature=0, logit_bias={str(start): 100},
+                                                extra_body={"skip_special_tokens": False})
+    assert chat.choices[0].message.content == "<|im_start|>" * 2
+    ended = await client.completions.create(**{**common, "logit_bias": {str(eos): 100}},
+                                            extra_body={"skip_special_tokens": False})
+    assert ended.choices[0].text == "" and ended.choices[0].finish_reason == "stop"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{r.http_port}", timeout=60) as http:
+        resp = await http.post("/v1/completions", json={"model": name(model_dir), "prompt": PROMPT,
+                                                        "spaces_between_special_tokens": False})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "spaces_between_special_tokens"

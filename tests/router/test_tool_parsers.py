@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from baton.router.tool_calls import ToolOutput, ToolRequestError, ToolUse, tools_in_system_prompt
+from baton.router.tool_calls import ToolOutput, ToolRequestError, ToolUse, special_marker_ids, tools_in_system_prompt
 from baton.router.tool_parsers import PARSERS, scan_required, scanner_for_function
 
 NAMES = {"get_weather", "add"}
@@ -167,6 +167,24 @@ def test_tools_go_through_the_template_or_else_a_system_prompt(tokenizers, parse
     written = PARSERS[parser].render_calls([("add", {"a": 1})])
     assert written in text and messages[2]["content"] == written
     assert calls_of(whole(use.output(PARSERS[parser]), written)) == [{"name": "add", "arguments": '{"a": 1}'}]
+
+
+def test_markers_that_are_special_tokens_are_kept(tmp_path):
+    """A parser's markers are kept only where the tokenizer holds them as special tokens: spelled in plain tokens they
+    show anyway, and <|im_end|> (special, no marker) never is."""
+    from baton.devtools.make_model import make_model
+    from baton.engine.tokenizer import Tokenizer
+    from tests.engine.checkpoints import add_special_tokens
+
+    model = make_model(tmp_path / "m", arch="qwen2", layers=1, hidden=32, heads=2, kv_heads=1, vocab=512)
+    plain = Tokenizer.from_dir(model)
+    assert special_marker_ids(plain, PARSERS["hermes"]) == special_marker_ids(plain, PARSERS["llama3_json"]) == ()
+    add_special_tokens(model, ("<tool_call>", "</tool_call>", "<|python_tag|>"))
+    tok = Tokenizer.from_dir(model)
+    hermes = special_marker_ids(tok, PARSERS["hermes"])
+    assert [tok.id_to_token(i) for i in hermes] == ["<tool_call>", "</tool_call>"]
+    assert set(hermes) < tok.all_special_ids and tok.token_to_id("<|im_end|>") not in hermes
+    assert [tok.id_to_token(i) for i in special_marker_ids(tok, PARSERS["llama3_json"])] == ["<|python_tag|>"]
 
 
 def test_a_malformed_past_call_still_renders():
