@@ -1,7 +1,9 @@
 """Tool calls through a `baton up` cluster (1 prefill + 1 decode worker, a random-weight Qwen2-style model whose chat
 template renders `tools`) and the official openai client: with tool_choice "required" or a named function the
 engine's grammar makes every call's arguments validate, at temperature 1, streamed or not, whether the prefill
-worker (a long prompt) or the decode worker itself (a short one) ran the prompt and sampled the first token."""
+worker (a long prompt) or the decode worker itself (a short one) ran the prompt and sampled the first token. A second
+cluster serves the model with <tool_call> / </tool_call> as special tokens, as Hermes models hold them: "auto" calls
+written with those tokens are parsed, while other special tokens stay out of the content."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,7 @@ from baton.devtools.make_model import make_model
 from baton.engine.tokenizer import Tokenizer
 from tests.e2e import tool_calls_client
 from tests.e2e.conftest import start_cluster
+from tests.engine.checkpoints import add_special_tokens
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "pattern": "^[a-z]{1,8}$"},
@@ -199,3 +202,103 @@ def test_bad_tools_are_a_400_naming_the_problem(cluster, body, param, message):
     error = resp.json()["error"]
     assert error["param"] == param
     assert re.search(message, error["message"]), error["message"]
+
+
+MARKERS = ("<tool_call>", "</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def marker_model_dir(tmp_path_factory):
+    out = make_model(tmp_path_factory.mktemp("markers") / "markers-qwen2", arch="qwen2", layers=2, hidden=64, heads=4,
+                     kv_heads=2, vocab=512, max_position=2048, seed=23)
+    return add_special_tokens(out, MARKERS, seed=23)
+
+
+@pytest.fixture(scope="module")
+def marker_tok(marker_model_dir):
+    return Tokenizer.from_dir(marker_model_dir)
+
+
+@pytest.fixture(scope="module")
+def marker_threshold(marker_tok):
+    return len(marker_tok.encode_chat(SHORT, tools=TOOLS)) + 16
+
+
+@pytest.fixture(scope="module")
+def marker_cluster(marker_model_dir, marker_threshold, tmp_path_factory):
+    cluster = start_cluster(marker_model_dir, tmp_path_factory.mktemp("markers-up"), prefill=1, decode=1,
+                            local_prefill_threshold=marker_threshold)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def marker_client(marker_cluster):
+    return openai.OpenAI(base_url=f"{marker_cluster.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+# A Hermes call after an <|im_start|>, each tag one special token (logit_bias picks it over spelling the tag out in
+# plain tokens, which the grammar allows too); the grammar then leaves only EOS (<|im_end|> or <|end_of_text|>).
+HERMES_CALL = (r'<\|im_start\|><tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,8}", '
+               r'"unit": "[cf]"\}\}\n</tool_call>')
+
+
+def marker_request(tok, messages, stream: bool, **kw) -> dict:
+    bias = {str(tok.token_to_id(t)): 100 for t in ("<|im_start|>", *MARKERS)}
+    return {"messages": messages, "stream": stream, "temperature": 1.0, "seed": 3, "max_tokens": 100,
+            "logprobs": True, "logit_bias": bias, "extra_body": {"structured_outputs": {"regex": HERMES_CALL}}, **kw}
+
+
+def answer(client, cluster, args: dict) -> tuple[str | None, list[dict], str, list[str]]:
+    """(content, calls as {"name", "arguments"}, finish_reason, the sampled tokens' strings from logprobs)."""
+    if not args["stream"]:
+        choice = client.chat.completions.create(model=cluster.model_name, **args).choices[0]
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason, [t.token for t in choice.logprobs.content]
+    content, calls, finish, tokens = "", [], None, []
+    for chunk in client.chat.completions.create(model=cluster.model_name, **args):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                if d.id is not None:
+                    calls.append({"name": d.function.name, "arguments": d.function.arguments or ""})
+                else:
+                    calls[d.index]["arguments"] += d.function.arguments
+            tokens += [t.token for t in (c.logprobs.content if c.logprobs else None) or []]
+            finish = c.finish_reason or finish
+    return content or None, calls, finish, tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_calls_written_with_special_marker_tokens_are_parsed(marker_client, marker_cluster, marker_tok,
+                                                                  marker_threshold, stream):
+    """The markers reach the parser although they are special tokens; <|im_start|> and the closing EOS, special
+    tokens too, do not reach the content (it would hold them: the parser keeps text around calls)."""
+    for remote in (True, False):
+        before = prefill_worker_prompt_tokens(marker_cluster)
+        messages = long_messages(marker_tok, marker_threshold, f"markers-{stream}") if remote else SHORT
+        content, calls, finish, tokens = answer(marker_client, marker_cluster,
+                                                marker_request(marker_tok, messages, stream, tools=TOOLS))
+        assert tokens[:2] == ["<|im_start|>", "<tool_call>"] and "</tool_call>" in tokens  # one token each
+        assert tokens[-1] in ("<|im_end|>", "<|end_of_text|>")
+        assert content is None and finish == "tool_calls"
+        assert [c["name"] for c in calls] == ["get_weather"]
+        jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
+        assert (prefill_worker_prompt_tokens(marker_cluster) > before) == remote
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_tools_special_tokens_stay_skipped_unless_asked(marker_client, marker_cluster, marker_tok, stream):
+    """The same tokens without tools (or with tool_choice "none") are plain content: every special token skipped;
+    with skip_special_tokens false all of them show but EOS."""
+    for tools in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        content, calls, finish, tokens = answer(marker_client, marker_cluster,
+                                                marker_request(marker_tok, SHORT, stream, **tools))
+        assert tokens[:2] == ["<|im_start|>", "<tool_call>"] and calls == [] and finish == "stop"
+        assert content.startswith('\n{"name": "get_weather"') and content.endswith("}}\n")
+        assert "<" not in content
+    args = marker_request(marker_tok, SHORT, stream)
+    args["extra_body"]["skip_special_tokens"] = False
+    content, calls, _, _ = answer(marker_client, marker_cluster, args)
+    assert content.startswith('<|im_start|><tool_call>\n{"name": "get_weather"')
+    assert content.endswith("}}\n</tool_call>") and calls == []

@@ -43,3 +43,39 @@ def make_hf_checkpoint(out_dir: pathlib.Path, arch: str, *, seed: int = 0, tie: 
                 p.copy_(0.02 * torch.randn_like(p))
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def add_special_tokens(model_dir: pathlib.Path, tokens: tuple[str, ...], *, seed: int = 0) -> pathlib.Path:
+    """Adds `tokens` to a generated checkpoint as special added tokens (ids after the last one), the way Hermes-style
+    models hold `<tool_call>`: tokenizer.json and tokenizer_config.json learn them, config.json's vocab_size and the
+    embedding (and untied lm_head) grow by random rows. Only single-file checkpoints."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    before = tok.get_vocab_size(with_added_tokens=True)
+    if tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens]) != len(tokens):
+        raise ValueError(f"some of {tokens} are already in {model_dir}'s vocabulary")
+    tok.save(str(model_dir / "tokenizer.json"))
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    for t in tokens:
+        tok_config["added_tokens_decoder"][str(tok.token_to_id(t))] = {
+            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    config = json.loads((model_dir / "config.json").read_text())
+    if config["vocab_size"] != before:
+        raise ValueError(f"{model_dir}: config vocab_size {config['vocab_size']} != the tokenizer's {before}")
+    config["vocab_size"] = vocab
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    weights = load_file(str(model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in weights:
+            rows = weights[name]
+            extra = torch.randn(vocab - rows.shape[0], rows.shape[1], generator=gen) * 0.02
+            weights[name] = torch.cat([rows, extra.to(rows.dtype)])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    return model_dir
