@@ -64,30 +64,37 @@ class _AbsmaxObserver:
         return self.batch.attend(*args, **kwargs)
 
 
-def calibration_ids(tokenizer, vocab_size: int, max_tokens: int) -> list[int]:
-    """The calibration text as the model sees a chat request (special tokens included), else (no tokenizer)
-    a fixed pseudo-random id sequence; at most max_tokens."""
+def calibration_prompts(tokenizer, vocab_size: int, max_tokens: int) -> list[list[int]]:
+    """The calibration text as a chat request (the template's special tokens) and as plain text (a completion
+    starts with any token, and the first token's keys and values are often a layer's largest); without a
+    tokenizer, a fixed pseudo-random id sequence. At most max_tokens in all."""
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randint(0, vocab_size, (min(256, max_tokens),), generator=gen).tolist()
+        return [torch.randint(0, vocab_size, (min(256, max_tokens),), generator=gen).tolist()]
+    prompts = [tokenizer.encode(CALIBRATION_TEXT)]
     if tokenizer.chat_template is not None:
-        ids = tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}], add_generation_prompt=True)
-    else:
-        ids = tokenizer.encode(CALIBRATION_TEXT)
-    return ids[:max_tokens]
+        prompts.insert(0, tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}]))
+    per_prompt = max_tokens // len(prompts)
+    if per_prompt == 0:
+        prompts, per_prompt = prompts[:1], max_tokens
+    return [ids[:per_prompt] for ids in prompts]
 
 
 @torch.no_grad()
-def measure_kv_absmax(model: CausalLM, ids: list[int], block_size: int, triton: bool) -> torch.Tensor:
-    """float32 [layers, 2]: absmax of every layer's K and V over `ids` run as one prompt, over a model-dtype
+def measure_kv_absmax(model: CausalLM, prompts: list[list[int]], block_size: int, triton: bool) -> torch.Tensor:
+    """float32 [layers, 2]: absmax of every layer's K and V over `prompts`, run as one batch over a model-dtype
     cache of its own (nothing is quantized, the engine's pool is not touched). triton: the GPU's attention path."""
     mc = model.config
     device = next(model.parameters()).device
-    n = len(ids)
-    blocks = -(-n // block_size)
+    queries, ids, positions, blocks = [], [], [], 0
+    for prompt in prompts:
+        used = -(-len(prompt) // block_size)
+        queries.append((0, len(prompt), list(range(blocks, blocks + used))))
+        blocks += used
+        ids += prompt
+        positions += range(len(prompt))
     cache = allocate_kv_cache(blocks, mc.num_layers, block_size, mc.num_kv_heads, mc.head_dim,
                               next(model.parameters()).dtype, device)
-    queries = [(0, n, list(range(blocks)))]
     if triton:
         from baton.engine.attention_triton import build_triton_batch
 
@@ -96,8 +103,8 @@ def measure_kv_absmax(model: CausalLM, ids: list[int], block_size: int, triton: 
     else:
         batch = build_batch(queries, cache, mc.sliding_window)
     observer = _AbsmaxObserver(batch, mc.num_layers, device)
-    model(torch.tensor(ids, device=device), torch.arange(n, device=device), cache, observer,
-          torch.tensor([n - 1], device=device))
+    model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), cache, observer,
+          torch.tensor([len(ids) - 1], device=device))
     return observer.absmax
 
 
@@ -122,11 +129,12 @@ def calculate_kv_scales(model: CausalLM, config: EngineConfig, tokenizer) -> Non
         return
     max_tokens = min(MAX_CALIBRATION_TOKENS, config.max_num_batched_tokens, mc.max_position,
                      config.max_model_len or mc.max_position)
-    ids = calibration_ids(tokenizer, mc.vocab_size, max_tokens)
-    absmax = measure_kv_absmax(model, ids, config.block_size, triton=torch.device(config.device).type == "cuda")
+    prompts = calibration_prompts(tokenizer, mc.vocab_size, max_tokens)
+    absmax = measure_kv_absmax(model, prompts, config.block_size, triton=torch.device(config.device).type == "cuda")
     model.kv_scales.copy_(scales_from_absmax(absmax))
     scales = model.kv_scales.tolist()
-    log.info("FP8 KV cache scales calculated on %d calibration tokens: K %s, V %s", len(ids),
+    tokens = sum(map(len, prompts))
+    log.info("FP8 KV cache scales calculated on %d calibration tokens: K %s, V %s", tokens,
              [round(k, 6) for k, _ in scales], [round(v, 6) for _, v in scales],
-             extra={"kv_scales_source": "calculated", "calibration_tokens": len(ids),
+             extra={"kv_scales_source": "calculated", "calibration_tokens": tokens,
                     "k_scales": [k for k, _ in scales], "v_scales": [v for _, v in scales]})

@@ -2,6 +2,7 @@
 the blocks of a bf16 pool in the same bytes, per-layer scales from the checkpoint, no leaked blocks."""
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -207,10 +208,11 @@ def test_calculated_scales_fix_kv_magnitudes_far_from_one(models, tmp_path, fact
     assert_all_free(engine)
 
 
-def test_calculated_scales_are_set_before_serving_and_frozen(models):
+def test_calculated_scales_are_set_before_serving_and_frozen(models, caplog):
     """Calculated in the constructor (nothing stored yet), in place (every layer reads the model's one tensor,
-    as a captured graph would), the same for every engine of the model (a disaggregated pair reads each other's
-    blocks), and never changed by serving: prefill, chunked prefill, prefix hits, decode."""
+    as a captured graph would), logged once, the same for every engine of the model (a disaggregated pair reads
+    each other's blocks), and never changed by serving: prefill, chunked prefill, prefix hits, decode."""
+    caplog.set_level(logging.INFO, logger="baton.engine.kv_calibration")
     engine = new_engine(models["qwen2"], kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=32)
     scales = engine.model.kv_scales
     first = scales.clone()
@@ -225,6 +227,21 @@ def test_calculated_scales_are_set_before_serving_and_frozen(models):
         engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     assert engine.stats().prefix_cache_hits > 0
     assert engine.model.kv_scales is scales and torch.equal(scales, first)
+    logged = [r for r in caplog.records if getattr(r, "kv_scales_source", None) == "calculated"]
+    assert len(logged) == 2  # one line per engine (this one and its twin), none while serving
+    assert logged[0].k_scales == first[:, 0].tolist() and logged[0].v_scales == first[:, 1].tolist()
+
+
+def test_calibration_text_runs_as_a_chat_request_and_as_plain_text(tmp_path):
+    from baton.devtools.make_model import make_model
+    from baton.engine.kv_calibration import CALIBRATION_TEXT, calibration_prompts
+    from baton.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(make_model(tmp_path / "m", layers=1, hidden=32, heads=2, kv_heads=1, vocab=300))
+    chat, plain = calibration_prompts(tokenizer, 300, 100)
+    assert chat == tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}])[:50]
+    assert plain == tokenizer.encode(CALIBRATION_TEXT)[:50]
+    assert calibration_prompts(None, 300, 100) == calibration_prompts(None, 300, 100)  # fixed ids, no tokenizer
 
 
 def test_calculate_kv_scales_keeps_a_checkpoints_scales_and_needs_fp8(models, tmp_path):
