@@ -10,8 +10,8 @@ kv-speed (CUDA): Llama-3-8B-shaped bf16 weights, a bf16 KV cache then an FP8 one
   over 4k-token contexts (where reading the KV cache is much of a step) and the blocks each pool gets from the same
   --gpu-memory-utilization; writes bench/results/fp8_kv.json.
 kv-quality (CPU or CUDA): as quality, bf16 weights with a bf16 KV cache vs an FP8 one with the checkpoint's scales
-  (else 1.0, vLLM's default), and vs one with per-layer scales calibrated on the text (absmax / 448 of what the bf16
-  cache held, written into a copy of the checkpoint under vLLM's k_scale / v_scale names);
+  (else 1.0, vLLM's default), and vs one with --calculate-kv-scales (per-layer scales the engine measures at start-up
+  on its built-in calibration text, not this one); also each token's |logprob - bf16's| on the text, mean and p99;
   writes bench/results/fp8_kv_quality.json.
 
 Usage: python bench/fp8.py speed [--quick]  |  python bench/fp8.py quality [--model DIR] [--device cpu]
@@ -143,29 +143,19 @@ def _engine(model_dir: str, device: str, variant: dict) -> LLMEngine:
                                   enable_prefix_caching=False, show_progress=False, **variant))
 
 
-def perplexity(engine: LLMEngine, ids: list[int]) -> float:
+def prompt_logprobs(engine: LLMEngine, ids: list[int]) -> list[float]:
+    """Teacher-forced logprob of every token of ids after the first."""
     engine.add_request("ppl", ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0))
     scores = None
     while engine.has_unfinished():
         for out in engine.step():
             scores = out.prompt_logprobs or scores
+    return scores
+
+
+def perplexity(engine: LLMEngine, ids: list[int]) -> float:
+    scores = prompt_logprobs(engine, ids)
     return math.exp(-sum(scores) / len(scores))
-
-
-def with_kv_scales(model_dir: Path, kv_cache: torch.Tensor, out: Path) -> Path:
-    """A copy of model_dir (weights linked) plus per-layer K and V scales: absmax / 448 of kv_cache's values."""
-    from safetensors.torch import save_file
-
-    amax = kv_cache.float().abs().amax(dim=(0, 3, 4, 5)).cpu()  # [layers, K|V]
-    for f in model_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    weights = sorted(model_dir.glob("*.safetensors"))
-    assert not (model_dir / "model.safetensors.index.json").exists() and len(weights) == 1, "one weights file"
-    (out / "weights-0.safetensors").symlink_to(weights[0].resolve())  # no model.safetensors: both files load
-    save_file({f"model.layers.{i}.self_attn.{kind}_scale": (amax[i, j] / 448).clamp(min=1e-8).reshape(())
-               for i in range(amax.shape[0]) for j, kind in enumerate("kv")}, out / "weights-1.safetensors")
-    return out
 
 
 def quality(args) -> int:
@@ -177,29 +167,33 @@ def quality(args) -> int:
     text_ids = None
     result = {}
     outputs = {}
-    calibrated = tempfile.TemporaryDirectory()
-    runs = [(label, model_dir, variant) for label, variant in VARIANTS["kv" if kv else "weights"].items()]
+    logprobs = {}
+    runs = list(VARIANTS["kv" if kv else "weights"].items())
     if kv:
-        runs.append(("fp8_calibrated", Path(calibrated.name), VARIANTS["kv"]["fp8"]))
-    for label, path, variant in runs:
-        engine = _engine(str(path), args.device, variant)
+        runs.append(("fp8_calculated", {**VARIANTS["kv"]["fp8"], "calculate_kv_scales": True}))
+    for label, variant in runs:
+        engine = _engine(str(model_dir), args.device, variant)
         if text_ids is None:
             text_ids = engine.tokenizer.encode(TEXT.read_text())[: engine.max_model_len - 1]
-        result[label] = {"perplexity": perplexity(engine, text_ids)}
-        if kv and label == "bf16":  # the bf16 cache now holds the whole text's keys and values
-            with_kv_scales(Path(model_dir), engine.kv_cache, Path(calibrated.name))
+        logprobs[label] = torch.tensor(prompt_logprobs(engine, text_ids))
+        diff = (logprobs[label] - logprobs["bf16"]).abs()
+        result[label] = {"perplexity": math.exp(-logprobs[label].mean().item()),
+                         "logprob_diff_mean": diff.mean().item(), "logprob_diff_p99": diff.quantile(0.99).item()}
+        if kv and variant.get("kv_cache_dtype") == "fp8":
+            result[label]["kv_scales"] = engine.model.kv_scales.tolist()  # [layer] = [K, V]
         prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
         seqs = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
         outputs[label] = [s.output_ids for s in seqs]
         print(f"{what} {label}: perplexity {result[label]['perplexity']:.3f}", flush=True)
         del engine
         gc.collect()
-    calibrated.cleanup()
     agree = {label: [agreement_of(a, b) for a, b in zip(outputs["bf16"], outputs[label])] for label in result}
-    print(f"\n| {what} | perplexity ({len(text_ids)} tokens) | greedy tokens before the first divergence from bf16 |")
-    print("|---|---:|---|")
+    print(f"\n| {what} | perplexity ({len(text_ids)} tokens) | |logprob - bf16's| mean / p99 | greedy tokens before "
+          f"the first divergence from bf16 |")
+    print("|---|---:|---:|---|")
     for label, r in result.items():
-        print(f"| {label} | {r['perplexity']:.3f} | {', '.join(f'{n}/{m}' for n, m in agree[label])} |")
+        print(f"| {label} | {r['perplexity']:.3f} | {r['logprob_diff_mean']:.3f} / {r['logprob_diff_p99']:.3f} | "
+              f"{', '.join(f'{n}/{m}' for n, m in agree[label])} |")
 
     def share(label: str) -> float:
         return round(sum(n for n, _ in agree[label]) / sum(m for _, m in agree[label]), 3)
@@ -208,12 +202,15 @@ def quality(args) -> int:
             "ppl_fp8_over_bf16": round(result["fp8"]["perplexity"] / result["bf16"]["perplexity"], 4),
             "greedy_agreement": share("fp8")}
     if kv:
-        head |= {"ppl_fp8_calibrated": round(result["fp8_calibrated"]["perplexity"], 4),
-                 "ppl_fp8_calibrated_over_bf16": round(result["fp8_calibrated"]["perplexity"]
+        head |= {"ppl_fp8_calculated": round(result["fp8_calculated"]["perplexity"], 4),
+                 "ppl_fp8_calculated_over_bf16": round(result["fp8_calculated"]["perplexity"]
                                                        / result["bf16"]["perplexity"], 4),
-                 "greedy_agreement_calibrated": share("fp8_calibrated")}
+                 "greedy_agreement_calculated": share("fp8_calculated"),
+                 "logprob_diff_mean_fp8": round(result["fp8"]["logprob_diff_mean"], 4),
+                 "logprob_diff_mean_fp8_calculated": round(result["fp8_calculated"]["logprob_diff_mean"], 4)}
     emit("fp8_kv_quality" if kv else "fp8_quality", head,
-         {"model": name, "device": args.device, "text_tokens": len(text_ids), "agreement": agree}, out=args.out)
+         {"model": name, "device": args.device, "text_tokens": len(text_ids), "rows": result, "agreement": agree},
+         out=args.out)
     return 0
 
 
