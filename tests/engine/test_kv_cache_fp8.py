@@ -219,7 +219,9 @@ def test_calculated_scales_are_set_before_serving_and_frozen(models, caplog):
     assert not torch.equal(first, torch.ones_like(first)) and (first > 0).all()
     for i, layer in enumerate(engine.model.model.layers):
         assert layer.self_attn.kv_scale.data_ptr() == scales[i].data_ptr()
-    twin = new_engine(models["qwen2"], kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=32)
+    # A worker of another size (step budget, pool, context) calculates the same scales.
+    twin = new_engine(models["qwen2"], kv_cache_dtype="fp8", calculate_kv_scales=True, max_num_batched_tokens=512,
+                      num_kv_blocks=64, max_model_len=300)
     assert torch.equal(twin.model.kv_scales, first)
     shared = prompts_of([40], seed=7)[0]
     prompts = [shared + p for p in prompts_of([3, 50, 20], seed=8)]
@@ -238,10 +240,11 @@ def test_calibration_text_runs_as_a_chat_request_and_as_plain_text(tmp_path):
     from baton.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(make_model(tmp_path / "m", layers=1, hidden=32, heads=2, kv_heads=1, vocab=300))
-    chat, plain = calibration_prompts(tokenizer, 300, 100)
-    assert chat == tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}])[:50]
-    assert plain == tokenizer.encode(CALIBRATION_TEXT)[:50]
-    assert calibration_prompts(None, 300, 100) == calibration_prompts(None, 300, 100)  # fixed ids, no tokenizer
+    chat, plain = calibration_prompts(tokenizer, 300, 2048)
+    assert chat == tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}])[:256]
+    assert plain == tokenizer.encode(CALIBRATION_TEXT)[:256]
+    assert [len(p) for p in calibration_prompts(tokenizer, 300, 100)] == [100, 100]  # within the model's positions
+    assert calibration_prompts(None, 300, 2048) == calibration_prompts(None, 300, 2048)  # fixed ids, no tokenizer
 
 
 def test_calculate_kv_scales_keeps_a_checkpoints_scales_and_needs_fp8(models, tmp_path):
