@@ -11,7 +11,7 @@ import torch
 
 from baton.engine.attention import allocate_kv_cache
 from baton.engine.block_manager import BlockManager, BlockStats, KVEventSink
-from baton.engine.config import EngineConfig, ModelConfig
+from baton.engine.config import FP8_KV_DTYPE, EngineConfig, ModelConfig
 from baton.engine.errors import InvalidRequestError, NoCapacityError
 from baton.engine.grammar import GrammarBackend
 from baton.engine.loader import load_model
@@ -569,6 +569,13 @@ class LLMEngine:
         self.block_manager.free(seq)
 
     # ---- introspection -------------------------------------------------------------------
+    def kv_scales_for_transfer(self) -> torch.Tensor | None:
+        """The per-layer K/V scales a peer's pool must share for blocks to move between them: an FP8 pool's,
+        else None (a model-dtype pool stores values as they are)."""
+        if self.kv_cache.dtype != FP8_KV_DTYPE:
+            return None
+        return getattr(self.model, "kv_scales", None)
+
     def stats(self) -> EngineStats:
         # Copies first: stats() is also read from other threads while the engine thread steps.
         queued = list(self.scheduler.waiting) + list(self.scheduler.running)

@@ -47,7 +47,7 @@ class WorkerRuntime:
         for name in sorted(settings.kv_transports, key=lambda n: n != "ipc"):
             options = {"host": settings.host, "advertise_host": settings.public_host} if name == "tcp" else {}
             transport = create_transport(name, **options)
-            transport.register_cache(self.engine.kv_cache)
+            transport.register_cache(self.engine.kv_cache, self.engine.kv_scales_for_transfer())
             self.transports.append(transport)
         self.transports.sort(key=lambda t: settings.kv_transports.index(t.name))
         self.block_size = settings.block_size

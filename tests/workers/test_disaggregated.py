@@ -102,16 +102,24 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
 
 
 @pytest.mark.slow
-def test_kv_cache_dtype_mismatch_is_refused_and_frees_the_blocks(model_dir, redis_url):
-    """An FP8 prefill worker and a float32 decode worker never swap bytes: the request fails naming both dtypes,
-    and neither worker keeps a block."""
-    p = start_worker("prefill", model_dir, redis_url, "p-fp8-mix", "--kv-transport", "tcp", "--kv-cache-dtype", "fp8")
-    d = start_worker("decode", model_dir, redis_url, "d-auto-mix", "--kv-transport", "tcp")
+@pytest.mark.parametrize("decode_args,expected", [
+    ((), "dtype float8_e4m3fn != float32"),
+    (("--kv-cache-dtype", "fp8"), "FP8 KV scales differ"),  # calculated scales vs the default 1.0
+])
+def test_kv_cache_dtype_or_scales_mismatch_is_refused_and_frees_the_blocks(model_dir, redis_url, decode_args,
+                                                                             expected):
+    """An FP8 prefill worker never hands its blocks to a float32 decode worker, nor to an FP8 one whose per-layer
+    scales differ (they would read back scaled wrong): the request fails naming why, and neither worker keeps a
+    block."""
+    tag = "scales" if decode_args else "dtype"
+    p = start_worker("prefill", model_dir, redis_url, f"p-fp8-{tag}", "--kv-transport", "tcp", "--kv-cache-dtype",
+                     "fp8", "--calculate-kv-scales")
+    d = start_worker("decode", model_dir, redis_url, f"d-mix-{tag}", "--kv-transport", "tcp", *decode_args)
     try:
         chunks, stats = asyncio.run(decode(d.grpc_address, "mix", PROMPTS[1], prefill=p))
         err = chunks[-1].error
         assert err.kind == worker_pb2.DecodeError.KIND_PREFILL_FAILED, chunks[-1]
-        assert "dtype float8_e4m3fn != float32" in err.message, err.message
+        assert expected in err.message, err.message
         assert not any(c.token_ids for c in chunks)
         assert stats.kv_blocks_used == 0 and stats.num_requests_running == 0
         assert asyncio.run(prefill_stats(p.grpc_address)).kv_blocks_used == 0

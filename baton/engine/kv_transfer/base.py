@@ -41,9 +41,19 @@ class CacheGeometry:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    # An FP8 pool's per-layer K/V scales, as text (see scales_digest): blocks written under other scales would read
+    # back scaled wrong, so they must match too. "" where there are none (a model-dtype pool).
+    kv_scales: str = ""
+
+    @staticmethod
+    def scales_digest(kv_scales: torch.Tensor | None) -> str:
+        """Exact text of the scales (float32 hex), compared as is: equal scales give equal text."""
+        if kv_scales is None:
+            return ""
+        return ",".join(float(x).hex() for x in kv_scales.detach().float().flatten().cpu().tolist())
 
     @classmethod
-    def from_tensor(cls, kv_cache: torch.Tensor) -> CacheGeometry:
+    def from_tensor(cls, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None = None) -> CacheGeometry:
         if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
             raise KVTransferError(
                 "kv_cache must have shape [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], "
@@ -54,7 +64,7 @@ class CacheGeometry:
         if dtype not in KV_STORAGE_DTYPES:
             raise KVTransferError(f"kv_cache dtype must be one of {sorted(KV_STORAGE_DTYPES)}, got {dtype}")
         n, layers, _, block_size, heads, head_dim = kv_cache.shape
-        return cls(n, layers, block_size, heads, head_dim, dtype)
+        return cls(n, layers, block_size, heads, head_dim, dtype, cls.scales_digest(kv_scales))
 
     @property
     def block_nbytes(self) -> int:
@@ -67,6 +77,9 @@ class CacheGeometry:
         diffs = [f"{name} {getattr(self, name)} != {getattr(peer, name)}"
                  for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
                  if getattr(self, name) != getattr(peer, name)]
+        if not diffs and self.kv_scales != peer.kv_scales:
+            diffs.append("FP8 KV scales differ (give both workers the same checkpoint scales or both "
+                         "--calculate-kv-scales)")
         if diffs:
             raise KVTransferError("peer KV cache geometry differs (local != peer): " + ", ".join(diffs))
 
@@ -186,10 +199,11 @@ class KVTransport(ABC):
             raise KVTransferError(f"{self.name} transport has no KV cache; call register_cache() first")
         return self._geometry
 
-    def register_cache(self, kv_cache: torch.Tensor) -> None:
+    def register_cache(self, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+        """kv_scales: an FP8 pool's per-layer K/V scales [num_layers, 2]; a peer must hold the same ones."""
         if self._cache is not None:
             raise KVTransferError(f"{self.name} transport already has a KV cache registered")
-        geometry = CacheGeometry.from_tensor(kv_cache)
+        geometry = CacheGeometry.from_tensor(kv_cache, kv_scales)
         self._register(kv_cache)
         self._cache, self._geometry = kv_cache, geometry
 
