@@ -68,7 +68,7 @@ case "$STEP" in
   tests) run_tests ;;
   pytest) $PY -m pytest -q -p no:cacheprovider --timeout 300 "$@" ;;
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  kv) $PY "$R"/bench/kv_transfer.py --device cuda --out "$OUT/kv_transfer_gpu.json" ;;
+  kv) $PY "$R"/bench/kv_transfer.py --device cuda --tokens 5000,32000 --backends ipc --reps 5 --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
   fp8kv) $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
