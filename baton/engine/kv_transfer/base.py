@@ -5,10 +5,12 @@ Backends (tcp, nixl, later nvlink) implement `_send` and `endpoint`; the receive
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import json
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
@@ -26,6 +28,21 @@ KV_TRANSFER_SECONDS = Histogram(
     "baton_kv_transfer_seconds", "Duration of KV-cache transfers seen by this process", ["transport"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+
+# Transports still open when the interpreter exits are closed first, while their threads can still run: left to
+# finalisation, a daemon thread woken inside native code (a socket, a UCX progress thread, a torch op that let the
+# GIL go) is ended mid-frame and the process aborts ("terminate called without an active exception").
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_transports() -> None:
+    for transport in list(_OPEN):
+        try:
+            transport.close()
+        except Exception:  # noqa: BLE001 - exiting anyway; one bad transport must not keep the others open
+            pass
+
 
 class KVTransferError(ValueError):
     """Caller error: bad block ids, an unusable endpoint, mismatched cache geometry, unknown transfer."""
@@ -192,6 +209,7 @@ class KVTransport(ABC):
         self._expected: dict[str, _Expected] = {}
         self._lock = threading.Lock()
         self._closed = False
+        _OPEN.add(self)
 
     @property
     def geometry(self) -> CacheGeometry:

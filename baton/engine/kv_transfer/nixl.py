@@ -4,7 +4,6 @@ The receiver learns completion from the NIXL notification that rides on the tran
 """
 from __future__ import annotations
 
-import atexit
 import base64
 import hashlib
 import json
@@ -14,7 +13,6 @@ import socket
 import threading
 import time
 import uuid
-import weakref
 from typing import Any
 
 import nixl._api as nixl_api
@@ -29,19 +27,6 @@ if not os.environ.get("NIXL_LOG_LEVEL"):
 _NIXL_ERRORS = tuple(getattr(nixl_api.nixlBind, n) for n in dir(nixl_api.nixlBind)
                      if n.startswith("nixl") and n.endswith("Error"))
 _TAG = b"baton-kv1:"
-
-# Agents still open when the interpreter exits are closed first: torn down later, during finalisation, a UCX
-# progress thread can still be joinable and std::terminate aborts the process.
-_OPEN: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_agents() -> None:
-    for transport in list(_OPEN):
-        try:
-            transport.close()
-        except Exception:  # noqa: BLE001 - exiting anyway; one bad agent must not keep the others open
-            pass
 
 
 def _note(status: str, transfer_id: str, detail: str) -> bytes:
@@ -76,7 +61,6 @@ class NixlTransport(KVTransport):
         missing = [b for b in backends if b not in self._agent.backends]
         if missing:
             raise KVTransferError(f"NIXL backend(s) {missing} unavailable; plugins here: {self._agent.plugin_list}")
-        _OPEN.add(self)
         # Agents run without NIXL's own locking (no listen thread), so every call goes through this lock.
         self._agent_lock = threading.Lock()
         self._poll_interval_s = poll_interval_s

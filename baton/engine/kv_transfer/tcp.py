@@ -91,7 +91,9 @@ class TcpTransport(KVTransport):
         server = socket.create_server(self._bind, backlog=64)
         server.settimeout(0.2)  # so the accept loop notices close()
         self._server = server
-        threading.Thread(target=self._accept_loop, args=(server,), name="kv-tcp-accept", daemon=True).start()
+        self._accept_thread = threading.Thread(target=self._accept_loop, args=(server,), name="kv-tcp-accept",
+                                               daemon=True)
+        self._accept_thread.start()
 
     def _accept_loop(self, server: socket.socket) -> None:
         while not self._closed:
@@ -245,3 +247,8 @@ class TcpTransport(KVTransport):
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        # Wait (bounded) for the accept loop to see the close: a daemon thread still inside accept() when the
+        # interpreter finalises is ended mid-call, which can abort the process.
+        thread = getattr(self, "_accept_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
