@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
 from baton.engine.config import EngineConfig
 from baton.engine.grammar import StructuredOutput
 from baton.engine.llm_engine import LLMEngine
