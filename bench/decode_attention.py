@@ -22,6 +22,7 @@ from baton.kernels.paged_decode_attention import (  # noqa: E402
     paged_decode_attention_reference,
     pick_num_splits,
 )
+from bench.engine_gpu import hbm_bandwidth  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -48,11 +49,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/decode_attention.py needs a CUDA device", file=sys.stderr)
         return 2
-    import triton.testing
-
-    n = 2**28
-    a, b = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
-    copy_bw = 2 * n * 4 / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") / 1e3)
+    copy_bw = hbm_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"HBM copy {copy_bw / 1e12:.2f} TB/s (read + write), {sms} SMs", flush=True)
     gen = torch.Generator().manual_seed(0)

@@ -18,6 +18,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton 
 from baton.engine.quantization import Fp8Linear  # noqa: E402
 from baton.kernels.gemv import CONFIGS, MAX_ROWS, device_time_ms, gemv  # noqa: E402
 from baton.kernels.silu_mul import silu_mul  # noqa: E402
+from bench.engine_gpu import hbm_bandwidth  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
@@ -39,11 +40,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/gemv.py needs a CUDA device", file=sys.stderr)
         return 2
-    n = 2**28
-    a, b = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
-    import triton.testing
-
-    copy_bw = 2 * n * 4 / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") / 1e3)
+    copy_bw = hbm_bandwidth()
     print(f"HBM copy {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows_out, head = [], {"hbm_tb_s": round(copy_bw / 1e12, 3)}
     for name, (out_f, in_f, silu) in SHAPES.items():

@@ -27,22 +27,6 @@ def cache(num_blocks: int, seed: int | None = None) -> torch.Tensor:
     return torch.randn((num_blocks, *BLOCK), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def ipc_pair():
-    made = []
-
-    def make(src: torch.Tensor, dst: torch.Tensor):
-        sender, receiver = create_transport("ipc"), create_transport("ipc")
-        made.extend([sender, receiver])
-        sender.register_cache(src)
-        receiver.register_cache(dst)
-        return sender, receiver
-
-    yield make
-    for t in made:
-        t.close()
-
-
 def wait_until(check, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -50,9 +34,9 @@ def wait_until(check, timeout_s: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_each_layer_is_copied_as_soon_as_it_is_fed(ipc_pair):
+def test_each_layer_is_copied_as_soon_as_it_is_fed(pair):
     src, dst = cache(32, seed=1), cache(48)
-    sender, receiver = ipc_pair(src, dst)
+    sender, receiver = pair("ipc", src, dst)
     table = [0, 1, *SRC]  # the first two blocks are cached on the receiver already
     receiver.expect("t1", DST)
     send = sender.start_layerwise(receiver.endpoint(), "t1", 2, DST, timeout_s=10)
@@ -72,9 +56,9 @@ def test_each_layer_is_copied_as_soon_as_it_is_fed(ipc_pair):
     assert bool((dst[untouched] == -7.0).all())
 
 
-def test_layers_never_fed_are_sent_at_finish(ipc_pair):
+def test_layers_never_fed_are_sent_at_finish(pair):
     src, dst = cache(32, seed=2), cache(48)
-    sender, receiver = ipc_pair(src, dst)
+    sender, receiver = pair("ipc", src, dst)
     receiver.expect("t2", DST)
     send = sender.start_layerwise(receiver.endpoint(), "t2", 0, DST, timeout_s=10)
     send.layer_ready(2, SRC)  # e.g. a step that ran through a path without the per-layer hook
@@ -82,9 +66,9 @@ def test_layers_never_fed_are_sent_at_finish(ipc_pair):
     assert torch.equal(dst[DST], src[SRC])
 
 
-def test_a_block_count_mismatch_writes_nothing_and_fails_at_finish(ipc_pair):
+def test_a_block_count_mismatch_writes_nothing_and_fails_at_finish(pair):
     src, dst = cache(32, seed=3), cache(48)
-    sender, receiver = ipc_pair(src, dst)
+    sender, receiver = pair("ipc", src, dst)
     send = sender.start_layerwise(receiver.endpoint(), "t3", 0, DST, timeout_s=10)
     for layer in range(BLOCK[0]):
         send.layer_ready(layer, SRC[:-1])
@@ -93,9 +77,9 @@ def test_a_block_count_mismatch_writes_nothing_and_fails_at_finish(ipc_pair):
     assert bool((dst == -7.0).all())
 
 
-def test_nothing_is_written_past_the_deadline(ipc_pair):
+def test_nothing_is_written_past_the_deadline(pair):
     src, dst = cache(32, seed=4), cache(48)
-    sender, receiver = ipc_pair(src, dst)
+    sender, receiver = pair("ipc", src, dst)
     receiver.expect("t4", DST)
     send = sender.start_layerwise(receiver.endpoint(), "t4", 0, DST, timeout_s=0.05)
     time.sleep(0.1)
@@ -106,9 +90,9 @@ def test_nothing_is_written_past_the_deadline(ipc_pair):
     assert not receiver.wait("t4", timeout_s=0.1).ok
 
 
-def test_abandoned_hand_off_never_completes_on_the_receiver(ipc_pair):
+def test_abandoned_hand_off_never_completes_on_the_receiver(pair):
     src, dst = cache(32, seed=5), cache(48)
-    sender, receiver = ipc_pair(src, dst)
+    sender, receiver = pair("ipc", src, dst)
     receiver.expect("t5", DST)
     send = sender.start_layerwise(receiver.endpoint(), "t5", 0, DST, timeout_s=10)
     send.layer_ready(0, SRC)
@@ -117,8 +101,8 @@ def test_abandoned_hand_off_never_completes_on_the_receiver(ipc_pair):
     assert not result.ok and "timed out" in result.error
 
 
-def test_bad_destinations_are_refused_at_start(ipc_pair):
-    sender, receiver = ipc_pair(cache(32), cache(48))
+def test_bad_destinations_are_refused_at_start(pair):
+    sender, receiver = pair("ipc", cache(32), cache(48))
     with pytest.raises(ValueError, match="distinct"):
         sender.start_layerwise(receiver.endpoint(), "t6", 0, [1, 1], timeout_s=1)
     with pytest.raises(ValueError, match="destination"):

@@ -49,23 +49,6 @@ def assert_moved(src: torch.Tensor, dst: torch.Tensor, src_ids, dst_ids) -> None
     assert bool((dst[untouched].float() == -7.0).all()), "a block outside the destination list was written"
 
 
-@pytest.fixture
-def pair(request):
-    """A (sender, receiver) pair of one backend, closed after the test."""
-    made = []
-
-    def make(backend: str, src: torch.Tensor, dst: torch.Tensor):
-        sender, receiver = create_transport(backend), create_transport(backend)
-        made.extend([sender, receiver])
-        sender.register_cache(src)
-        receiver.register_cache(dst)
-        return sender, receiver
-
-    yield make
-    for t in made:
-        t.close()
-
-
 def test_block_runs_coalesce_only_when_both_sides_are_consecutive():
     assert block_runs([5, 6, 7, 30, 2], [40, 41, 42, 3, 4]) == [(5, 40, 3), (30, 3, 1), (2, 4, 1)]
     assert block_runs([1, 2], [5, 4]) == [(1, 5, 1), (2, 4, 1)]
