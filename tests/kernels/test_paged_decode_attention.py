@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close, needs_cuda, poisoned, random_paged_cache
+from kernel_checks import assert_close, fp8_paged_cache, needs_cuda, poisoned, random_paged_cache
 
-from baton.engine.attention import quantize_kv
 from baton.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -13,16 +12,17 @@ from baton.kernels.paged_decode_attention import (
 
 
 def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=None, num_splits=4,
-         block_size=16, num_layers=2, layer=1, fp8_scales=None, fused_merge=False, calls=1):
+         block_size=16, num_layers=2, layer=1, fp8_scales=None, fp8_gain=4.0, fused_merge=False, calls=1):
     """fp8_scales: (k_scale, v_scale) of an FP8 cache, quantized from the random one (dtype is then q's).
     calls > 1: the same inputs again, each call into a fresh poisoned output (the fused merge's counters must
     be back at zero after every call)."""
-    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
-                                          torch.float32 if fp8_scales else dtype, device)
-    kv_scale = None
-    if fp8_scales is not None:
-        kv_scale = torch.tensor(fp8_scales, dtype=torch.float32, device=device)
-        kv_cache = quantize_kv(kv_cache * 4, kv_scale.view(1, 1, 2, 1, 1, 1))
+    if fp8_scales is None:
+        kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
+                                              device)
+        kv_scale = None
+    else:
+        kv_cache, tables, kv_scale = fp8_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
+                                                     device, fp8_scales, fp8_gain)
     batch = len(context_lens)
     q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
@@ -122,7 +122,7 @@ def test_llama3_8b_shapes_fp8_cache(batch, max_ctx):
     lens = torch.randint(1, max_ctx + 1, (batch,)).tolist()
     lens[0] = max_ctx
     _run(lens, 32, 8, 128, torch.bfloat16, "cuda", num_splits=pick_num_splits(batch, 8), num_layers=3,
-         fp8_scales=(0.013, 0.021))
+         fp8_scales=(0.013, 0.021), fp8_gain=1.0)
 
 
 @pytest.mark.gpu

@@ -2,23 +2,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close, needs_cuda, poisoned, random_paged_cache
+from kernel_checks import assert_close, fp8_paged_cache, needs_cuda, poisoned, random_paged_cache
 
-from baton.engine.attention import quantize_kv
 from baton.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 
 def _run(chunks, num_heads, num_kv_heads, head_dim, dtype, device, window=None, block_size=16, num_layers=2,
-         layer=1, fp8_scales=None, **blocks):
+         layer=1, fp8_scales=None, fp8_gain=4.0, **blocks):
     """chunks: (tokens already cached before this chunk, chunk length) per request. fp8_scales: (k_scale,
     v_scale) of an FP8 cache, quantized from the random one (dtype is then q's)."""
     context_lens = [cached + n for cached, n in chunks]
-    kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
-                                          torch.float32 if fp8_scales else dtype, device)
-    kv_scale = None
-    if fp8_scales is not None:
-        kv_scale = torch.tensor(fp8_scales, dtype=torch.float32, device=device)
-        kv_cache = quantize_kv(kv_cache * 4, kv_scale.view(1, 1, 2, 1, 1, 1))
+    if fp8_scales is None:
+        kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
+                                              device)
+        kv_scale = None
+    else:
+        kv_cache, tables, kv_scale = fp8_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
+                                                     device, fp8_scales, fp8_gain)
     cu = torch.tensor([0] + [n for _, n in chunks], device=device).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
@@ -74,7 +74,7 @@ def test_llama3_8b_shapes(window):
 @needs_cuda
 def test_llama3_8b_shapes_fp8_cache():
     chunks = [(0, 2048), (1024, 512), (15, 1), (512, 333)]
-    _run(chunks, 32, 8, 128, torch.bfloat16, "cuda", fp8_scales=(0.013, 0.021))
+    _run(chunks, 32, 8, 128, torch.bfloat16, "cuda", fp8_scales=(0.013, 0.021), fp8_gain=1.0)
 
 
 @pytest.mark.gpu
