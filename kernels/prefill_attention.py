@@ -1,8 +1,9 @@
 """Causal attention for prefill chunks of several requests, every key read from the paged KV cache.
 
 Covers prefix-cache hits and chunked prefill: a chunk's queries are the last q_len positions of its context.
-An FP8 cache (float8_e4m3fn) reads as value * the layer's scale: K's scale is folded into the queries, V's into
-the output, and the keys and values are upcast exactly (to the query's dtype, float32 in the interpreter).
+An FP8 cache (float8_e4m3fn) reads as value * the layer's scale: K's scale multiplies the float32 scores, V's the
+output, and the keys and values are upcast exactly to fp16 (float32 in the interpreter), as in
+paged_decode_attention.py.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_keys(
-    acc, l_i, m_i, q, q_pos, kv_base, table, k_begin, k_end, lo, hi, window,
+    acc, l_i, m_i, q, q_pos, kv_base, table, k_begin, k_end, lo, hi, window, k_scale,
     stride_kv_block, stride_kv_kv, stride_kv_slot,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, UPCAST: tl.constexpr, FP8_KV: tl.constexpr,
@@ -38,10 +39,12 @@ def _attend_keys(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        elif FP8_KV:  # every e4m3 value is exact in bf16 / fp16 / fp32
+        elif FP8_KV:  # every e4m3 value is exact in fp16 (q's dtype here)
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if FP8_KV:
+            s = s * k_scale  # s = q . (k * k_scale), scaled in float32
         if MASKED:
             attend = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if window > 0:
@@ -92,10 +95,11 @@ def _prefill_kernel(
         q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + head * stride_qh + d[None, :], mask=io_mask,
                     other=0.0)
         q = q.to(tl.float32) * qk_scale  # scale folded with log2(e): the softmax uses exp2
+        k_scale = 1.0
         if FP8_KV:
-            q = q * tl.load(kv_scale_ptr)  # s = q . (k * k_scale)
-            if not UPCAST:
-                q = q.to(q_ptr.dtype.element_ty)
+            k_scale = tl.load(kv_scale_ptr)
+            if not UPCAST:  # e4m3 -> fp16 is one instruction on sm89+ (bf16 is not), and fp16 keeps 3 more bits
+                q = q.to(tl.float16)
         elif not UPCAST:
             q = q.to(kv_ptr.dtype.element_ty)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -113,13 +117,13 @@ def _prefill_kernel(
         kv_base = kv_ptr + layer * stride_kv_layer + (head // GROUP) * stride_kv_head
         table = block_tables_ptr + req * stride_bt
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, lo // BLOCK_N * BLOCK_N, full_lo,
-                                     lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
+                                     lo, hi, window, k_scale, stride_kv_block, stride_kv_kv, stride_kv_slot,
                                      HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST, FP8_KV)
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, full_lo, full_hi,
-                                     lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
+                                     lo, hi, window, k_scale, stride_kv_block, stride_kv_kv, stride_kv_slot,
                                      HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, UPCAST, FP8_KV)
         acc, l_i, m_i = _attend_keys(acc, l_i, m_i, q, q_pos, kv_base, table, full_hi, hi,
-                                     lo, hi, window, stride_kv_block, stride_kv_kv, stride_kv_slot,
+                                     lo, hi, window, k_scale, stride_kv_block, stride_kv_kv, stride_kv_slot,
                                      HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, UPCAST, FP8_KV)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         if FP8_KV:

@@ -94,7 +94,7 @@ case "$STEP" in
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --tokens 5000,32000 --backends ipc --reps 5 --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
-  fp8kv) BATON_UNVERIFIED_GPU_FP8_KV=1 $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
+  fp8kv) $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
   attn) $PY "$R"/bench/decode_attention.py --out "$OUT/decode_attention.json" ;;
   so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -202,12 +201,6 @@ class EngineConfig:
             raise ValueError(f"quantization must be fp8 or none, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if KV_CACHE_DTYPES[self.kv_cache_dtype] == FP8_KV_DTYPE and self.device.startswith("cuda") \
-                and os.environ.get("BATON_UNVERIFIED_GPU_FP8_KV") != "1":
-            # Refused rather than risk wrong attention: on an H200 (2026-12-03) two of the FP8-cache kernel checks
-            # (decode at batch 64, prefill at Llama-3-8B shapes) failed; the CPU path is verified.
-            raise ValueError("kv_cache_dtype fp8 is not yet verified on CUDA GPUs (two of its GPU kernel checks "
-                             "failed); use it on the CPU, or set BATON_UNVERIFIED_GPU_FP8_KV=1 to try it")
         if self.calculate_kv_scales and KV_CACHE_DTYPES[self.kv_cache_dtype] != FP8_KV_DTYPE:
             raise ValueError(f"calculate_kv_scales needs kv_cache_dtype fp8 (scales are for an FP8 KV cache), "
                              f"got {self.kv_cache_dtype!r}")

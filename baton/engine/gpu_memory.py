@@ -11,7 +11,11 @@ from baton.engine.model import CausalLM
 _HEADROOM_BYTES = 512 * 2**20  # CUDA graphs' pool, sampler scratch, allocator fragmentation
 
 
-def kv_blocks_for_gpu(model: CausalLM, config: EngineConfig, mc: ModelConfig, block_nbytes: int) -> int:
+def kv_blocks_for_gpu(model: CausalLM, config: EngineConfig, mc: ModelConfig, block_nbytes: int,
+                      held_before: int = 0) -> int:
+    """KV blocks that fit this engine's share (gpu_memory_utilization of the device) once its weights and one
+    largest step are counted. held_before: bytes this process had allocated before this engine loaded its weights
+    (another engine in the process), not counted against this engine's share."""
     from baton.engine.attention_triton import build_triton_batch
 
     device = torch.device(config.device)
@@ -29,7 +33,7 @@ def kv_blocks_for_gpu(model: CausalLM, config: EngineConfig, mc: ModelConfig, bl
     ids = torch.zeros(n, dtype=torch.long, device=device)
     model(ids, torch.arange(n, device=device), cache, batch, torch.tensor([n - 1], device=device))
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - cache.numel() * cache.element_size()
+    peak = torch.cuda.max_memory_allocated(device) - cache.numel() * cache.element_size() - held_before
     del cache
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)

@@ -129,6 +129,8 @@ class LLMEngine:
 
             tokenizer = Tokenizer.from_dir(config.model_dir)
         self.tokenizer = tokenizer
+        # What this process held on the device before this engine (another engine's pool and weights): not ours.
+        held_before = torch.cuda.memory_allocated(config.device) if config.device.startswith("cuda") else 0
         self.model = load_model(config, mc)
         if config.calculate_kv_scales:  # before the pool, any request or graph capture: see kv_calibration.py
             from baton.engine.kv_calibration import calculate_kv_scales
@@ -150,7 +152,7 @@ class LLMEngine:
         if num_blocks is None and config.device.startswith("cuda"):
             from baton.engine.gpu_memory import kv_blocks_for_gpu
 
-            num_blocks = kv_blocks_for_gpu(self.model, config, mc, block_nbytes)
+            num_blocks = kv_blocks_for_gpu(self.model, config, mc, block_nbytes, held_before)
         elif num_blocks is None:
             num_blocks = max(1, int(config.kv_cache_memory_gb * 2**30) // block_nbytes)
         self.kv_cache = allocate_kv_cache(num_blocks, mc.num_layers, bs, mc.num_kv_heads, mc.head_dim,

@@ -77,11 +77,10 @@ def test_kv_pool_is_sized_from_gpu_memory_utilization(tmp_path):
     assert small.kv_cache.numel() * small.kv_cache.element_size() < 0.05 * total
 
 
-def test_fp8_kv_cache_on_the_gpu_scores_like_the_cpu_fp8_engine_and_replays_graphs(tmp_path, monkeypatch):
+def test_fp8_kv_cache_on_the_gpu_scores_like_the_cpu_fp8_engine_and_replays_graphs(tmp_path):
     """The GPU's FP8 path (fused RoPE + FP8 write, paged prefill and decode kernels, CUDA graphs) against the CPU's
     torch FP8 path and the GPU's model-dtype cache. A fresh prompt's own attention reads unquantized k and v on
     the GPU (FlashAttention) but the cache on the CPU, so the two FP8 engines agree within FP8's error only."""
-    monkeypatch.setenv("BATON_UNVERIFIED_GPU_FP8_KV", "1")  # refused on CUDA until its kernel checks pass there
     model_dir = make_hf_checkpoint(tmp_path / "m", "qwen2", seed=5)
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (7, 40, 90, 130)]
@@ -104,8 +103,7 @@ def test_fp8_kv_cache_on_the_gpu_scores_like_the_cpu_fp8_engine_and_replays_grap
     assert (gpu[0] - auto[0]).abs().max() < 0.05
 
 
-def test_fp8_kv_pool_from_gpu_memory_utilization_holds_twice_the_bf16_blocks(tmp_path, monkeypatch):
-    monkeypatch.setenv("BATON_UNVERIFIED_GPU_FP8_KV", "1")  # refused on CUDA until its kernel checks pass there
+def test_fp8_kv_pool_from_gpu_memory_utilization_holds_twice_the_bf16_blocks(tmp_path):
     model_dir = make_hf_checkpoint(tmp_path / "m", "llama", seed=1)
     engines = [LLMEngine(EngineConfig(str(model_dir), device="cuda", dtype="bfloat16", gpu_memory_utilization=0.05,
                                       kv_cache_dtype=kv, show_progress=False)) for kv in ("auto", "fp8")]
@@ -114,10 +112,9 @@ def test_fp8_kv_pool_from_gpu_memory_utilization_holds_twice_the_bf16_blocks(tmp
     assert 1.9 < fp8 / bf16 < 2.1
 
 
-def test_calculated_kv_scales_on_the_gpu_match_the_cpu_and_reach_the_graphs(tmp_path, monkeypatch):
+def test_calculated_kv_scales_on_the_gpu_match_the_cpu_and_reach_the_graphs(tmp_path):
     """--calculate-kv-scales on the GPU: the same scales as the CPU engine's, and decode through CUDA graphs reads
     them (K/V at 1e-3: under scale 1.0 nearly every value would be stored as zero), equal to eager steps."""
-    monkeypatch.setenv("BATON_UNVERIFIED_GPU_FP8_KV", "1")  # refused on CUDA until its kernel checks pass there
     from tests.engine.test_kv_cache_fp8 import _kv_magnitudes_times
 
     model_dir = _kv_magnitudes_times(make_hf_checkpoint(tmp_path / "m", "llama", seed=5), tmp_path / "small", 1e-3)

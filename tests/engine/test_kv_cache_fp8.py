@@ -254,14 +254,3 @@ def test_calculate_kv_scales_keeps_a_checkpoints_scales_and_needs_fp8(models, tm
     assert engine.model.kv_scales.flatten().tolist() == pytest.approx([0.01, 0.01, 0.02, 0.02])
     with pytest.raises(ValueError, match="calculate_kv_scales needs kv_cache_dtype fp8 .*got 'auto'"):
         EngineConfig(str(models["llama"]), calculate_kv_scales=True)
-
-
-def test_fp8_kv_cache_is_refused_on_cuda_until_verified_there(monkeypatch):
-    """Two of the FP8 cache's GPU kernel checks failed on an H200: a CUDA engine refuses it with one clear line
-    unless the operator opts in (the GPU tests and bench/fp8.py kv-speed do)."""
-    monkeypatch.delenv("BATON_UNVERIFIED_GPU_FP8_KV", raising=False)
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8 is not yet verified on CUDA GPUs"):
-        EngineConfig("/nonexistent", device="cuda", kv_cache_dtype="fp8")
-    EngineConfig("/nonexistent", device="cpu", kv_cache_dtype="fp8")  # the verified path
-    monkeypatch.setenv("BATON_UNVERIFIED_GPU_FP8_KV", "1")
-    assert EngineConfig("/nonexistent", device="cuda", kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
