@@ -358,7 +358,8 @@ class LLMEngine:
         if scoring:
             prompt = PromptScoring(logits[len(sampling):], [seq.prompt_ids[p + 1] for seq, ps in scoring for p in ps],
                                    max(seq.params.prompt_logprobs for seq, _ in scoring))
-        result = self.sampler.sample(logits[: len(sampling)], [s.seq for s in sampling], prompt)
+        result = self.sampler.sample(logits[: len(sampling)], [s.seq for s in sampling], prompt) \
+            if sampling or prompt is not None else None  # a step of verifications only samples nothing more
         row = 0
         for seq, positions in scoring:
             k = seq.params.prompt_logprobs
@@ -397,6 +398,8 @@ class LLMEngine:
             row += n
         device = logits.device
         gens = [None if seq.params.greedy else self.sampler.generator(seq, device) for seq in spec]
+        if not plain and row == len(logits):  # every row verifies (the common case): no gathers
+            return plain, logits[:0], list(zip(spec, self.speculator.verify(spec, logits, gens)))
         verdicts = self.speculator.verify(spec, logits[torch.tensor(spec_rows, device=device)], gens)
         rest = torch.tensor(plain_rows + list(range(row, len(logits))), dtype=torch.long, device=device)
         return plain, logits[rest], list(zip(spec, verdicts))

@@ -141,13 +141,19 @@ class Speculator:
         position). Greedy: drafts count while they are the argmax, then the argmax; sampled: accept draft x with
         probability min(1, p(x) / q(x)), else draw from max(0, p - q) renormalised (q: the draft's distribution,
         a point mass for a deterministic proposal); all accepted: one more token from p."""
-        raw = torch.log_softmax(logits.float(), dim=-1)
-        best_values, best_ids = raw.max(dim=-1)
         k = max((s.params.top_logprobs for s in seqs), default=0)
-        top = raw.topk(k, dim=-1) if k else None
-        host = torch.cat([best_ids.double(), best_values.double()]
-                         + ([top.indices.double().flatten(), top.values.double().flatten()] if top else [])).tolist()
-        rows = len(raw)
+        if logits.is_cuda and not k and all(s.params.greedy for s in seqs):
+            from baton.kernels.greedy_sample import greedy_sample
+
+            host = greedy_sample(logits).tolist()  # ids, then their logprobs: two launches
+            raw = None
+        else:
+            raw = torch.log_softmax(logits.float(), dim=-1)
+            best_values, best_ids = raw.max(dim=-1)
+            top = raw.topk(k, dim=-1) if k else None
+            host = torch.cat([best_ids.double(), best_values.double()] + (
+                [top.indices.double().flatten(), top.values.double().flatten()] if top else [])).tolist()
+        rows = len(logits)
         argmax, maxlp = [int(t) for t in host[:rows]], host[rows:2 * rows]
         out = []
         row = 0
@@ -163,8 +169,8 @@ class Speculator:
                 q = self._draft_probs.pop(seq.request_id, None)
                 tokens = rejection_sample(logits[row:row + d + 1], drafts, q, seq.params, gen)
                 a = len(tokens) - 1
-                at = torch.arange(row, row + a + 1, device=raw.device)
-                logprobs = raw[at, torch.tensor(tokens, device=raw.device)].tolist()
+                at = torch.arange(row, row + a + 1, device=logits.device)
+                logprobs = raw[at, torch.tensor(tokens, device=logits.device)].tolist()
             tops = []
             if seq.params.top_logprobs:
                 want = seq.params.top_logprobs
