@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton wins over the checkout
 from baton.engine.quantization import Fp8Linear  # noqa: E402
-from baton.kernels.gemv import CONFIGS, MAX_ROWS, device_time_ms, gemv  # noqa: E402
+from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, MAX_ROWS, device_time_ms, gemv  # noqa: E402
 from baton.kernels.silu_mul import silu_mul  # noqa: E402
 from bench.engine_gpu import hbm_bandwidth  # noqa: E402
 from bench.report import emit  # noqa: E402
@@ -24,7 +24,7 @@ from bench.report import emit  # noqa: E402
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
           "down": (4096, 14336, True), "lm_head": (128256, 4096, False)}
 # (BLOCK_N, BLOCK_K, num_warps): the engine's candidates plus a few outside them, to see whether any would pay.
-GRID = sorted(set(CONFIGS) | {(2, 512, 4), (8, 1024, 4), (16, 512, 8)})
+GRID = sorted(set(CONFIGS) | set(CONFIGS_FP8) | {(2, 512, 4), (8, 1024, 4), (16, 512, 8)})
 
 
 def time_us(fn) -> float:

@@ -130,6 +130,44 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
     return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=512, **common)), Path(model).name
 
 
+def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
+    """One batch-1 decode, plain then n-gram, each under cProfile and (on CUDA) torch.profiler: per engine step,
+    the wall time, the device's busy time (kernels), and the host functions that take the most time of their own."""
+    import cProfile
+    import pstats
+
+    out = {}
+    for mode in ("off", "ngram"):
+        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                                speculation=SpeculationParams(mode, args.num_tokens if mode == "ngram" else None))
+        timed_decode(engine, prompts, params)  # warm
+        before = engine.stats().spec
+        prof = cProfile.Profile()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if args.device.startswith("cuda"):
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as tp:
+            prof.enable()
+            rate, _, tokens = timed_decode(engine, prompts, params)
+            prof.disable()
+        after = engine.stats().spec
+        steps = (after.num_drafts - before.num_drafts) if mode == "ngram" else tokens
+        steps = max(1, steps)
+        busy = sum(e.device_time_total for e in tp.key_averages() if e.device_time_total) / 1e3  # us -> ms
+        stats = pstats.Stats(prof)
+        top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+        wall_ms = tokens / rate * 1e3 if rate else float("nan")
+        out[mode] = {"tokens": tokens, "steps": steps, "wall_ms_per_step": wall_ms / steps,
+                     "device_ms_per_step": busy / steps,
+                     "host_top": [(f"{Path(f).name}:{line}({fn})", n, round(tt / steps * 1e3, 4))
+                                  for (f, line, fn), (_, n, tt, _, _) in top]}
+        print(f"\nprofile {mode}: {tokens} tokens in {steps} steps, wall {wall_ms / steps:.3f} ms/step, device busy "
+              f"{busy / steps:.3f} ms/step (under both profilers)")
+        for name, calls, ms in out[mode]["host_top"]:
+            print(f"  {ms:8.4f} ms/step  {calls:6d} calls  {name}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -140,6 +178,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="alternated runs of each mode; the median counts")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="a random tiny model (CPU) or a small shape (GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table: where a batch-1 code step's time goes, plain vs n-gram (host functions "
+                         "by own time, device busy per step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -188,11 +229,15 @@ def main() -> int:
                       flush=True)
                 head[f"{workload}_b{batch}_speedup"] = round(row["speedup"], 3)
                 head[f"{workload}_b{batch}_acceptance"] = round(row["acceptance"], 3)
+        if args.profile:
+            head_profile = profile_steps(engine, prompts_for(engine, "code")[:1], args)
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
     doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "load_average": os.getloadavg(), "rows": rows,
            "reference": "the same engine and requests with speculation off, measured in this run"}
+    if args.profile:
+        doc["profile"] = head_profile
     emit("speculation", head, doc, Path(args.out) if args.out else None)
     return 0 if head["greedy_equal"] else 1
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned
 
-from baton.kernels.gemv import CONFIGS, gemv, gemv_reference, pick_config
+from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, gemv, gemv_reference, pick_config
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
@@ -76,3 +76,19 @@ def test_fp8_gemv_matches_dequantized_reference(device):
     x = torch.randn(3, 64, device=device)
     out = gemv(x, q.weight, q.bias, config=(8, 32, 4), scale=q.scale)
     assert_close(out, gemv_reference(x, q.weight, q.bias, scale=q.scale))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,silu", [(6144, 4096, False), (4096, 14336, True)])
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
+    """Every config pick_config may choose for FP8 weights (the 2048-wide ones too) gives the reference's answer."""
+    from baton.engine.quantization import Fp8Linear
+
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda")
+    q = Fp8Linear.quantize(lin)
+    x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+    expected = gemv_reference(x, q.weight, None, silu_mul=silu, scale=q.scale)
+    for config in CONFIGS_FP8:
+        assert_close(gemv(x, q.weight, silu_mul=silu, config=config, scale=q.scale), expected)
