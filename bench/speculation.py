@@ -131,7 +131,7 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
 
 
 def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
-    """One batch-1 decode, plain then n-gram, each under cProfile and (on CUDA) torch.profiler: per engine step,
+    """One decode of these prompts, plain then n-gram, each under cProfile and (on CUDA) torch.profiler: per engine step,
     the wall time, the device's busy time (kernels), and the host functions that take the most time of their own."""
     import cProfile
     import pstats
@@ -161,7 +161,7 @@ def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
                      "device_ms_per_step": busy / steps,
                      "host_top": [(f"{Path(f).name}:{line}({fn})", n, round(tt / steps * 1e3, 4))
                                   for (f, line, fn), (_, n, tt, _, _) in top]}
-        print(f"\nprofile {mode}: {tokens} tokens in {steps} steps, wall {wall_ms / steps:.3f} ms/step, device busy "
+        print(f"\nprofile b{len(prompts)} {mode}: {tokens} tokens in {steps} steps, wall {wall_ms / steps:.3f} ms/step, device busy "
               f"{busy / steps:.3f} ms/step (under both profilers)")
         for name, calls, ms in out[mode]["host_top"]:
             print(f"  {ms:8.4f} ms/step  {calls:6d} calls  {name}")
@@ -179,7 +179,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="a random tiny model (CPU) or a small shape (GPU)")
     ap.add_argument("--profile", action="store_true",
-                    help="after the table: where a batch-1 code step's time goes, plain vs n-gram (host functions "
+                    help="after the table: where a code step's time goes (each batch), plain vs n-gram (host functions "
                          "by own time, device busy per step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -230,7 +230,9 @@ def main() -> int:
                 head[f"{workload}_b{batch}_speedup"] = round(row["speedup"], 3)
                 head[f"{workload}_b{batch}_acceptance"] = round(row["acceptance"], 3)
         if args.profile:
-            head_profile = profile_steps(engine, prompts_for(engine, "code")[:1], args)
+            code = prompts_for(engine, "code")
+            head_profile = {f"b{b}": profile_steps(engine, [code[i % len(code)] for i in range(b)], args)
+                            for b in args.batches}
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
     doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),

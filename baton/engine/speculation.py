@@ -46,20 +46,36 @@ class NgramProposer:
 
 def ngram_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """The continuation of the latest earlier occurrence of the longest matching suffix; where that runs into the
-    suffix itself the text is taken as periodic and the copy goes on over the proposal (as LZ77 copies overlap)."""
+    suffix itself the text is taken as periodic and the copy goes on over the proposal (as LZ77 copies overlap).
+
+    One pass: every earlier position holding the last token is a candidate end of a match; the match lengths of all
+    candidates grow together, one comparison per length (max_n small vector ops, not one scan per length)."""
     arr = np.asarray(tokens, dtype=np.int64)
     total = len(arr)
-    for n in range(min(max_n, total - 1), min_n - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. total-1-n
-        hits = np.flatnonzero((windows == arr[total - n:]).all(axis=1))
-        if hits.size:
-            period = total - n - int(hits[-1])
-            out: list[int] = []
-            for m in range(k):
-                src = total + m - period
-                out.append(int(arr[src]) if src < total else out[src - total])
-            return out
-    return []
+    if total < 2 or min_n > total - 1:
+        return []
+    ends = np.flatnonzero(arr[:-1] == arr[-1])  # candidate match ends, latest last
+    if not ends.size:
+        return []
+    length = np.ones(ends.size, dtype=np.int64)
+    alive = np.ones(ends.size, dtype=bool)
+    for t in range(1, min(max_n, total - 1)):
+        ok = alive & (ends >= t)
+        ok[ok] = arr[ends[ok] - t] == arr[total - 1 - t]
+        alive = ok
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    if best < min_n:
+        return []
+    end = int(ends[np.flatnonzero(length == best)[-1]])
+    period = total - 1 - end
+    out: list[int] = []
+    for m in range(k):
+        src = total + m - period
+        out.append(int(arr[src]) if src < total else out[src - total])
+    return out
 
 
 @dataclass
