@@ -141,7 +141,6 @@ def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
                                 speculation=SpeculationParams(mode, args.num_tokens if mode == "ngram" else None))
         timed_decode(engine, prompts, params)  # warm
-        before = engine.stats().spec
         prof = cProfile.Profile()
         activities = [torch.profiler.ProfilerActivity.CPU]
         if args.device.startswith("cuda"):
@@ -150,11 +149,10 @@ def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
             prof.enable()
             rate, _, tokens = timed_decode(engine, prompts, params)
             prof.disable()
-        after = engine.stats().spec
-        steps = (after.num_drafts - before.num_drafts) if mode == "ngram" else tokens
-        steps = max(1, steps)
-        busy = sum(e.device_time_total for e in tp.key_averages() if e.device_time_total) / 1e3  # us -> ms
         stats = pstats.Stats(prof)
+        steps = max(1, sum(v[1] for (f, _, fn), v in stats.stats.items()
+                           if fn == "step" and f.endswith("llm_engine.py")))  # engine steps in the timed part
+        busy = sum(e.device_time_total for e in tp.key_averages() if e.device_time_total) / 1e3  # us -> ms
         top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
         wall_ms = tokens / rate * 1e3 if rate else float("nan")
         out[mode] = {"tokens": tokens, "steps": steps, "wall_ms_per_step": wall_ms / steps,
