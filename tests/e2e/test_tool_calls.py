@@ -40,10 +40,32 @@ SHORT = [{"role": "user", "content": "Book a table with a view."}]
 SEEDS = [0, 1, 2]
 
 
+def tools_model(tmp_path_factory, name: str):
+    return make_model(tmp_path_factory.mktemp(name) / f"{name}-qwen2", arch="qwen2", layers=2, hidden=64, heads=4,
+                      kv_heads=2, vocab=512, max_position=2048, seed=23)
+
+
+def threshold_for(tok) -> int:
+    """Over the short prompt with its tools: that one prefills on the decode worker, a longer one remotely."""
+    return len(tok.encode_chat(SHORT, tools=TOOLS)) + 16
+
+
+def serve(model_dir, threshold: int, tmp_path_factory, name: str):
+    cluster = start_cluster(model_dir, tmp_path_factory.mktemp(f"{name}-up"), prefill=1, decode=1,
+                            local_prefill_threshold=threshold)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def client_for(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("tools") / "tools-qwen2", arch="qwen2", layers=2, hidden=64, heads=4,
-                      kv_heads=2, vocab=512, max_position=2048, seed=23)
+    return tools_model(tmp_path_factory, "tools")
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +75,17 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def threshold(tok):
-    """Over the short prompt with its tools: that one prefills on the decode worker, a longer one remotely."""
-    return len(tok.encode_chat(SHORT, tools=TOOLS)) + 16
+    return threshold_for(tok)
 
 
 @pytest.fixture(scope="module")
 def cluster(model_dir, threshold, tmp_path_factory):
-    cluster = start_cluster(model_dir, tmp_path_factory.mktemp("tools-up"), prefill=1, decode=1,
-                            local_prefill_threshold=threshold)
-    yield cluster
-    cluster.stop()
+    yield from serve(model_dir, threshold, tmp_path_factory, "tools")
 
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return client_for(cluster)
 
 
 def long_messages(tok, threshold: int, tag: str) -> list[dict]:
@@ -209,9 +227,7 @@ MARKERS = ("<tool_call>", "</tool_call>")
 
 @pytest.fixture(scope="module")
 def marker_model_dir(tmp_path_factory):
-    out = make_model(tmp_path_factory.mktemp("markers") / "markers-qwen2", arch="qwen2", layers=2, hidden=64, heads=4,
-                     kv_heads=2, vocab=512, max_position=2048, seed=23)
-    return add_special_tokens(out, MARKERS, seed=23)
+    return add_special_tokens(tools_model(tmp_path_factory, "markers"), MARKERS, seed=23)
 
 
 @pytest.fixture(scope="module")
@@ -221,20 +237,17 @@ def marker_tok(marker_model_dir):
 
 @pytest.fixture(scope="module")
 def marker_threshold(marker_tok):
-    return len(marker_tok.encode_chat(SHORT, tools=TOOLS)) + 16
+    return threshold_for(marker_tok)
 
 
 @pytest.fixture(scope="module")
 def marker_cluster(marker_model_dir, marker_threshold, tmp_path_factory):
-    cluster = start_cluster(marker_model_dir, tmp_path_factory.mktemp("markers-up"), prefill=1, decode=1,
-                            local_prefill_threshold=marker_threshold)
-    yield cluster
-    cluster.stop()
+    yield from serve(marker_model_dir, marker_threshold, tmp_path_factory, "markers")
 
 
 @pytest.fixture(scope="module")
 def marker_client(marker_cluster):
-    return openai.OpenAI(base_url=f"{marker_cluster.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return client_for(marker_cluster)
 
 
 # A Hermes call after an <|im_start|>, each tag one special token (logit_bias picks it over spelling the tag out in
