@@ -4,7 +4,7 @@ worker settings; requests streamed through the OpenAI completions API at concurr
 
 Usage: python bench/disagg_ttft.py [--model DIR] [--device cpu|cuda] [--dtype auto] [--prompt-tokens 4096]
                                    [--requests 16] [--out FILE]
-CPU smoke run (about a minute):   python bench/disagg_ttft.py --prompt-tokens 512 --requests 4 --out /tmp/t.json
+CPU smoke run (under a minute):  python bench/disagg_ttft.py --prompt-tokens 512 --requests 4 --out /tmp/t.json
 8B-shaped checkpoint for the GPU: python bench/disagg_ttft.py --make-llama3-8b DIR --tokenizer-from TOKENIZER_DIR
 The sequential run's greedy texts must be equal in both setups (exit 1 otherwise); at concurrency 4 the batches
 differ between the setups (the colocated worker prefills beside other requests' decode steps), so bf16 rounding may
@@ -194,14 +194,25 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 def handoff_counts(cluster: LocalCluster) -> dict[str, float]:
     """What says where prompts were prefilled: the router's prefill-pool decisions and the KV bytes each pool's
-    workers moved through any transport (a remote prefill counts on both sides of the hand-off)."""
+    workers moved through any transport (a remote prefill counts on both sides of the hand-off); beside them, where
+    the time went on the worker that prefilled: its mean engine prefill (first step to first token) and, on a
+    prefill worker, its mean KV send."""
     router = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     out = {"router_prefill_decisions": metric_sum(router, "baton_router_decisions_total", pool="prefill"),
            "router_decode_decisions": metric_sum(router, "baton_router_decisions_total", pool="decode"),
            "kv_bytes_prefill": 0.0, "kv_bytes_decode": 0.0}
-    for record in cluster.workers():
+    records = cluster.workers()
+    prefiller = "prefill" if any(r.pool == "prefill" for r in records) else "decode"
+    for record in records:
         text = httpx.get(f"http://{record.http_address}/metrics", timeout=10).text
         out[f"kv_bytes_{record.pool}"] += metric_sum(text, "baton_kv_transfer_bytes_total")
+        if record.pool != prefiller:
+            continue
+        for key, name in (("engine_prefill_s_mean", "baton_worker_request_prefill_time_seconds"),
+                          ("kv_send_s_mean", "baton_kv_transfer_seconds")):
+            count = metric_sum(text, f"{name}_count")
+            if count:
+                out[key] = metric_sum(text, f"{name}_sum") / count
     return out
 
 
@@ -344,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.max_tokens} output tokens, {args.requests} requests per row; disaggregated = 1 prefill + 1 decode "
           f"worker (KV over ipc), colocated = 1 worker prefilling itself\n")
     print(text)
-    print(f"\ngreedy texts equal in both setups: " + ", ".join(f"c={c} {agree[c]}/{args.requests}"
-                                                             for c in CONCURRENCIES))
+    print("\ngreedy texts equal in both setups: "
+          + ", ".join(f"c={c} {agree[c]}/{args.requests}" for c in CONCURRENCIES))
     doc = {
         "endpoint": "/v1/completions (streaming, prompt as token ids)", "device": device,
         "model": {"dir": model_dir.name, "dtype": args.dtype, **{k: model_cfg.get(k) for k in (

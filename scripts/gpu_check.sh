@@ -10,6 +10,9 @@
 #   attn: bench/decode_attention.py (paged decode attention knobs vs the default launch)
 #   so: bench/structured_output.py on Llama-3-8B-shaped weights with SmolLM2's tokenizer (carry .gpu_assets)
 #   layerwise: bench/kv_layerwise.py (prefill + layer-wise vs whole hand-off, 4k-32k tokens)
+#   ttft: bench/disagg_ttft.py (TTFT of `baton up` 1P+1D over CUDA IPC vs one colocated worker, 4k-token prompts)
+#          on the real model at /tmp/smollm2 (step `model`) if there, else on a Llama-3-8B-shaped checkpoint
+#          made once in /tmp/llama8b with SmolLM2's tokenizer (carry .gpu_assets)
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
@@ -100,6 +103,13 @@ case "$STEP" in
   so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \
         --out "$OUT/structured_output_gpu.json" ;;
   layerwise) $PY "$R"/bench/kv_layerwise.py --tokens 4096,16384,32768 --out "$OUT/kv_layerwise.json" ;;
+  ttft)
+    M=/tmp/smollm2
+    if [ ! -f "$M/config.json" ]; then
+      M=/tmp/llama8b
+      [ -f "$M/config.json" ] || $PY "$R"/bench/disagg_ttft.py --make-llama3-8b "$M" --tokenizer-from "$R/.gpu_assets/smollm2"
+    fi
+    $PY "$R"/bench/disagg_ttft.py --device cuda --dtype bfloat16 --model "$M" --out "$OUT/disagg_ttft.json" ;;
   model)  # the real SmolLM2-135M-Instruct from the stashed GGUF parts, converted once into /tmp/smollm2
     [ -f /tmp/smollm2/config.json ] || { cat /tmp/baton-gguf-parts/part_* > /tmp/smollm2.gguf && $PY -c \
       "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
@@ -107,5 +117,5 @@ case "$STEP" in
   spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --out "$OUT/speculation_gpu.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
