@@ -502,7 +502,7 @@ class LLMEngine:
         done = FinishedRequest(
             finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=len(seq.output_ids),
             queue_s=None if scheduled is None else scheduled - seq.arrival_time,
-            prefill_s=None if scheduled is None or first is None else first - scheduled,
+            prefill_s=None if scheduled is None or first is None or seq.remote_prefill else first - scheduled,
             decode_s=None if first is None or seq.prefill_only else now - first)
         for listener in self.finish_listeners:
             listener(done)
@@ -558,6 +558,9 @@ class LLMEngine:
         if seq is None:
             raise InvalidRequestError(f"no pending remote request {request_id!r}")
         seq.num_computed_tokens = seq.num_prompt_tokens
+        # Queue time here is reservation -> commit (the remote prefill and hand-off); the prefill is the prefill
+        # worker's to report, not a span of this engine (its first token predates this engine's first step).
+        seq.remote_prefill, seq.scheduled_time = True, time.monotonic()
         self.block_manager.register_computed(seq)
         self._prefill_cached += seq.num_cached_tokens
         self._seqs[request_id] = seq

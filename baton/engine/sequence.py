@@ -40,6 +40,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # first admitted to a batch
     first_token_time: float | None = None
+    remote_prefill: bool = False  # the prompt's KV and first token came from a prefill worker
     # Structured output: the request's xgrammar matcher, advanced with every token appended.
     grammar: object | None = None
     # Speculative decoding: proposed tokens at the end of token_ids, to be verified by this step (then removed).

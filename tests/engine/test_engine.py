@@ -150,6 +150,8 @@ def test_prefill_on_a_then_decode_on_b_equals_one_engine(model_dir):
     a = new_engine(model_dir)
     b = new_engine(model_dir)
     b.generate([prompts[2][:40] + [7]], GREEDY)  # B already caches part of one prompt: only the rest moves
+    finished = []
+    b.finish_listeners.append(finished.append)
     for i, prompt in enumerate(prompts):
         rid = f"pd{i}"
         a.add_request(rid, prompt, GREEDY, prefill_only=True)
@@ -167,6 +169,9 @@ def test_prefill_on_a_then_decode_on_b_equals_one_engine(model_dir):
             for out in b.step():
                 tokens += out.new_token_ids
         assert tokens == alone(model_dir, [prompt])[0], f"prompt {i}"
+    # The decode side reports no prefill span of its own (the prefill worker does), never a negative one.
+    assert len(finished) == len(prompts)
+    assert all(r.prefill_s is None and r.queue_s >= 0 and r.decode_s >= 0 for r in finished), finished
     assert_all_free(a)
     assert_all_free(b)
 
