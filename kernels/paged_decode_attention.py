@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.attention_common import scaled_query, upcast_kv
+
 _LOG2E = 1.4426950408889634
 
 
@@ -55,14 +57,7 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    q = q.to(tl.float32) * qk_scale  # scale folded with log2(e): the softmax below uses exp2
-    k_scale = 1.0
-    if FP8_KV:
-        k_scale = tl.load(kv_scale_ptr)
-        if not UPCAST:  # e4m3 -> fp16 is one instruction on sm89+ (bf16 is not), and fp16 keeps 3 more bits
-            q = q.to(tl.float16)
-    elif not UPCAST:
-        q = q.to(kv_ptr.dtype.element_ty)
+    q, k_scale = scaled_query(q, qk_scale, kv_ptr, kv_scale_ptr, UPCAST, FP8_KV)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -78,12 +73,7 @@ def _decode_split_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(kv_base + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(kv_base + stride_kv_kv + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        elif FP8_KV:  # every e4m3 value is exact in fp16 (q's dtype here)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+        k, v = upcast_kv(k, v, q, UPCAST, FP8_KV)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if FP8_KV:
             s = s * k_scale  # s = q . (k * k_scale), scaled in float32
