@@ -163,6 +163,12 @@ class Planner:
             reason = f"signals missing or stale; holding at {desired}"
             return self._commit(st, key, now, current, desired, reason, proposals, limits, inputs)
 
+        upstream = inp.signals.get((model, region, "prefill")) if isinstance(pol, DecodePool) else None
+        if upstream is not None and upstream.queue_depth > 0:
+            # A prompt queued for prefill comes here as soon as prefill works it off: after a step, the
+            # prefill replicas asked for to drain that queue hand it over within a DRAIN_SHARE of their
+            # start-up, so it is this pool's queue too, one stage early.
+            sig = replace(sig, queue_depth=sig.queue_depth + upstream.queue_depth)
         capacity = self._capacity(policy, key)
         slo_s = pol.slo_ms / 1000
         ready = self._ready(inp, key)

@@ -2,15 +2,19 @@
 in the same physical model of the pools, and reports GPU-hours, SLO attainment and scale events side by side.
 
 Physics per region, from the capacity profile (or the flat `capacity_tokens_per_s`):
-- prefill is one FIFO of prompts served at ready replicas x the profile's busy throughput; TTFT = the wait
-  plus the request's own prompt at the profile's rate for its size;
-- decode runs, each tick, the concurrency that serves the tick's output tokens (Little's law) at the profile's
-  ITL for that concurrency and the requests' context; what the KV pools cannot hold waits for admission, and
+- prefill is one FIFO of prompts served at ready replicas x the profile's busy throughput, tick by tick (a
+  queued prompt starts sooner once new replicas serve); TTFT = the wait plus the request's own prompt at the
+  profile's rate for its size;
+- decode gets a request when its prefill ends (the prompt's KV is handed over), not when it arrives: a prefill
+  queue holds back decode's load, and new prefill replicas draining it release it all at once. Each tick it
+  runs the concurrency that serves the output tokens of the requests starting then (Little's law) at the
+  profile's ITL for that concurrency and their context; what the KV pools cannot hold waits for admission, and
   that wait is spread over the request's tokens.
 Replicas hold GPUs from the moment they are asked for and serve `startup_s` later. The oracle has, each tick,
 the fewest replicas the capacity model says meet the SLO at that tick's own load, ready at once; static
 provisioning holds the oracle's peak all the time. A request the planner's world serves outside its own region
-(spillover) pays CROSS_REGION_RTT_S on its TTFT.
+(spillover) pays CROSS_REGION_RTT_S on its TTFT. SLO attainment counts each request's two checks, TTFT (its
+region's prefill pool) and ITL (decode); the share of requests meeting both is reported beside it.
 """
 from __future__ import annotations
 
@@ -23,128 +27,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from baton.contracts.worker_registry import POOLS
-from baton.controlplane.capacity import DecodeModel, Load
+from baton.controlplane.capacity import Load
 from baton.controlplane.placement import ClusterState, place
 from baton.controlplane.planner import Planner, TickInput
 from baton.controlplane.policy import Policy
+from baton.controlplane.replay_pools import DecodeServer, Fleet, PrefillServer, RegionQueues
 from baton.controlplane.signals import Interval, SignalWindow, p90
 from baton.controlplane.startup_spill import CROSS_REGION_RTT_S
 from baton.controlplane.trace import Trace
 
 WORLDS = ("planner", "oracle", "static")
-
-
-class _Prefill:
-    """Prompt throughput of one replica: busy (the FIFO's drain rate) and per prompt size (its own prefill)."""
-
-    def __init__(self, policy: Policy, model: str, region: str) -> None:
-        profile = policy.model(model).profile
-        if profile is not None:
-            self.sizes = np.asarray(profile.prefill.batch_tokens, dtype=np.float64)
-            self.rates = np.asarray(profile.prefill.tokens_per_s, dtype=np.float64)
-            self.busy = profile.prefill.busy_throughput
-        else:
-            self.busy = float(policy.pool(model, region, "prefill").capacity_tokens_per_s)
-            self.sizes, self.rates = np.asarray([1.0]), np.asarray([self.busy])
-
-    def own_s(self, prompt: np.ndarray) -> np.ndarray:
-        return prompt / np.interp(prompt, self.sizes, self.rates)
-
-
-class _Decode:
-    """Decode of one replica: ITL at the concurrency that carries a given output load, and its ceiling."""
-
-    def __init__(self, policy: Policy, model: str, region: str) -> None:
-        profile = policy.model(model).profile
-        self.slo_s = policy.pool(model, region, "decode").slo_ms / 1000
-        self.profile = profile.decode if profile is not None else None
-        self.flat = float(policy.pool(model, region, "decode").capacity_tokens_per_s or 0)
-        self._tables: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def _table(self, context: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Concurrency grid up to what the KV pool holds, with its ITL and tokens/s, per 256-token context."""
-        key = int(context // 256)
-        if key not in self._tables:
-            ctx = (key + 1) * 256.0
-            c_max = max(1.0, DecodeModel(self.profile).kv_concurrency(ctx))
-            c = np.geomspace(0.05, c_max, 160)
-            itl = np.asarray([self.profile.itl_s(x, ctx) for x in c])
-            self._tables[key] = (c, itl, c / itl)
-        return self._tables[key]
-
-    def step(self, tokens_per_s: float, replicas: int, context: float) -> tuple[float, float, float]:
-        """(ITL, tokens/s served, KV utilisation) of `replicas` asked to decode `tokens_per_s`."""
-        if replicas <= 0:
-            return math.inf, 0.0, 1.0
-        per = tokens_per_s / replicas
-        if self.profile is None:  # flat: ITL reaches the SLO at the stated capacity, beyond it in proportion
-            rho = per / self.flat
-            served = min(per, self.flat) * replicas
-            return self.slo_s * (0.5 + 0.5 * min(rho, 1.0)), served, min(1.0, rho)
-        c, itl, thr = self._table(context)
-        if per >= thr[-1]:
-            return float(itl[-1]), float(thr[-1]) * replicas, 1.0
-        conc = float(np.interp(per, thr, c))
-        return float(np.interp(conc, c, itl)), tokens_per_s, conc / c[-1]
-
-
-@dataclass
-class _Fleet:
-    ready: int = 0
-    pending: list[tuple[float, int]] = field(default_factory=list)  # (ready at, replicas)
-
-    @property
-    def provisioned(self) -> int:
-        return self.ready + sum(n for _t, n in self.pending)
-
-    def advance(self, now: float) -> None:
-        self.ready += sum(n for t, n in self.pending if t <= now)
-        self.pending = [(t, n) for t, n in self.pending if t > now]
-
-    def set_target(self, now: float, n: int, startup_s: float) -> None:
-        if n > self.provisioned:
-            self.pending.append((now + startup_s, n - self.provisioned))
-            return
-        excess = self.provisioned - n
-        while excess and self.pending:  # cancel the newest not-yet-ready replicas first
-            t, k = self.pending.pop()
-            if k > excess:
-                self.pending.append((t, k - excess))
-            excess -= min(k, excess)
-        self.ready -= excess
-
-
-@dataclass
-class _Region:
-    """One world's state of one (model, region): queues carried between ticks."""
-
-    prefill_backlog: float = 0.0  # prompt tokens
-    decode_backlog: float = 0.0  # output tokens waiting for admission
-    kv_utilization: float = 0.0
-
-    def prefill(self, t: np.ndarray, prompt: np.ndarray, own: np.ndarray, rate: float, t0: float,
-                dt: float) -> np.ndarray:
-        """TTFT of each arrival (times t, sorted) and the backlog left at t0 + dt (Lindley's recursion)."""
-        if rate <= 0:
-            self.prefill_backlog += float(prompt.sum())
-            return np.full(len(t), math.inf)
-        if len(t) == 0:
-            self.prefill_backlog = max(0.0, self.prefill_backlog - rate * dt)
-            return np.empty(0)
-        times = np.concatenate(([0.0], t - t0))
-        sizes = np.concatenate(([self.prefill_backlog], prompt))
-        arrivals = np.cumsum(sizes) - rate * times
-        after = arrivals - np.minimum.accumulate(arrivals - sizes)  # work in the queue after each arrival
-        self.prefill_backlog = max(0.0, float(after[-1]) - rate * (dt - float(times[-1])))
-        return (after[1:] - prompt) / rate + own
-
-    def decode(self, physics: _Decode, output: np.ndarray, context: float, replicas: int, dt: float) -> np.ndarray:
-        """ITL of each arrival: the tick's ITL plus its wait for admission spread over its tokens."""
-        demand = (self.decode_backlog + float(output.sum())) / dt
-        itl, served, self.kv_utilization = physics.step(demand, replicas, context)
-        wait = self.decode_backlog / served if served > 0 else math.inf
-        self.decode_backlog = max(0.0, (demand - served) * dt)
-        return itl + wait / output if len(output) else np.empty(0)
 
 
 @dataclass
@@ -177,6 +69,13 @@ class SimResult:
     pools: dict[tuple[str, str, str], PoolResult]
     hours: float
     series: dict[str, list]  # t, and per "region/pool" replicas, oracle and requests/s, for the plot
+    both: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORLDS, 0))  # requests meeting TTFT and ITL
+    requests: int = 0
+
+    def request_attainment(self, world: str = "planner") -> float:
+        """The share of requests that met both their TTFT and their ITL target (the pools' checks count each
+        target on its own)."""
+        return self.both[world] / self.requests if self.requests else 1.0
 
     def total(self) -> PoolResult:
         out = PoolResult()
@@ -190,7 +89,8 @@ class SimResult:
                     "over_oracle": r.ratio("oracle"), "over_static": r.ratio("static"),
                     "events_per_hour": r.events["planner"] / self.hours if self.hours else 0.0}
         return {"hours": self.hours, "pools": {"/".join(k): one(r) for k, r in sorted(self.pools.items())},
-                "total": one(self.total())}
+                "total": one(self.total()), "requests": self.requests,
+                "request_attainment": {w: self.request_attainment(w) for w in WORLDS}}
 
 
 def _tick_load(sel: np.ndarray, trace: Trace, dt: float) -> Load:
@@ -235,16 +135,18 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
     pairs = sorted({(m, r) for m, r, _p in keys})
     oracle = _oracle_counts(policy, trace, bounds, dt)
     results = {k: PoolResult(peak=max(oracle[k])) for k in keys}
-    prefill = {(m, r): _Prefill(policy, m, r) for m, r in pairs}
-    decode = {(m, r): _Decode(policy, m, r) for m, r in pairs}
-    state = {w: {pair: _Region() for pair in pairs} for w in WORLDS}
-    fleets: dict[tuple[str, str, str], _Fleet] = defaultdict(_Fleet)  # planner: (cluster, model, pool)
+    prefill = {(m, r): PrefillServer(policy, m, r) for m, r in pairs}
+    decode = {(m, r): DecodeServer(policy, m, r) for m, r in pairs}
+    state = {w: {pair: RegionQueues() for pair in pairs} for w in WORLDS}
+    fleets: dict[tuple[str, str, str], Fleet] = defaultdict(Fleet)  # planner: (cluster, model, pool)
     region_of = {c.name: c.region for c in policy.clusters}
     window = max(1, round(policy.signals.window_s / dt))
     recent: dict[tuple[str, str], list[tuple[int, float, float, np.ndarray, np.ndarray]]] = defaultdict(list)
     spill_carry: dict[tuple[str, str, str], float] = defaultdict(float)
     shares: dict[str, dict[str, dict[str, float]]] = {}
     series: dict[str, list] = defaultdict(list)
+    first_ok = {w: np.zeros(len(trace), dtype=bool) for w in WORLDS}  # per request: its TTFT met the target
+    both = dict.fromkeys(WORLDS, 0)
     planner = Planner()
 
     # Start warm: the first window's fleet at the policy's headroom, placed as the planner places, so the run is
@@ -278,26 +180,32 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
             "oracle": {key: oracle[key][k] for key in keys},
             "static": {key: results[key].peak for key in keys},
         }
+        last = k + 1 == ticks
         for m, r in pairs:
             mi, ri = trace.models.index(m), _index(trace.regions, r)
             origin = (md == mi) & (rg == ri)
             for w in WORLDS:
+                world = state[w][(m, r)]
                 served = ((md == mi) & (host == ri)) if w == "planner" else origin
-                ttft, itl = _serve(state[w][(m, r)], prefill[(m, r)], decode[(m, r)], t[served], prompt[served],
-                                   output[served], counts[w][(m, r, "prefill")], counts[w][(m, r, "decode")],
-                                   t0, dt)
+                pre = prefill[(m, r)]
+                first, ttft = world.prefill(a + np.flatnonzero(served), t[served], prompt[served],
+                                            pre.own_s(prompt[served]), counts[w][(m, r, "prefill")] * pre.busy,
+                                            t0, dt, last)
+                world.hand_off(trace.t[first] + ttft, first)
+                # The run's last tick decodes every request still waiting, so each has both checks.
+                started, prefilled_at = world.take(math.inf if last else t0 + dt)
+                itl = _decode(world, decode[(m, r)], trace, started, counts[w][(m, r, "decode")], dt)
+                itl[np.isinf(prefilled_at)] = math.inf  # never prefilled: never decoded
                 if w == "planner":  # a request served in another region pays the round trip on its TTFT
-                    ttft = ttft + CROSS_REGION_RTT_S * (rg[served] != ri)
+                    ttft = ttft + CROSS_REGION_RTT_S * (trace.region[first] != ri)
                 # Results belong to the requests' own region, wherever they were served.
-                for (origin_r, pool), lat in _by_origin(policy, m, trace, rg[served], ttft, itl).items():
-                    res = results[(m, origin_r, pool)]
-                    slo = policy.pool(m, origin_r, pool).slo_ms / 1000
-                    res.met[w] += int(np.count_nonzero(lat <= slo + 1e-9))
-                    if w == "planner":
-                        res.total += len(lat)
-                if w == "planner":
+                first_ok[w][first] = _tally(policy, m, trace, results, w, "prefill", trace.region[first], ttft)
+                itl_ok = _tally(policy, m, trace, results, w, "decode", trace.region[started], itl)
+                both[w] += int(np.count_nonzero(first_ok[w][started] & itl_ok))
+                if w == "planner":  # latencies are reported once known: TTFT at the first token
                     recent[(m, r)].append((int(origin.sum()), float(prompt[origin].sum()),
-                                           float(output[origin].sum()), *_origin_latency(origin, served, ttft, itl)))
+                                           float(output[origin].sum()), ttft[trace.region[first] == ri],
+                                           itl[trace.region[started] == ri]))
                     del recent[(m, r)][:-window]
 
         now = t0 + dt
@@ -328,7 +236,8 @@ def simulate(policy: Policy, trace: Trace) -> SimResult:
             if (cname, m, p) in fleets or n:
                 fleets[(cname, m, p)].set_target(now, n, policy.pool(m, region_of[cname], p).startup_s)
 
-    return SimResult(pools=results, hours=ticks * dt / 3600, series=dict(series))
+    requests = int(np.count_nonzero(np.isin(trace.model, [trace.models.index(m) for m, _r in pairs])))
+    return SimResult(pools=results, hours=ticks * dt / 3600, series=dict(series), both=both, requests=requests)
 
 
 def _account(policy: Policy, keys, fleets, oracle, results, series, k: int, dt: float, rg, trace: Trace) -> None:
@@ -373,27 +282,27 @@ def _route(region: np.ndarray, model: np.ndarray, trace: Trace, shares: dict, ca
     return host
 
 
-def _serve(world: _Region, pre: _Prefill, dec: _Decode, t, prompt, output, n_prefill: int, n_decode: int,
-           t0: float, dt: float) -> tuple[np.ndarray, np.ndarray]:
-    ttft = world.prefill(t, prompt, pre.own_s(prompt), n_prefill * pre.busy, t0, dt)
-    context = float((prompt + output / 2).mean()) if len(prompt) else 0.0
-    itl = world.decode(dec, output, context, n_decode, dt)
-    return ttft, itl
+def _decode(world: RegionQueues, dec: DecodeServer, trace: Trace, started: np.ndarray, replicas: int,
+            dt: float) -> np.ndarray:
+    prompt, output = trace.prompt[started], trace.output[started]
+    context = float((prompt + output / 2).mean()) if len(started) else 0.0
+    return world.decode(dec, output, context, replicas, dt)
 
 
-def _by_origin(policy: Policy, model: str, trace: Trace, origin: np.ndarray, ttft, itl) -> dict:
-    out = {}
+def _tally(policy: Policy, model: str, trace: Trace, results: dict, world: str, pool: str, origin: np.ndarray,
+           latency: np.ndarray) -> np.ndarray:
+    """Counts each request's check against its own region's target for `pool`; True where it was met."""
+    ok = np.zeros(len(latency), dtype=bool)
     for r in policy.model(model).regions:
         mask = origin == _index(trace.regions, r)
-        if mask.any():
-            out[(r, "prefill")], out[(r, "decode")] = ttft[mask], itl[mask]
-    return out
-
-
-def _origin_latency(origin: np.ndarray, served: np.ndarray, ttft: np.ndarray, itl: np.ndarray):
-    """Latencies of the requests served here that also come from here (routers report by origin region)."""
-    mine = origin[served]
-    return ttft[mine], itl[mine]
+        if not mask.any():
+            continue
+        ok[mask] = latency[mask] <= policy.pool(model, r, pool).slo_ms / 1000 + 1e-9
+        res = results[(model, r, pool)]
+        res.met[world] += int(np.count_nonzero(ok[mask]))
+        if world == "planner":
+            res.total += int(np.count_nonzero(mask))
+    return ok
 
 
 def plot(result: SimResult, policy: Policy, path: str | pathlib.Path) -> None:
@@ -440,4 +349,6 @@ def report(result: SimResult) -> str:
                  f"SLO attainment {t.attainment():.4f} (oracle {t.attainment('oracle'):.4f}, static "
                  f"{t.attainment('static'):.4f}); scale events {t.events['planner']} "
                  f"({t.events['planner'] / result.hours:.2f}/h)")
+    lines.append(f"requests meeting both TTFT and ITL targets: {result.request_attainment():.4f} (oracle "
+                 f"{result.request_attainment('oracle'):.4f}, static {result.request_attainment('static'):.4f})")
     return "\n".join(lines)

@@ -341,3 +341,28 @@ def test_a_planner_does_not_shrink_a_pool_before_it_has_watched_a_whole_window()
     desired, decisions = run(policy(window=60, down_step=10), [window(2600)] * 12, start=8)
     assert desired[:6] == [8] * 6 and all("first-window" in d.limits for d in decisions[:6])
     assert desired[6] == 3 and "first-window" not in decisions[6].limits
+
+
+def test_a_prompt_queued_for_prefill_is_the_decode_pools_queue_too():
+    # After a step, decode gets what prefill's new replicas work off of their queue, all at once. 10 requests/s
+    # of 7 output tokens plan 2 decode replicas (100 tokens/s each, at 0.7); with the ITL target broken, 200
+    # prompts queued for prefill (1,400 output tokens to come) are drained within a quarter of the 60 s
+    # start-up on top: 3; 2,000 of them: 8. A prefill queue while decode meets its target is ordinary.
+    pol = policy()
+    decode = ("m", "r1", "decode")
+
+    def decide(prefill_queue, itl):
+        planner, out = Planner(), None
+        for i in range(3):
+            sigs = {KEY: window(1000, ttft=0.5 if itl <= 0.05 else 5.0, queue=prefill_queue),
+                    decode: SignalWindow(request_rate=10, prompt_tokens_per_s=1000, output_tokens_per_s=70,
+                                         itl_p90_s=itl)}
+            clusters = {"a": ClusterState(ready={("m", "prefill"): 1, ("m", "decode"): 1})}
+            out = planner.tick(TickInput(now=i * pol.tick_s, policy=pol, signals=sigs, clusters=clusters))
+        return next(d for d in out.decisions if (d.model, d.region, d.pool) == decode)
+
+    assert decide(0, itl=0.06).desired == 2
+    d = decide(200, itl=0.06)
+    assert d.proposals == {"forecast": 2, "queue": 3} and d.desired == 3 and d.inputs["queue_depth"] == 200
+    assert decide(2000, itl=0.06).desired == 8
+    assert decide(200, itl=0.03).desired == 2

@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from typer.testing import CliRunner
 
 from baton.controlplane import planner as planner_module
 from baton.controlplane.policy import load_policy
-from baton.controlplane.simulator import _Region, simulate
+from baton.controlplane.replay_pools import RegionQueues
+from baton.controlplane.simulator import simulate
 from baton.controlplane.trace import TraceError, load_trace
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -47,14 +49,17 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
 
     total = result.total()
     # The oracle, sized by the same capacity model, meets the SLO in the simulated world: model and world agree.
-    assert total.attainment("oracle") >= 0.999 and total.attainment("static") >= 0.999
-    # This run (README, bench/autoscale.py): 1.15x the oracle, 0.42x static peak; 98.65% of request checks within
-    # their SLO, the misses being the spike's first ~25 s, until replicas asked for at the first tick after it
-    # serve (they take 20 s to start). Meanwhile about 14% of us-east's requests go to eu-west's spare ready
-    # replicas (80 ms further away): without that spill, 98.4%.
+    # (Its decode pools are sized on each tick's arrivals, which decode gets a prefill later: at eu-west's
+    # one-replica boundary that shift alone misses 1.1% of the oracle's ITL checks.)
+    assert total.attainment("oracle") >= 0.995 and total.attainment("static") >= 0.999
+    # This run (README, bench/autoscale.py): 1.148x the oracle, 0.415x static peak; 99.12% of request checks
+    # within their SLO, the misses being the TTFTs of the spike's first ~25 s, until replicas asked for at the
+    # first tick after it serve (they take 20 s to start): 98.5% of requests meet both targets. Meanwhile about
+    # 14% of us-east's requests go to eu-west's spare ready replicas (80 ms further away).
     assert total.ratio("static") <= 0.45
-    assert total.ratio("oracle") <= 1.16
-    assert total.attainment() >= 0.986
+    assert total.ratio("oracle") <= 1.15
+    assert total.attainment() >= 0.99
+    assert 0.98 <= result.request_attainment() < total.attainment()
     assert [x for x, share in spilled if share > 0] == [1205, 1210, 1215, 1220]  # the start-up gap, no longer
     assert all(share <= 0.5 for _x, share in spilled)  # the rule's max_share
     assert result.pools[("llama-3-8b", "eu-west", "prefill")].attainment() >= 0.99  # the host keeps its SLO
@@ -92,20 +97,62 @@ def test_diurnal_example_meets_the_goal():
 
 
 def test_prefill_queue_matches_a_request_by_request_fifo():
+    """Four 10 s ticks at different rates (none at all in the second): each request starts its prefill when the
+    work ahead of it is done at the rates of the ticks it waits through, whichever tick that is."""
     rng = random.Random(4)
-    region = _Region(prefill_backlog=5000.0)
-    t = np.sort(np.asarray([rng.uniform(0, 10) for _ in range(200)]))
+    rates = [8000.0, 0.0, 3000.0, 16000.0]
+    region = RegionQueues(prefill_backlog=5000.0)
+    t = np.sort(np.asarray([rng.uniform(0, 40) for _ in range(200)])) + 100
     prompt = np.asarray([float(rng.randint(100, 3000)) for _ in range(200)])
     own = prompt / 8000
-    ttft = region.prefill(t + 100, prompt, own, 8000.0, 100.0, 10.0)
-    backlog, last, expected = 5000.0, 0.0, []
-    for ti, p, o in zip(t, prompt, own):
-        backlog = max(0.0, backlog - 8000.0 * (ti - last))
-        expected.append(backlog / 8000.0 + o)
-        backlog += p
-        last = ti
-    assert np.allclose(ttft, expected)
-    assert region.prefill_backlog == pytest.approx(max(0.0, backlog - 8000.0 * (10 - last)))
+    got = {}
+    for k, rate in enumerate(rates):
+        sel = (t >= 100 + 10 * k) & (t < 110 + 10 * k)
+        index, ttft = region.prefill(np.flatnonzero(sel), t[sel], prompt[sel], own[sel], rate, 100 + 10 * k, 10.0,
+                                     last=k == len(rates) - 1)
+        got.update(zip(index.tolist(), ttft.tolist()))
+
+    def finish(start, tokens):
+        """When `tokens` of work starting at `start` are done at the ticks' rates (the last one's from then on)."""
+        k = min(len(rates) - 1, int((start - 100) // 10))
+        while k < len(rates) - 1 and tokens > rates[k] * (110 + 10 * k - start):
+            tokens -= rates[k] * (110 + 10 * k - start)
+            k, start = k + 1, 110 + 10 * k
+        return start + tokens / rates[k]
+
+    free = finish(100.0, 5000.0)  # the backlog ahead of every arrival
+    assert len(got) == 200
+    for i, (ti, p, o) in enumerate(zip(t, prompt, own)):
+        begin = max(ti, free)
+        assert got[i] == pytest.approx(begin - ti + o)
+        free = finish(begin, p)
+    assert free > 140  # still busy at the end, so the backlog is the last rate's work beyond it
+    assert region.prefill_backlog == pytest.approx((free - 140) * rates[-1])
+
+
+def test_decode_gets_a_request_when_its_prefill_ends():
+    """40 requests/s for 10 s: one prefill replica (1,000 tokens/s) works off their 50-token prompts at 20 a
+    second, so the decode replica (50 tokens/s) gets 40 output tokens/s of them, within what it serves, never
+    the 80 of their arrival; every ITL is met, most TTFTs are late."""
+    from baton.controlplane.policy import parse_policy
+
+    policy = parse_policy("""\
+tick_s: 5
+signals: {window_s: 30}
+clusters:
+  - {name: a, region: r1, backend: local, gpus: 4}
+models:
+  - name: m
+    regions:
+      r1:
+        prefill: {capacity_tokens_per_s: 1000, ttft_p90_ms: 1000, min_replicas: 1, max_replicas: 1}
+        decode: {capacity_tokens_per_s: 50, itl_p90_ms: 50, min_replicas: 1, max_replicas: 1}
+""")
+    rows = [f"{i * 0.025:.3f},r1,50,2" for i in range(400)] + [f"{30 + i},r1,50,2" for i in range(20)]
+    result = simulate(policy, load_trace(_write(pathlib.Path(tempfile.mkdtemp()), rows), policy))
+    assert result.pools[("m", "r1", "decode")].attainment() == 1.0
+    assert result.pools[("m", "r1", "prefill")].attainment() < 0.5
+    assert result.request_attainment() == pytest.approx(result.pools[("m", "r1", "prefill")].attainment())
 
 
 def _write(tmp_path, rows, name="t.csv"):
