@@ -2,7 +2,8 @@
 
 Per pool and tick: forecast the load over the start-up time (forecast.py; a sudden step is taken from the
 newest tick), turn its upper band into replicas with the pool's capacity model (capacity.py), add what drains
-a queue (projected to when new replicas serve, with those already starting), then HPA-style hysteresis,
+a queue (projected to when new replicas serve, with those already starting; a decode pool's queue includes the
+prompts queued for its region's prefill, which reach it as soon as they are prefilled), then HPA-style hysteresis,
 stabilisation, step limits, cooldowns and clamps (replica_math.py). The live service and the what-if simulator
 both call `Planner.tick`, so a replay exercises the same code. An embed pool goes through the same steps with
 inputs/s for tokens/s and its p90 queue time for the latency.

@@ -68,6 +68,9 @@ class DecodeServer:
 
 @dataclass
 class Fleet:
+    """Replicas of one (cluster, model, pool) in the planner's world: those serving, and those starting, which
+    hold their GPUs already."""
+
     ready: int = 0
     pending: list[tuple[float, int]] = field(default_factory=list)  # (ready at, replicas)
 
