@@ -109,7 +109,7 @@ case "$STEP" in
       M=/tmp/llama8b
       [ -f "$M/config.json" ] || $PY "$R"/bench/disagg_ttft.py --make-llama3-8b "$M" --tokenizer-from "$R/.gpu_assets/smollm2"
     fi
-    $PY "$R"/bench/disagg_ttft.py --device cuda --dtype bfloat16 --model "$M" --out "$OUT/disagg_ttft.json" ;;
+    $PY "$R"/bench/disagg_ttft.py --device cuda --dtype bfloat16 --model "$M" ${TTFT_ARGS:-} --out "$OUT/disagg_ttft.json" ;;
   model)  # the real SmolLM2-135M-Instruct from the stashed GGUF parts, converted once into /tmp/smollm2
     [ -f /tmp/smollm2/config.json ] || { cat /tmp/baton-gguf-parts/part_* > /tmp/smollm2.gguf && $PY -c \
       "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
