@@ -42,17 +42,20 @@ def random_paged_cache(
     return kv_cache, torch.tensor(tables, dtype=torch.int32, device=device)
 
 
-def fp8_paged_cache(
-    context_lens: list[int], num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, device: str,
-    fp8_scales: tuple[float, float], gain: float = 4.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An FP8 cache quantized from a random one times gain, its block tables and its float32 (K, V) scales.
+def paged_cache(
+    context_lens: list[int], num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: str, fp8_scales: tuple[float, float] | None = None, gain: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A random cache in dtype, its block tables and kv_scale None; or, with fp8_scales (k_scale, v_scale), an FP8
+    cache quantized from a random one times gain, its block tables and its float32 (K, V) scales.
 
     gain 4 with small scales saturates some values at e4m3's 448 (the small tests check that). The Llama-3-8B
     shaped tests take gain 1: saturated keys of std ~3.6 give logits of std ~3.6, and then rounding the query to
     bf16 (which every bf16 attention kernel does) moves outputs by up to 0.05, 2.5x the bf16 tolerance, against a
     float32 reference (emulated in torch on the CPU; at gain 1 the worst error is 4% of the tolerance).
     """
+    if fp8_scales is None:
+        return (*random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype, device), None)
     from baton.engine.attention import quantize_kv
 
     kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close, fp8_paged_cache, needs_cuda, poisoned, random_paged_cache
+from kernel_checks import assert_close, needs_cuda, paged_cache, poisoned
 
 from baton.kernels.paged_decode_attention import (
     paged_decode_attention,
@@ -16,13 +16,8 @@ def _run(context_lens, num_heads, num_kv_heads, head_dim, dtype, device, window=
     """fp8_scales: (k_scale, v_scale) of an FP8 cache, quantized from the random one (dtype is then q's).
     calls > 1: the same inputs again, each call into a fresh poisoned output (the fused merge's counters must
     be back at zero after every call)."""
-    if fp8_scales is None:
-        kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
-                                              device)
-        kv_scale = None
-    else:
-        kv_cache, tables, kv_scale = fp8_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
-                                                     device, fp8_scales, fp8_gain)
+    kv_cache, tables, kv_scale = paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
+                                             device, fp8_scales, fp8_gain)
     batch = len(context_lens)
     q = torch.randn(batch, num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
@@ -131,7 +126,7 @@ def test_cuda_graph_replay_follows_new_inputs():
     """One capture serves every later step: contexts and queries change in place, the grid does not."""
     batch, heads, kv_heads, dim, splits = 8, 32, 8, 128, pick_num_splits(8, 8)
     lens_a = torch.randint(1, 2000, (batch,)).tolist()
-    kv_cache, tables = random_paged_cache([2000] * batch, 2, 16, kv_heads, dim, torch.bfloat16, "cuda")
+    kv_cache, tables, _ = paged_cache([2000] * batch, 2, 16, kv_heads, dim, torch.bfloat16, "cuda")
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor(lens_a, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)

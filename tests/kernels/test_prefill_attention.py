@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import assert_close, fp8_paged_cache, needs_cuda, poisoned, random_paged_cache
+from kernel_checks import assert_close, needs_cuda, paged_cache, poisoned
 
 from baton.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
@@ -12,13 +12,8 @@ def _run(chunks, num_heads, num_kv_heads, head_dim, dtype, device, window=None, 
     """chunks: (tokens already cached before this chunk, chunk length) per request. fp8_scales: (k_scale,
     v_scale) of an FP8 cache, quantized from the random one (dtype is then q's)."""
     context_lens = [cached + n for cached, n in chunks]
-    if fp8_scales is None:
-        kv_cache, tables = random_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
-                                              device)
-        kv_scale = None
-    else:
-        kv_cache, tables, kv_scale = fp8_paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim,
-                                                     device, fp8_scales, fp8_gain)
+    kv_cache, tables, kv_scale = paged_cache(context_lens, num_layers, block_size, num_kv_heads, head_dim, dtype,
+                                             device, fp8_scales, fp8_gain)
     cu = torch.tensor([0] + [n for _, n in chunks], device=device).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), num_heads, head_dim, device=device).to(dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
