@@ -16,7 +16,7 @@
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
-#          on that real model
+#          on that real model (SPEC_ARGS: extra arguments, e.g. --profile)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -114,7 +114,7 @@ case "$STEP" in
     [ -f /tmp/smollm2/config.json ] || { cat /tmp/baton-gguf-parts/part_* > /tmp/smollm2.gguf && $PY -c \
       "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
     ls -la /tmp/smollm2 ;;
-  spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --out "$OUT/speculation_gpu.json" ;;
+  spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 ${SPEC_ARGS:-} --out "$OUT/speculation_gpu.json" ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
