@@ -87,10 +87,13 @@ class Forecast:
 
 @dataclass
 class Shift:
-    """Arrivals since a sudden change of level began; `direction` +1 for a step up, -1 down."""
+    """Arrivals since a sudden change of level began; `direction` +1 for a step up, -1 down, from the request
+    rate `before`."""
 
     start: float
     direction: int
+    before: float = 0.0
+    ticks: int = 0
     seconds: float = 0.0
     requests: float = 0.0
     prompt_tokens: float = 0.0
@@ -98,6 +101,7 @@ class Shift:
     inputs: float = 0.0
 
     def add(self, iv: Interval) -> None:
+        self.ticks += 1
         self.seconds += iv.seconds
         self.requests += iv.requests
         self.prompt_tokens += iv.prompt_tokens
@@ -108,6 +112,13 @@ class Shift:
         s = max(self.seconds, 1e-3)
         return {"request_rate": self.requests / s, "prompt_tokens_per_s": self.prompt_tokens / s,
                 "output_tokens_per_s": self.output_tokens / s, "inputs_per_s": self.inputs / s}
+
+    @property
+    def confirmed(self) -> bool:
+        """Two ticks or more whose arrivals, together, still pass the shift test against the level before it:
+        one odd tick is not a step (as for HoltSeries' jumps)."""
+        together = Interval(self.seconds, self.requests, self.prompt_tokens, self.output_tokens, self.inputs)
+        return self.ticks >= 2 and shifted(self.before, together) == self.direction
 
 
 def shifted(level_rate: float, iv: Interval) -> int:
@@ -138,7 +149,7 @@ class LoadForecaster:
         level = self.series["request_rate"].level
         step = shifted(level, iv) if iv is not None and iv.seconds > 0 and level is not None else 0
         if step:
-            self.shift = Shift(start=t - iv.seconds, direction=step)
+            self.shift = Shift(start=t - iv.seconds, direction=step, before=level)
         if self.shift is not None:
             if iv is not None:
                 self.shift.add(iv)

@@ -275,7 +275,11 @@ class Planner:
         floor = pol.min_replicas if pol.min_replicas > 0 else (1 if current > 0 else 0)
         raw = rm.clamp(raw, floor, pol.max_replicas)
         st.history.remember(now, raw, self._horizon(pol))
-        n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down)
+        # The stabilisation window keeps a dip of the load from taking replicas the load soon needs again; a
+        # step down confirmed by the shift test is no dip, so only recommendations since it began hold replicas.
+        shift = st.forecaster.shift
+        down_after = shift.start if shift is not None and shift.direction < 0 and shift.confirmed else -math.inf
+        n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down, down_after)
         if n != raw:
             limits.append("stabilization")
         if n < base_now and now - st.since < policy.signals.window_s:
