@@ -275,11 +275,12 @@ class Planner:
         floor = pol.min_replicas if pol.min_replicas > 0 else (1 if current > 0 else 0)
         raw = rm.clamp(raw, floor, pol.max_replicas)
         st.history.remember(now, raw, self._horizon(pol))
-        # The stabilisation window keeps a dip of the load from taking replicas the load soon needs again; a
-        # step down confirmed by the shift test is no dip, so only recommendations since it began hold replicas.
+        # The stabilisation window keeps a dip of the load from taking replicas it soon needs again. A step down
+        # confirmed by the shift test is no dip, and while it lasts each recommendation is sized on all arrivals
+        # since it began, with the band of their number: the newest supersedes those before it.
         shift = st.forecaster.shift
-        down_after = shift.start if shift is not None and shift.direction < 0 and shift.confirmed else -math.inf
-        n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down, down_after)
+        down_since = now if shift is not None and shift.direction < 0 and shift.confirmed else -math.inf
+        n = rm.stabilize(now, base_now, raw, st.history, pol.scale_up, pol.scale_down, down_since)
         if n != raw:
             limits.append("stabilization")
         if n < base_now and now - st.since < policy.signals.window_s:

@@ -41,13 +41,12 @@ class PoolHistory:
 
 
 def stabilize(now: float, current: int, raw: int, history: PoolHistory, up: ScaleBehavior,
-              down: ScaleBehavior, down_after: float = -math.inf) -> int:
+              down: ScaleBehavior, down_since: float = -math.inf) -> int:
     """HPA stabilisation: scale up only to the smallest and down only to the largest recent recommendation.
-    `down_after`: only recommendations made after it count for scaling down (those before a confirmed step down
-    sized for the load it left)."""
+    Scaling down counts only recommendations made since `down_since` (`now`: the newest alone)."""
     up_window = [r for t, r in history.recommendations if now - t <= up.stabilization_s] + [raw]
     down_window = [r for t, r in history.recommendations
-                   if now - t <= down.stabilization_s and t > down_after] + [raw]
+                   if now - t <= down.stabilization_s and t >= down_since] + [raw]
     result = current
     result = max(result, min(up_window))
     result = min(result, max(down_window))

@@ -269,6 +269,16 @@ def test_a_drop_releases_replicas_once_its_second_tick_confirms_it_not_after_the
     assert changes(desired[43:]) == 0
 
 
+def test_a_confirmed_drop_steps_down_as_its_level_firms_up():
+    # 30 -> 10 requests/s of 1,000 tokens, its second tick 45% heavier. Each recommendation in the step is sized
+    # on all its arrivals so far, with their band: the newest supersedes the heavier early ones, so the pool
+    # follows the band down tick by tick rather than holding the second tick's size for the 60 s window.
+    desired, _ = run(step_policy(0), traffic([300] * 12 + [100, 145] + [100] * 8, 1000))
+    assert desired[12] == 31 and desired[13] < 31
+    assert desired[13] > desired[14] > desired[15] > desired[16]
+    assert desired[16] <= 14 and changes(desired[16:]) == 0
+
+
 def test_a_one_tick_dip_releases_nothing():
     # A tick at a tenth of the load, then the load again: the next tick is a step up from the dip, not a second
     # tick of a step down, and the stabilisation window holds the replicas through it.
