@@ -52,12 +52,12 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
     # (Its decode pools are sized on each tick's arrivals, which decode gets a prefill later: at eu-west's
     # one-replica boundary that shift alone misses 1.1% of the oracle's ITL checks.)
     assert total.attainment("oracle") >= 0.995 and total.attainment("static") >= 0.999
-    # This run (README, bench/autoscale.py): 1.154x the oracle, 0.417x static peak; 99.12% of request checks
+    # This run (README, bench/autoscale.py): 1.149x the oracle, 0.415x static peak; 99.12% of request checks
     # within their SLO, the misses being mostly the TTFTs of the spike's first ~25 s, until replicas asked for at
     # the first tick after it serve (they take 20 s to start): 98.5% of requests meet both targets. Meanwhile
     # about 14% of us-east's requests go to eu-west's spare ready replicas (80 ms further away).
     assert total.ratio("static") <= 0.45
-    assert total.ratio("oracle") <= 1.16
+    assert total.ratio("oracle") <= 1.15
     assert total.attainment() >= 0.99
     assert 0.98 <= result.request_attainment() < total.attainment()
     assert [x for x, share in spilled if share > 0] == [1205, 1210, 1215, 1220]  # the start-up gap, no longer
@@ -72,9 +72,9 @@ def test_spike_example_against_oracle_and_static_peak(monkeypatch):
     t, reps = result.series["t"], result.series["us-east/prefill"]
     before = max(n for x, n in zip(t, reps) if 300 <= x < 1100)
     first_tick = next(n for x, n in zip(t, reps) if x > 1205)  # what the tick at 1205 s asked for
-    after = [n for x, n in zip(t, reps) if x >= 2200]
+    after = [n for x, n in zip(t, reps) if x >= 2115]
     assert first_tick >= 3 * before  # the step sized from the newest tick, not from a window still catching up
-    assert max(after) <= before + 1  # back down within 100 s of the spike's end
+    assert max(after) <= before + 1  # back down 15 s after the spike's end: its second quiet tick confirms it
     doc = result.to_dict()
     assert doc["total"]["over_oracle"] == pytest.approx(total.ratio("oracle"))
     assert set(doc["pools"]) == {"llama-3-8b/us-east/prefill", "llama-3-8b/us-east/decode",
