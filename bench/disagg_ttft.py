@@ -33,6 +33,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed baton 
 from baton.devtools.fetch_model import models_cache_dir  # noqa: E402
 from baton.devtools.local_cluster import TINY_MODEL, LocalCluster, UpOptions, free_port  # noqa: E402
 from baton.engine.tokenizer import Tokenizer  # noqa: E402
+from baton.worker.metrics import DECODE_STAGES, PREFILL_STAGES  # noqa: E402
 from bench.report import emit  # noqa: E402
 
 CONCURRENCIES = (1, 4)
@@ -192,27 +193,45 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def scrape(cluster: LocalCluster) -> dict[str, str]:
+    """Every worker's /metrics text, by pool (one worker per pool in these setups)."""
+    return {r.pool: httpx.get(f"http://{r.http_address}/metrics", timeout=10).text for r in cluster.workers()}
+
+
+def window_mean(before: str, after: str, name: str, **labels: str) -> float | None:
+    """Mean of histogram `name` over the observations made between two scrapes of one worker."""
+    count = metric_sum(after, f"{name}_count", **labels) - metric_sum(before, f"{name}_count", **labels)
+    if not count:
+        return None
+    return (metric_sum(after, f"{name}_sum", **labels) - metric_sum(before, f"{name}_sum", **labels)) / count
+
+
+def stage_means_ms(before: dict[str, str], after: dict[str, str]) -> dict[str, float]:
+    """Where the time to the first token went between two scrapes, in mean ms: the first token as the decode
+    worker saw it (arrival to first token out), each stage of a remote prefill on its worker, and on the worker that
+    prefilled, its engine prefill (first step to first token) and its KV send as the transport timed it."""
+    prefiller = "prefill" if "prefill" in after else "decode"
+    out: dict[str, float | None] = {
+        "worker_ttft": window_mean(before["decode"], after["decode"], "baton_worker_time_to_first_token_seconds"),
+        "engine_prefill": window_mean(before[prefiller], after[prefiller],
+                                      "baton_worker_request_prefill_time_seconds"),
+        "kv_send": window_mean(before[prefiller], after[prefiller], "baton_kv_transfer_seconds")}
+    for pool, stages in (("decode", DECODE_STAGES), ("prefill", PREFILL_STAGES)):
+        for stage in stages if pool in after else ():
+            out[f"{pool}.{stage}"] = window_mean(before[pool], after[pool],
+                                                 "baton_worker_remote_prefill_stage_seconds", stage=stage)
+    return {k: round(v * 1e3, 3) for k, v in out.items() if v is not None}
+
+
 def handoff_counts(cluster: LocalCluster) -> dict[str, float]:
     """What says where prompts were prefilled: the router's prefill-pool decisions and the KV bytes each pool's
-    workers moved through any transport (a remote prefill counts on both sides of the hand-off); beside them, where
-    the time went on the worker that prefilled: its mean engine prefill (first step to first token) and, on a
-    prefill worker, its mean KV send."""
+    workers moved through any transport (a remote prefill counts on both sides of the hand-off)."""
     router = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     out = {"router_prefill_decisions": metric_sum(router, "baton_router_decisions_total", pool="prefill"),
            "router_decode_decisions": metric_sum(router, "baton_router_decisions_total", pool="decode"),
            "kv_bytes_prefill": 0.0, "kv_bytes_decode": 0.0}
-    records = cluster.workers()
-    prefiller = "prefill" if any(r.pool == "prefill" for r in records) else "decode"
-    for record in records:
-        text = httpx.get(f"http://{record.http_address}/metrics", timeout=10).text
-        out[f"kv_bytes_{record.pool}"] += metric_sum(text, "baton_kv_transfer_bytes_total")
-        if record.pool != prefiller:
-            continue
-        for key, name in (("engine_prefill_s_mean", "baton_worker_request_prefill_time_seconds"),
-                          ("kv_send_s_mean", "baton_kv_transfer_seconds")):
-            count = metric_sum(text, f"{name}_count")
-            if count:
-                out[key] = metric_sum(text, f"{name}_sum") / count
+    for pool, text in scrape(cluster).items():
+        out[f"kv_bytes_{pool}"] += metric_sum(text, "baton_kv_transfer_bytes_total")
     return out
 
 
@@ -242,13 +261,19 @@ def bench_setup(setup: Setup, args, model_dir: Path, prompts: dict[int, list[lis
         up_s = time.perf_counter() - started
         print(f"[disagg_ttft] {setup.name}: cluster up in {up_s:.0f}s (logs {cluster.run_dir})", flush=True)
         # Compiles kernels, captures graphs and maps the peer's KV pool outside the timed runs.
+        scrapes = [scrape(cluster)]
         asyncio.run(run_load(cluster.url, cluster.model_name, warmup, 1, args.max_tokens))
+        scrapes.append(scrape(cluster))
+        stages = {"warmup": stage_means_ms(*scrapes[-2:])}
         runs = {}
         for c in CONCURRENCIES:
             runs[c] = asyncio.run(run_load(cluster.url, cluster.model_name, prompts[c], c, args.max_tokens))
+            scrapes.append(scrape(cluster))
+            stages[f"c{c}"] = stage_means_ms(*scrapes[-2:])
             s = summarize(runs[c])
             print(f"[disagg_ttft] {setup.name} c={c}: TTFT p50 {s['ttft_ms_p50']:.1f} ms, "
-                  f"p90 {s['ttft_ms_p90']:.1f} ms", flush=True)
+                  f"p90 {s['ttft_ms_p90']:.1f} ms; mean ms by stage {stages[f'c{c}']}", flush=True)
+        print(f"[disagg_ttft] {setup.name} warm-up: mean ms by stage {stages['warmup']}", flush=True)
         handoffs = handoff_counts(cluster)
     finally:
         cluster.stop()
@@ -266,7 +291,8 @@ def bench_setup(setup: Setup, args, model_dir: Path, prompts: dict[int, list[lis
                            f"{handoffs}: the prompts did not all take the prefill worker")
     if not setup.remote_prefill and (remote or handoffs["kv_bytes_decode"]):
         raise RuntimeError(f"{setup.name}: {remote:.0f} remote prefills, KV bytes {handoffs}; expected none")
-    return {"setup": asdict(setup), "startup_s": up_s, "handoffs": handoffs, "requests_sent": sent,
+    return {"setup": asdict(setup), "startup_s": up_s, "handoffs": handoffs, "stage_means_ms": stages,
+            "requests_sent": sent,
             **{f"c{c}": summarize(s) for c, s in runs.items()}}, runs
 
 

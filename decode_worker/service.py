@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
@@ -36,6 +37,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2_grpc.PrefillWorkerStub(self._channels.open(address))
 
     async def Generate(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        arrived = time.perf_counter()
         rid, prompt = request.request_id, list(request.token_ids)
         try:
             params = sampling_from_proto(request.sampling)
@@ -47,13 +49,13 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
             yield _error(DecodeError.KIND_INVALID_REQUEST, "a resumed request (generated_token_ids) is prefilled "
                                                            "on the decode worker: leave prefill unset", retryable=False)
             return
-        prefill_stats = None
+        prefill_stats = handed_off = None
         if request.prefill.grpc_address:
-            remote = await self._remote_prefill(request, prompt, params)
+            remote = await self._remote_prefill(request, prompt, params, arrived)
             if isinstance(remote, worker_pb2.DecodeChunk):
                 yield remote
                 return
-            first, prefill_stats = remote
+            first, prefill_stats, handed_off = remote
             stream = self.rt.aengine.resume_remote(rid, first.first_token_id, first.first_logprob)
         else:
             stream = self.rt.aengine.generate(rid, prompt, params, generated_ids=generated)
@@ -65,6 +67,12 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                         "request_id": rid, "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
                         "completion_tokens": out.num_output_tokens, "cached_tokens": out.num_cached_tokens,
                         "prefill_worker": request.prefill.worker_id or "local"})
+                if arrived is not None:  # the first chunk
+                    now = time.perf_counter()
+                    self.rt.metrics.ttft.observe(now - arrived)
+                    if handed_off is not None:
+                        self.rt.metrics.stage("first_token", now - handed_off)
+                    arrived = None
                 if prefill_stats is not None:
                     chunk.prefill.CopyFrom(prefill_stats)
                     prefill_stats = None
@@ -72,15 +80,26 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         except InvalidRequestError as exc:
             yield _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
 
-    async def _remote_prefill(self, request, prompt: list[int], params: SamplingParams):
-        """Reserves blocks and has the prefill worker fill them; returns (response, stats) or an error chunk."""
+    async def _remote_prefill(self, request, prompt: list[int], params: SamplingParams, arrived: float):
+        """Reserves blocks and has the prefill worker fill them; returns (response, stats, when the hand-off was
+        seen complete) or an error chunk. Times each stage from `arrived` on (DECODE_STAGES)."""
         rt, rid, target = self.rt, request.request_id, request.prefill
+        mark = arrived
+
+        def stage(name: str) -> float:
+            nonlocal mark
+            now = time.perf_counter()
+            rt.metrics.stage(name, now - mark)
+            mark = now
+            return now
+
         try:
             res = await rt.aengine.call(lambda e: e.reserve_remote(rid, prompt, params))
         except InvalidRequestError as exc:
             return _error(DecodeError.KIND_INVALID_REQUEST, str(exc), retryable=False)
         except NoCapacityError as exc:
             return _error(DecodeError.KIND_OUT_OF_CAPACITY, str(exc), retryable=True)
+        stage("reserve")
         skip = res.num_cached_tokens // rt.block_size
         dst = res.block_ids[skip:]
         transfer_id = f"{rid}-{uuid.uuid4().hex[:12]}"
@@ -100,6 +119,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                 return _error(DecodeError.KIND_PREFILL_FAILED,
                               f"prefill worker {name} not reachable within {_CONNECT_TIMEOUT_S:.0f}s",
                               retryable=True, prefill_worker_id=target.worker_id)
+            stage("connect")
             called = True
             call = self._prefill_stub(target.grpc_address).Prefill(
                 worker_pb2.PrefillRequest(
@@ -117,6 +137,7 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
                 asyncio.ensure_future(abort(self._prefill_stub(target.grpc_address), rid,
                                             target.worker_id or target.grpc_address))
                 raise
+            stage("prefill_call")
             used = next((t for t in rt.transports if t.name == response.transport), None)
             if used is None:
                 return _error(DecodeError.KIND_KV_TRANSFER_FAILED,
@@ -125,12 +146,12 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
             for other in rt.transports:
                 if other is not used:
                     other.cancel(transfer_id)
-            result = await asyncio.to_thread(used.wait, transfer_id, rt.settings.transfer_timeout_s)
+            result = await used.wait_async(transfer_id, rt.settings.transfer_timeout_s)
             if not result.ok:
                 return _error(DecodeError.KIND_KV_TRANSFER_FAILED, f"KV transfer failed: {result.error}",
                               retryable=True, prefill_worker_id=target.worker_id)
             committed = True
-            return response, response.stats
+            return response, response.stats, stage("kv_wait")
         except grpc.aio.AioRpcError as exc:
             kind = DecodeError.KIND_PREFILL_FAILED
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:

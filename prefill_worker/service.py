@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
+        self._releases: set[asyncio.Task] = set()
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        arrived = time.perf_counter()
         kv, rt, rid = request.kv, self.rt, request.request_id
         if kv.version == worker_pb2.KV_HANDOFF_VERSION_1:
             offers = [worker_pb2.KVOffer(transport=kv.transport, endpoint=kv.endpoint)]
@@ -56,6 +58,7 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.perf_counter()
         first = None
+        released = False
         try:
             try:
                 async for out in rt.aengine.generate(rid, list(request.token_ids), params, prefill_only=True,
@@ -63,7 +66,8 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
                     first = out
             except InvalidRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            prefill_s = time.perf_counter() - started
+            computed = time.perf_counter()
+            prefill_s = computed - started
             src = first.block_ids[skip:]
             if len(src) != len(dst):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -88,10 +92,19 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
             except asyncio.CancelledError:
                 await asyncio.wait([send])  # never free blocks that are still being read
                 raise
+            sent = time.perf_counter()
+            if result.ok:
+                # The decode worker waits for this reply, not for these blocks to be freed: an engine busy with
+                # another prompt's step would hold the reply back that long.
+                self._release_soon(rid)
+                released = True
         finally:
             if sink is not None:  # the prompt failed or was cancelled before its hand-off completed
                 await asyncio.get_running_loop().run_in_executor(None, sink.abandon)
-            await asyncio.shield(rt.aengine.call(lambda e: e.release(rid)))
+            if not released:
+                await asyncio.shield(rt.aengine.call(lambda e: e.release(rid)))
+        rt.metrics.stage("prefill", computed - arrived)
+        rt.metrics.stage("kv_send", sent - computed)
         if not result.ok:
             log.warning("request %s: KV transfer to %s failed: %s", rid, kv.decode_worker_id, result.error,
                         extra={"request_id": rid, "decode_worker": kv.decode_worker_id})
@@ -107,6 +120,19 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
                 computed_tokens=len(request.token_ids) - first.num_cached_tokens,
                 cached_tokens=max(first.num_cached_tokens, kv.num_cached_tokens), kv_bytes=result.nbytes,
                 prefill_seconds=prefill_s, transfer_seconds=result.seconds))
+
+
+    def _release_soon(self, rid: str) -> None:
+        task = asyncio.ensure_future(self.rt.aengine.call(lambda e: e.release(rid)))
+        self._releases.add(task)  # held until done: the loop keeps only weak references to tasks
+
+        def done(task: asyncio.Task) -> None:
+            self._releases.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("request %s: releasing its prefilled blocks failed: %r", rid, task.exception(),
+                            extra={"request_id": rid})
+
+        task.add_done_callback(done)
 
 
 def pick_transport(transports: list[KVTransport], offers) -> tuple[KVTransport, bytes] | None:

@@ -10,6 +10,18 @@ from baton.engine.llm_engine import FinishedRequest
 # vLLM's buckets for the request phase histograms, so dashboards built for it read these unchanged.
 PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                  480.0, 960.0, 1920.0, 7680.0)
+# vLLM's time_to_first_token_seconds buckets.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+# A remote prefill's stages are hops of a millisecond or less as well as prompts of seconds.
+STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                 60.0)
+# Where a remotely prefilled request's first token spends its time, in order. Decode worker: its blocks reserved,
+# the prefill worker's channel ready, the Prefill call (the prefill worker's stages plus the wire), the hand-off
+# seen complete here, the first token out of this worker. Prefill worker: the prompt computed (engine queue
+# included), its KV written into the decode worker (then it replies).
+DECODE_STAGES = ("reserve", "connect", "prefill_call", "kv_wait", "first_token")
+PREFILL_STAGES = ("prefill", "kv_send")
 
 
 def token_buckets(max_len: int) -> list[int]:
@@ -46,6 +58,15 @@ class EngineCollector:
         self.inference = histogram("baton_worker_request_inference_time_seconds",
                                    "First step to last token (prefill + decode on this worker).", PHASE_BUCKETS)
         tokens = token_buckets(runtime.engine.max_model_len)
+        self.ttft = histogram("baton_worker_time_to_first_token_seconds",
+                              "Request arrival at this worker to its first token leaving it, whether the prompt was "
+                              "prefilled here or by a prefill worker.", TTFT_BUCKETS)
+        self._stages = Histogram("baton_worker_remote_prefill_stage_seconds",
+                                 "Stages of a remotely prefilled request's path to its first token. Decode worker: "
+                                 "reserve, connect, prefill_call, kv_wait, first_token; prefill worker: prefill, "
+                                 "kv_send.", [*self._labels, "stage"], buckets=STAGE_BUCKETS,
+                                 registry=None)
+        self._families.append(self._stages)
         self.prompt_tokens = histogram("baton_worker_request_prompt_tokens", "Prompt tokens per finished request.",
                                        tokens)
         self.generation_tokens = histogram("baton_worker_request_generation_tokens",
@@ -55,6 +76,10 @@ class EngineCollector:
                                 registry=None)
         self._families.append(self._success)
         runtime.engine.finish_listeners.append(self.observe)
+
+    def stage(self, name: str, seconds: float) -> None:
+        """One stage of a remote prefill (DECODE_STAGES, PREFILL_STAGES) took `seconds`."""
+        self._stages.labels(*self._values, name).observe(seconds)
 
     def observe(self, done: FinishedRequest) -> None:
         """Called on the engine thread as each request leaves it (prometheus_client is thread-safe)."""

@@ -53,7 +53,8 @@ class WorkerRuntime:
         self.block_size = settings.block_size
         self.ready = False
         self.draining = False
-        REGISTRY.register(EngineCollector(self))  # beside the process's KV-transfer metrics
+        self.metrics = EngineCollector(self)
+        REGISTRY.register(self.metrics)  # beside the process's KV-transfer metrics
 
     def start(self) -> None:
         self.aengine.start()

@@ -16,6 +16,7 @@ from baton.engine.llm_engine import LLMEngine
 from baton.engine.sampling_params import SamplingParams
 from baton.engine.tokenizer import Tokenizer
 from baton.proto.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
+from baton.worker.metrics import DECODE_STAGES, PREFILL_STAGES
 from tests.cluster import start_worker
 
 PROMPTS = [[5, 9, 13, 200, 7] * 9, list(range(20, 90)), [300, 301]]
@@ -44,6 +45,11 @@ async def decode(address, rid, prompt, prefill=None, max_tokens=12, sampling=Non
         chunks = [c async for c in stub.Generate(req)]
         stats = await stub.Stats(worker_pb2.StatsRequest())
     return chunks, stats
+
+
+def by_stage(worker, name: str) -> dict[str, float]:
+    """A per-stage histogram's samples on a worker's /metrics, by stage."""
+    return {labels.split('stage="')[1].split('"')[0]: value for labels, value in metric(worker, name).items()}
 
 
 def metric(worker, name: str) -> dict[str, float]:
@@ -92,6 +98,14 @@ def test_remote_prefill_equals_single_engine(model_dir, redis_url, transport):
         assert pstats.prompt_tokens_computed_total >= sum(map(len, PROMPTS)) - 16
         sent = metric(p, "baton_kv_transfer_bytes_total")
         assert sent.get(f'transport="{transport}"', 0) > 0 and len(sent) == 1  # the configured transport, only
+        # Every hand-off is timed stage by stage on both sides; the decode worker's stages follow one another from
+        # the request's arrival to its first token, so they add up to its time to first token.
+        stage = "baton_worker_remote_prefill_stage_seconds"
+        assert by_stage(d, f"{stage}_count") == dict.fromkeys(DECODE_STAGES, len(PROMPTS))
+        assert by_stage(p, f"{stage}_count") == dict.fromkeys(PREFILL_STAGES, len(PROMPTS))
+        ttft = metric(d, "baton_worker_time_to_first_token_seconds_sum")
+        assert sum(by_stage(d, f"{stage}_sum").values()) == pytest.approx(sum(ttft.values()), rel=1e-6)
+        assert by_stage(d, f"{stage}_sum")["prefill_call"] > sum(by_stage(p, f"{stage}_sum").values()) > 0
         if transport == "ipc":
             assert metric(p, "baton_kv_ipc_peer_mappings_total")[""] == 1  # the decode pool is mapped once
             # every hand-off (one per prompt) copied layer by layer with --kv-layerwise, none without
@@ -134,6 +148,7 @@ def test_local_prefill_and_dead_prefill_worker(model_dir, redis_url):
     try:
         chunks, _ = asyncio.run(decode(d.grpc_address, "loc", PROMPTS[1]))
         assert [t for c in chunks for t in c.token_ids] == reference(model_dir, PROMPTS[1])
+        assert sum(metric(d, "baton_worker_time_to_first_token_seconds_count").values()) == 1
 
         class Gone:
             worker_id, grpc_address = "p-gone", "127.0.0.1:1"
@@ -143,6 +158,9 @@ def test_local_prefill_and_dead_prefill_worker(model_dir, redis_url):
         assert err.kind == worker_pb2.DecodeError.KIND_PREFILL_FAILED and err.retryable
         assert err.prefill_worker_id == "p-gone"
         assert stats.kv_blocks_used == 0  # the reserved destination blocks were freed
+        # Reserved, then never connected: no first token, and only the stage that completed is timed.
+        assert by_stage(d, "baton_worker_remote_prefill_stage_seconds_count") == {"reserve": 1}
+        assert sum(metric(d, "baton_worker_time_to_first_token_seconds_count").values()) == 1
     finally:
         d.stop()
 

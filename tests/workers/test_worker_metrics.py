@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from baton.engine.config import EngineConfig
 from baton.engine.llm_engine import LLMEngine
 from baton.engine.sampling_params import SamplingParams
-from baton.worker.metrics import EngineCollector, token_buckets
+from baton.worker.metrics import DECODE_STAGES, EngineCollector, token_buckets
 from tests.engine.checkpoints import make_hf_checkpoint
 
 
@@ -66,3 +66,28 @@ def test_names_labels_and_values(engine):
 
 def test_token_buckets():
     assert token_buckets(512) == [1, 2, 5, 10, 20, 50, 100, 200, 500]
+
+
+def test_remote_prefill_stages_and_ttft(engine):
+    """Each stage is its own series of one histogram, in buckets fine enough for sub-millisecond hops."""
+    settings = types.SimpleNamespace(served_model_name="m1", worker_id="w1", pool="decode")
+    registry = CollectorRegistry()
+    collector = EngineCollector(types.SimpleNamespace(engine=engine, settings=settings))
+    engine.finish_listeners.remove(collector.observe)
+    registry.register(collector)
+    for stage, seconds in zip(DECODE_STAGES, (0.0003, 0.0001, 0.04, 0.0004, 0.0015)):
+        collector.stage(stage, seconds)
+    collector.stage("reserve", 0.003)
+    collector.ttft.observe(0.0423)
+    samples = {(s.name, s.labels.get("stage"), s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in family.samples}
+    name = "baton_worker_remote_prefill_stage_seconds"
+    assert samples[(f"{name}_count", "reserve", None)] == 2
+    assert samples[(f"{name}_bucket", "reserve", "0.0005")] == 1  # 0.3 ms, not 3 ms
+    assert samples[(f"{name}_bucket", "connect", "0.0002")] == 1
+    assert samples[(f"{name}_sum", "prefill_call", None)] == pytest.approx(0.04)
+    assert {stage for (n, stage, _) in samples if n == f"{name}_count"} == set(DECODE_STAGES)
+    assert samples[("baton_worker_time_to_first_token_seconds_count", None, None)] == 1
+    assert samples[("baton_worker_time_to_first_token_seconds_bucket", None, "0.06")] == 1
+    assert samples[("baton_worker_time_to_first_token_seconds_bucket", None, "0.04")] == 0

@@ -8,6 +8,7 @@ receiver keeps the destination blocks until the sender's timeout (cancel_stops_w
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ KV_LAYERWISE_HANDOFFS = Counter("baton_kv_layerwise_handoffs", "KV hand-offs cop
                                 "prompt was computed (--kv-layerwise)")
 
 
+@functools.cache  # asked twice per hand-off (the offer, then the send); fixed for the process's life
 def host_id() -> str:
     """Same value in every process of one machine (and boot): where CUDA IPC and shared memory reach."""
     try:
