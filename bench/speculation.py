@@ -105,7 +105,7 @@ def prompts_for(engine: LLMEngine, workload: str) -> list[list[int]]:
 def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
     # ngram by default (the plain runs ask for "off"): decode graphs are then captured for verification rows too.
     common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0, speculative_method="ngram",
-                  num_speculative_tokens=args.num_tokens)
+                  num_speculative_tokens=args.num_tokens, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
     if args.device.startswith("cuda"):
         if args.model:
             return LLMEngine(EngineConfig(args.model, device=args.device, gpu_memory_utilization=0.85,
@@ -130,39 +130,77 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
     return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=512, **common)), Path(model).name
 
 
-def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
-    """One decode of these prompts, plain then n-gram, each under cProfile and (on CUDA) torch.profiler: per engine step,
-    the wall time, the device's busy time (kernels), and the host functions that take the most time of their own."""
-    import cProfile
-    import pstats
+class _Phases:
+    """Host wall time per engine phase, from wrappers around the engine's own methods (no cProfile: its overhead
+    would dwarf a 1 ms step). `device_wait` is a synchronize right after the model is queued: what the host then
+    waits for the device, which a synchronous (speculative) step has to wait for anyway."""
 
+    def __init__(self, engine: LLMEngine) -> None:
+        self.ms: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo = []
+        cuda = engine.config.device.startswith("cuda")
+        self._wrap(engine, "step", "step (all)")
+        self._wrap(engine.speculator, "propose", "propose")
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.runner, "run", "model queued", after=torch.cuda.synchronize if cuda else None,
+                   after_name="device wait")
+        self._wrap(engine.speculator, "verify", "verify")
+        self._wrap(engine.sampler, "sample", "sample")
+        self._wrap(engine, "_accept", "accept")
+        self._wrap(engine, "_append_token", "append token")
+        self._wrap(engine.block_manager, "register_computed", "register blocks")
+
+    def _wrap(self, obj, name: str, label: str, after=None, after_name: str = "") -> None:
+        import functools
+        import time
+
+        inner = getattr(obj, name)
+
+        @functools.wraps(inner)
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = inner(*a, **kw)
+            t1 = time.perf_counter()
+            self.ms[label] = self.ms.get(label, 0.0) + (t1 - t0) * 1e3
+            self.calls[label] = self.calls.get(label, 0) + 1
+            if after is not None:
+                after()
+                self.ms[after_name] = self.ms.get(after_name, 0.0) + (time.perf_counter() - t1) * 1e3
+                self.calls[after_name] = self.calls.get(after_name, 0) + 1
+            return out
+
+        setattr(obj, name, timed)
+        self._undo.append((obj, name))
+
+    def close(self) -> None:
+        for obj, name in self._undo:
+            delattr(obj, name)  # back to the class's method
+
+
+def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
+    """One decode of these prompts, plain then n-gram: per engine step, the wall time and the host time of each
+    phase (see _Phases). Plain steps are timed with async scheduling off too, to show what overlap hides."""
     out = {}
     for mode in ("off", "ngram"):
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
                                 speculation=SpeculationParams(mode, args.num_tokens if mode == "ngram" else None))
         timed_decode(engine, prompts, params)  # warm
-        prof = cProfile.Profile()
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if args.device.startswith("cuda"):
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as tp:
-            prof.enable()
-            rate, _, tokens = timed_decode(engine, prompts, params)
-            prof.disable()
-        stats = pstats.Stats(prof)
-        steps = max(1, sum(v[1] for (f, _, fn), v in stats.stats.items()
-                           if fn == "step" and f.endswith("llm_engine.py")))  # engine steps in the timed part
-        busy = sum(e.device_time_total for e in tp.key_averages() if e.device_time_total) / 1e3  # us -> ms
-        top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
-        wall_ms = tokens / rate * 1e3 if rate else float("nan")
-        out[mode] = {"tokens": tokens, "steps": steps, "wall_ms_per_step": wall_ms / steps,
-                     "device_ms_per_step": busy / steps,
-                     "host_top": [(f"{Path(f).name}:{line}({fn})", n, round(tt / steps * 1e3, 4))
-                                  for (f, line, fn), (_, n, tt, _, _) in top]}
-        print(f"\nprofile b{len(prompts)} {mode}: {tokens} tokens in {steps} steps, wall {wall_ms / steps:.3f} ms/step, device busy "
-              f"{busy / steps:.3f} ms/step (under both profilers)")
-        for name, calls, ms in out[mode]["host_top"]:
-            print(f"  {ms:8.4f} ms/step  {calls:6d} calls  {name}")
+        rate, _, tokens = timed_decode(engine, prompts, params)
+        phases = _Phases(engine)
+        try:
+            timed_decode(engine, prompts, params)
+        finally:
+            phases.close()
+        steps = max(1, phases.calls.get("step (all)", 1))
+        out[mode] = {"tokens": tokens, "tok_s_unprofiled": rate, "steps": steps,
+                     "wall_ms_per_token_unprofiled": 1e3 / rate if rate else float("nan"),
+                     "phase_ms_per_step": {k: round(v / steps, 4) for k, v in phases.ms.items()},
+                     "phase_calls": phases.calls}
+        print(f"\nprofile b{len(prompts)} {mode}: {tokens} tokens, {1e3 / rate:.3f} ms/token unprofiled; "
+              f"profiled run {steps} steps, host ms per step by phase (device wait = a sync after the model):")
+        for name, ms in sorted(phases.ms.items(), key=lambda kv: -kv[1]):
+            print(f"  {ms / steps:8.4f} ms/step  {phases.calls[name]:6d} calls  {name}")
     return out
 
 
@@ -173,12 +211,14 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--num-tokens", type=int, default=4, help="tokens proposed per step")
+    ap.add_argument("--ngram-min", type=int, default=EngineConfig.ngram_min, help="shortest suffix prompt lookup matches")
+    ap.add_argument("--ngram-max", type=int, default=EngineConfig.ngram_max, help="longest suffix prompt lookup matches")
     ap.add_argument("--repeats", type=int, default=3, help="alternated runs of each mode; the median counts")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="a random tiny model (CPU) or a small shape (GPU)")
     ap.add_argument("--profile", action="store_true",
-                    help="after the table: where a code step's time goes (each batch), plain vs n-gram (host functions "
-                         "by own time, device busy per step)")
+                    help="after the table: where a code step's time goes (each batch), plain vs n-gram: host time "
+                         "per engine phase and the device wait per step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -233,6 +273,7 @@ def main() -> int:
                             for b in args.batches}
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
     doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
+           "ngram_min": args.ngram_min, "ngram_max": args.ngram_max,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "load_average": os.getloadavg(), "rows": rows,
            "reference": "the same engine and requests with speculation off, measured in this run"}
