@@ -194,8 +194,9 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 def scrape(cluster: LocalCluster) -> dict[str, str]:
-    """Every worker's /metrics text, by pool (one worker per pool in these setups)."""
-    return {r.pool: httpx.get(f"http://{r.http_address}/metrics", timeout=10).text for r in cluster.workers()}
+    """The router's and every worker's /metrics text, by pool (one worker per pool in these setups)."""
+    texts = {r.pool: httpx.get(f"http://{r.http_address}/metrics", timeout=10).text for r in cluster.workers()}
+    return {"router": httpx.get(f"{cluster.url}/metrics", timeout=10).text, **texts}
 
 
 def window_mean(before: str, after: str, name: str, **labels: str) -> float | None:
@@ -207,11 +208,12 @@ def window_mean(before: str, after: str, name: str, **labels: str) -> float | No
 
 
 def stage_means_ms(before: dict[str, str], after: dict[str, str]) -> dict[str, float]:
-    """Where the time to the first token went between two scrapes, in mean ms: the first token as the decode
-    worker saw it (arrival to first token out), each stage of a remote prefill on its worker, and on the worker that
-    prefilled, its engine prefill (first step to first token) and its KV send as the transport timed it."""
+    """Where the time to the first token went between two scrapes, in mean ms: the first token as the router and as
+    the decode worker saw it (arrival to first token out), each stage of a remote prefill on its worker, and on the
+    worker that prefilled, its engine prefill (first step to first token) and its KV send as the transport timed it."""
     prefiller = "prefill" if "prefill" in after else "decode"
     out: dict[str, float | None] = {
+        "router_ttft": window_mean(before["router"], after["router"], "baton_router_time_to_first_token_seconds"),
         "worker_ttft": window_mean(before["decode"], after["decode"], "baton_worker_time_to_first_token_seconds"),
         "engine_prefill": window_mean(before[prefiller], after[prefiller],
                                       "baton_worker_request_prefill_time_seconds"),
@@ -226,11 +228,12 @@ def stage_means_ms(before: dict[str, str], after: dict[str, str]) -> dict[str, f
 def handoff_counts(cluster: LocalCluster) -> dict[str, float]:
     """What says where prompts were prefilled: the router's prefill-pool decisions and the KV bytes each pool's
     workers moved through any transport (a remote prefill counts on both sides of the hand-off)."""
-    router = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    texts = scrape(cluster)
+    router = texts.pop("router")
     out = {"router_prefill_decisions": metric_sum(router, "baton_router_decisions_total", pool="prefill"),
            "router_decode_decisions": metric_sum(router, "baton_router_decisions_total", pool="decode"),
            "kv_bytes_prefill": 0.0, "kv_bytes_decode": 0.0}
-    for pool, text in scrape(cluster).items():
+    for pool, text in texts.items():
         out[f"kv_bytes_{pool}"] += metric_sum(text, "baton_kv_transfer_bytes_total")
     return out
 
@@ -396,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
             "vocab_size")}},
         "workload": {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "requests": args.requests,
-                     "warmup": {str(c): len(p) for c, p in warmup.items()}, "concurrency": list(CONCURRENCIES), "seed": args.seed},
+                     "warmup": {str(c): len(p) for c, p in warmup.items()}, "concurrency": list(CONCURRENCIES),
+                     "seed": args.seed},
         "worker_settings": {"gpu_memory_utilization": args.gpu_memory_utilization if args.device == "cuda" else None,
                             "max_num_batched_tokens": args.max_num_batched_tokens, "threads_per_setup": args.threads,
                             "kv_transport": "ipc"},
