@@ -1,11 +1,13 @@
-"""Skinny GEMM for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a handful of rows (M <= 4).
+"""Skinny GEMM for decode: out[M, N] = x[M, K] @ w[N, K]^T (+ bias) for a handful of rows (M <= 8).
 
 At decode batch 1 a linear layer is a pure stream of its weight bytes; cuBLAS's kernels for these shapes leave
 bandwidth unused on the narrow projections (qkv, o) and add a split-K reduction on the long ones (down).
 Here each program owns BLOCK_N whole output columns and walks K itself: one pass over the weight, no second
 kernel. With `silu_mul`, x is the MLP's gate||up [M, 2K] and the activation silu(gate) * up is computed on the
 fly (rounded to x's dtype, as the separate kernel stores it), so the down projection needs no kernel before it.
-Accumulation is float32. `pick_config` times the candidate configs against cuBLAS on the real shape, once."""
+Accumulation is float32. A program keeps at most 4 rows' accumulators: 5-8 rows (a batch-1 speculative
+verification step) run as a second group of programs over the same columns, still one launch, which is what a small
+launch-bound model pays for. `pick_config` times the candidate configs against cuBLAS on the real shape, once."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_ROWS = 4  # above this, tensor-core GEMMs win
+MAX_ROWS = 8  # above this, tensor-core GEMMs win; between 5 and 8, pick_config decides per shape
+ROWS_PER_PROGRAM = 4
 
 
 @triton.jit
@@ -21,7 +24,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                  SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
     # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
-    # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored.
+    # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored. Program axis 1
+    # picks the group of (up to) 4 rows.
+    row0 = tl.program_id(1) * 4
+    x_ptr += row0 * stride_xm
+    out_ptr += row0 * stride_om
+    M -= row0
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
@@ -102,9 +110,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps = config
     even = n % block_n == 0 and k % block_k == 0
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, ROWS_PER_PROGRAM))](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=min(4, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
+        BLOCK_M=min(ROWS_PER_PROGRAM, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=warps,
     )
     return out

@@ -312,7 +312,7 @@ class LLMEngine:
             p = seq.params
             if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
                     or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len \
-                    or self.speculator.wants(seq):  # speculative steps run synchronously
+                    or self.speculator.speculates_next(seq):  # speculative steps run synchronously
                 return False
         return True
 

@@ -12,7 +12,7 @@ import torch
 from baton.engine.errors import InvalidRequestError
 from baton.engine.sampler import TopLogprobs, filtered_probs
 from baton.engine.sampling_params import SamplingParams
-from baton.engine.sequence import Sequence
+from baton.engine.sequence import PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -42,6 +42,15 @@ class NgramProposer:
 
     def forget(self, request_id: str) -> None:
         pass
+
+    def expects_proposal(self, seq: Sequence) -> bool:
+        """Whether the tokens known so far end in a match (an id still being sampled on the device is not known:
+        the match before it stands in, as copy runs are long)."""
+        tokens = seq.token_ids
+        end = len(tokens)
+        while end and tokens[end - 1] == PLACEHOLDER:
+            end -= 1
+        return bool(ngram_lookup(tokens[:end], 1, self.min_n, self.max_n))
 
 
 def ngram_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -123,6 +132,15 @@ class Speculator:
         return (method in self.proposers and not seq.prefill_only and seq.grammar is None and not p.penalized
                 and not p.logit_bias and p.prompt_logprobs is None
                 and seq.num_tokens - seq.num_prompt_tokens >= max(1, p.min_tokens))
+
+    def speculates_next(self, seq: Sequence) -> bool:
+        """Whether seq's next step should verify proposed tokens, and so run synchronously: it speculates and its
+        proposer expects a guess. A proposer that cannot tell (a draft model always guesses) says yes; n-gram
+        lookup says no while the output copies nothing, so those steps keep async scheduling's overlap."""
+        if not self.wants(seq):
+            return False
+        expects = getattr(self.proposers[self._method(seq.params)[0]], "expects_proposal", None)
+        return expects is None or expects(seq)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""

@@ -160,6 +160,34 @@ def test_async_scheduling_runs_speculating_steps_synchronously(model_dir):
     assert stats.num_drafts > 0
 
 
+def test_steps_without_an_ngram_match_stay_pipelined(model_dir):
+    """A request whose output copies nothing keeps async scheduling (a synchronous step there only costs the host
+    time that overlap hides); once its tokens end in a match it verifies proposals synchronously. Same output."""
+    import random
+
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 290) for _ in range(40)] for _ in range(2)] + loopy_prompts(2, seed=7)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain, _ = run(new_engine(model_dir), prompts, params)
+    engine = new_engine(model_dir, async_scheduling=True)
+    step, modes = engine.step, []
+
+    def recording_step():
+        outputs = step()
+        modes.append(engine._inflight is not None)  # a decode step left queued on the device: pipelined
+        return outputs
+
+    engine.step = recording_step
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, dataclasses.replace(params, speculation=NGRAM))
+        while engine.has_unfinished():
+            engine.step()  # one request at a time: its own steps' mode, not the batch's
+    assert engine.stats().spec.num_drafts > 0 and any(modes) and not all(modes)
+    engine.step = step
+    specced, _ = run(engine, prompts, dataclasses.replace(params, speculation=NGRAM))
+    assert specced == plain
+
+
 def test_requests_needing_host_state_decode_without_speculation(model_dir):
     engine = new_engine(model_dir, speculative_method="ngram")
     for params in (SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5),

@@ -7,7 +7,7 @@ from kernel_checks import assert_close, needs_cuda, poisoned
 from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, gemv, gemv_reference, pick_config
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("n,k,config", [(24, 64, (8, 32, 4)), (21, 80, (8, 32, 4)), (16, 48, (4, 16, 2))])
 def test_gemv_matches_reference(device, m, silu_mul, n, k, config):
@@ -42,7 +42,7 @@ def test_gemv_bf16_rounds_the_fused_activation_like_the_separate_kernel(device):
 @needs_cuda
 @pytest.mark.parametrize("n,k,silu", [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
                                       (4096, 14336, True), (128256, 4096, False)])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 8])
 def test_llama3_8b_projections(m, n, k, silu):
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
@@ -73,7 +73,7 @@ def test_fp8_gemv_matches_dequantized_reference(device):
 
     lin = torch.nn.Linear(64, 24, bias=True, device=device)
     q = Fp8Linear.quantize(lin)
-    x = torch.randn(3, 64, device=device)
+    x = torch.randn(6, 64, device=device)  # two groups of rows
     out = gemv(x, q.weight, q.bias, config=(8, 32, 4), scale=q.scale)
     assert_close(out, gemv_reference(x, q.weight, q.bias, scale=q.scale))
 
@@ -81,7 +81,7 @@ def test_fp8_gemv_matches_dequantized_reference(device):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("n,k,silu", [(6144, 4096, False), (4096, 14336, True)])
-@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("m", [1, 4, 8])
 def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
     """Every config pick_config may choose for FP8 weights (the 2048-wide ones too) gives the reference's answer."""
     from baton.engine.quantization import Fp8Linear
