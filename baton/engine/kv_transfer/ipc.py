@@ -8,6 +8,7 @@ receiver keeps the destination blocks until the sender's timeout (cancel_stops_w
 from __future__ import annotations
 
 import base64
+import ctypes
 import functools
 import hashlib
 import json
@@ -67,14 +68,18 @@ def _ids_digest(block_ids) -> str:
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not yet named in every Python's mmap module
 
 
-def _populate(shm: shared_memory.SharedMemory) -> None:
-    """Fault the whole mapping in now: else every first write to a page of a new block costs a page fault
-    (about 10x the copy itself on a scattered 5k-token hand-off)."""
+def _populate(pool: torch.Tensor) -> None:
+    """Fault a mapped pool in: else every first write to a page of a new block costs a page fault (about 10x the
+    copy itself on a scattered 5k-token hand-off). Content is left as it is, so copies may run meanwhile; the GIL
+    is released throughout (ctypes; mmap.madvise would hold it)."""
+    view = pool.view(-1).view(torch.uint8)
     try:
-        shm._mmap.madvise(_MADV_POPULATE_WRITE)  # noqa: SLF001
-    except (OSError, AttributeError, ValueError):
-        view = torch.frombuffer(shm.buf, dtype=torch.uint8)
-        int(view[::4096].sum())  # a read fault maps each shared page too
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.madvise(ctypes.c_void_p(view.data_ptr()), ctypes.c_size_t(view.numel()), _MADV_POPULATE_WRITE) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    int(view[::4096].sum())  # a read fault maps each shared page too
 
 
 def _b64(data: bytes) -> str:
@@ -92,6 +97,7 @@ class IpcTransport(KVTransport):
         self._export: dict[str, Any] = {}
         self._peers: dict[str, torch.Tensor] = {}  # pool id -> the peer's pool, mapped once
         self._peer_lock = threading.Lock()
+        self._populating: list[threading.Thread] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._address = f"\0baton-kv-{self.pool_id}"  # abstract namespace: no file to clean up
         self._sock.bind(self._address)
@@ -187,9 +193,13 @@ class IpcTransport(KVTransport):
                 # Attaching registers the segment with this process's resource tracker, which would unlink it
                 # (the receiver's pool) when this process exits; the receiver owns it.
                 resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-                _populate(shm)
                 pool = torch.frombuffer(shm.buf, dtype=dtype, count=int(torch.Size(shape).numel())).view(shape)
                 pool._baton_shm = shm  # keeps the mapping alive as long as the tensor
+                # Beside the first hand-off, not before it: a 0.5 GB pool takes ~120 ms to fault in, which that
+                # request's time to first token would pay; its own blocks fault in as it writes them.
+                thread = threading.Thread(target=_populate, args=(pool,), name="kv-ipc-populate", daemon=True)
+                thread.start()
+                self._populating.append(thread)
             if tuple(pool.shape) != shape:
                 raise KVTransferError(f"peer pool has shape {tuple(pool.shape)}, its endpoint says {shape}")
             self._peers[p["pool_id"]] = pool
@@ -240,6 +250,8 @@ class IpcTransport(KVTransport):
         return _IpcLayerwiseSend(self, peer_endpoint, peer, transfer_id, skip_blocks, dst_block_ids, deadline)
 
     def _close(self) -> None:
+        for thread in self._populating:  # never left inside the syscall while the interpreter finalises
+            thread.join(timeout=10)
         self._sock.close()
         self._peers.clear()
         _OWN_POOLS.pop(self.pool_id, None)
