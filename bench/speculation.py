@@ -178,6 +178,40 @@ class _Phases:
             delattr(obj, name)  # back to the class's method
 
 
+def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
+    """Device time of each captured decode graph (batch-size bucket) replayed as it stands, and per kernel name
+    (torch.profiler) for the smallest two buckets a batch-1 step uses: plain (1 row) and verifying (1 + k rows)."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return {}
+    out = {}
+    for b, (graph, _) in sorted(graphs.graphs.items()):
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[f"bucket{b}_ms"] = round(start.elapsed_time(end) / reps, 4)
+    verify = next(b for b in graphs.buckets if b >= 1 + engine.config.num_speculative_tokens)
+    print("\ndecode graph replay, device ms per step by bucket: " + ", ".join(f"{k}={v}" for k, v in out.items()))
+    for b in dict.fromkeys((1, verify)):
+        graph = graphs.graphs[b][0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
+            for _ in range(reps):
+                graph.replay()
+            torch.cuda.synchronize()
+        kernels = sorted(((e.key, e.device_time_total / reps, e.count // reps) for e in tp.key_averages()
+                          if e.device_time_total), key=lambda x: -x[1])
+        out[f"bucket{b}_kernels_us"] = [(name[:80], round(us, 2), n) for name, us, n in kernels[:15]]
+        print(f"bucket {b}: kernels by device time per step (us, launches per step)")
+        for name, us, n in out[f"bucket{b}_kernels_us"]:
+            print(f"  {us:9.2f} us  {n:4d}x  {name}")
+    return out
+
+
 def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
     """One decode of these prompts, plain then n-gram: per engine step, the wall time and the host time of each
     phase (see _Phases). Plain steps are timed with async scheduling off too, to show what overlap hides."""
@@ -271,6 +305,8 @@ def main() -> int:
             code = prompts_for(engine, "code")
             head_profile = {f"b{b}": profile_steps(engine, [code[i % len(code)] for i in range(b)], args)
                             for b in args.batches}
+            if args.device.startswith("cuda"):
+                head_profile["graphs"] = profile_buckets(engine)
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
     doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
            "ngram_min": args.ngram_min, "ngram_max": args.ngram_max,
