@@ -145,13 +145,16 @@ class _Phases:
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "run", "model queued", after=torch.cuda.synchronize if cuda else None,
                    after_name="device wait")
+        if engine.runner.graphs is not None:  # inside "model queued": filling the inputs, then the launch itself
+            self._wrap(engine.runner.graphs, "replay", "graph inputs + launch")
+            self._wrap(torch.cuda.CUDAGraph, "replay", "graph launch", restore=True)
         self._wrap(engine.speculator, "verify", "verify")
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(engine, "_accept", "accept")
         self._wrap(engine, "_append_token", "append token")
         self._wrap(engine.block_manager, "register_computed", "register blocks")
 
-    def _wrap(self, obj, name: str, label: str, after=None, after_name: str = "") -> None:
+    def _wrap(self, obj, name: str, label: str, after=None, after_name: str = "", restore: bool = False) -> None:
         import functools
         import time
 
@@ -170,12 +173,16 @@ class _Phases:
                 self.calls[after_name] = self.calls.get(after_name, 0) + 1
             return out
 
+        had = name in vars(obj)  # a class's own method (restore it), or one an instance finds on its class
         setattr(obj, name, timed)
-        self._undo.append((obj, name))
+        self._undo.append((obj, name, inner if restore and had else None))
 
     def close(self) -> None:
-        for obj, name in self._undo:
-            delattr(obj, name)  # back to the class's method
+        for obj, name, original in self._undo:
+            if original is not None:
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)  # back to the class's method
 
 
 def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
