@@ -45,8 +45,8 @@ class ScaleBehavior(_Strict):
 
     stabilization_s: float = Field(
         0.0, ge=0, description="as Kubernetes' HPA: a move in this direction goes no further than every "
-        "recommendation of this window allows; scaling down, a drop the forecast's step test has confirmed (two ticks that still hold against the level "
-        "before it) is released without waiting it out")
+        "recommendation of this window allows; scaling down, a drop the forecast's step test has confirmed (two "
+        "ticks that still hold against the level before it) is released without waiting it out")
     max_step: int = Field(4, ge=1, description="most replicas added/removed per decision")
     max_step_percent: float = Field(0.0, ge=0, description="or this % of current, whichever is larger")
     cooldown_s: float = Field(0.0, ge=0, description="no move in this direction this soon after a change")
