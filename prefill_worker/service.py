@@ -121,7 +121,6 @@ class PrefillService(WorkerRPCs, worker_pb2_grpc.PrefillWorkerServicer):
                 cached_tokens=max(first.num_cached_tokens, kv.num_cached_tokens), kv_bytes=result.nbytes,
                 prefill_seconds=prefill_s, transfer_seconds=result.seconds))
 
-
     def _release_soon(self, rid: str) -> None:
         task = asyncio.ensure_future(self.rt.aengine.call(lambda e: e.release(rid)))
         self._releases.add(task)  # held until done: the loop keeps only weak references to tasks
