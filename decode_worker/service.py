@@ -111,9 +111,12 @@ class DecodeService(WorkerRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         committed = False
         try:
             # A failed first connect leaves a channel in reconnect back-off, where calls fail at once; give
-            # a live prefill worker a moment to accept, and a dead one a short deadline to be found out.
+            # a live prefill worker a moment to accept, and a dead one a short deadline to be found out. A ready
+            # channel (every request but the first) skips the wait and its timer task.
+            channel = self._channels.open(target.grpc_address)
             try:
-                await asyncio.wait_for(self._channels.open(target.grpc_address).channel_ready(), _CONNECT_TIMEOUT_S)
+                if channel.get_state() != grpc.ChannelConnectivity.READY:
+                    await asyncio.wait_for(channel.channel_ready(), _CONNECT_TIMEOUT_S)
             except asyncio.TimeoutError:
                 name = target.worker_id or target.grpc_address
                 return _error(DecodeError.KIND_PREFILL_FAILED,
