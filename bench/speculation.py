@@ -108,8 +108,8 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
                   num_speculative_tokens=args.num_tokens, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
     if args.device.startswith("cuda"):
         if args.model:
-            return LLMEngine(EngineConfig(args.model, device=args.device, gpu_memory_utilization=0.85,
-                                          **common)), Path(args.model).name
+            return LLMEngine(EngineConfig(args.model, device=args.device, dtype=args.dtype or "bfloat16",
+                                          gpu_memory_utilization=0.85, **common)), Path(args.model).name
         from bench.engine_gpu import LLAMA3_8B, QUICK
 
         config = QUICK if args.quick else LLAMA3_8B
@@ -127,7 +127,8 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
         from baton.devtools.make_model import make_model
 
         model = str(make_model(Path(tmp) / "tiny", seed=1, **TINY))
-    return LLMEngine(EngineConfig(model, device="cpu", num_kv_blocks=512, **common)), Path(model).name
+    return LLMEngine(EngineConfig(model, device="cpu", dtype=args.dtype or "auto", num_kv_blocks=512, **common)), \
+        Path(model).name
 
 
 class _Phases:
@@ -252,6 +253,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--num-tokens", type=int, default=4, help="tokens proposed per step")
+    ap.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
+                    help="a real checkpoint's dtype (default: bfloat16 on the GPU, as served; the checkpoint's on the CPU)")
     ap.add_argument("--ngram-min", type=int, default=EngineConfig.ngram_min, help="shortest suffix prompt lookup matches")
     ap.add_argument("--ngram-max", type=int, default=EngineConfig.ngram_max, help="longest suffix prompt lookup matches")
     ap.add_argument("--repeats", type=int, default=3, help="alternated runs of each mode; the median counts")
@@ -283,7 +286,8 @@ def main() -> int:
                                         speculation=SpeculationParams("off"))
                 specced = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
                                          speculation=spec)
-                timed_decode(engine, prompts[:1], greedy)  # warm-up (kernels, allocator, prefix cache)
+                for warm in (greedy, specced):  # warm-up (kernels and their configs per row count, prefix cache)
+                    timed_decode(engine, prompts, warm)
                 plain_rates, spec_rates = [], []
                 before = engine.stats().spec
                 for _ in range(args.repeats):  # alternated, so that load from other jobs hits both alike
@@ -315,7 +319,8 @@ def main() -> int:
             if args.device.startswith("cuda"):
                 head_profile["graphs"] = profile_buckets(engine)
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
-    doc = {"model": model_name, "device": args.device, "num_speculative_tokens": args.num_tokens,
+    doc = {"model": model_name, "device": args.device, "dtype": str(next(engine.model.parameters()).dtype),
+           "num_speculative_tokens": args.num_tokens,
            "ngram_min": args.ngram_min, "ngram_max": args.ngram_max,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "load_average": os.getloadavg(), "rows": rows,

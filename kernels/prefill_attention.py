@@ -57,7 +57,10 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Not specialized on the request count nor the block-table width: Triton compiles a variant for an integer equal to 1
+# and for one divisible by 16, so the first step that mixed a prompt chunk with other requests (count 2+, width
+# 257) compiled a kernel in the middle of serving (a 3.4 s stall at TTFT p90 on the H200).
+@triton.jit(do_not_specialize=["num_requests", "stride_bt"])
 def _prefill_kernel(
     q_ptr, kv_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, kv_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
