@@ -174,6 +174,9 @@ def up_cmd(
                                                help="Tokens proposed per speculative step."),
     speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="Draft model directory "
                                                     "(same tokenizer) for --speculative-method draft."),
+    speculative_disable_by_batch_size: Optional[int] = typer.Option(
+        None, "--speculative-disable-by-batch-size", min=1, help="Steps of a batch of more running requests than "
+        "this do not speculate (default: any batch does)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Jinja chat template, or a file "
                                                 "holding one; replaces the model's own."),
     tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="How chat answers hold tool "
@@ -225,6 +228,8 @@ def up_cmd(
     if speculative_method != "off":
         workers |= {"speculative_method": speculative_method, "num_speculative_tokens": num_speculative_tokens,
                     "speculative_model": speculative_model}
+    if speculative_disable_by_batch_size is not None:
+        workers["speculative_disable_by_batch_size"] = speculative_disable_by_batch_size
     if gpu_memory_utilization is not None:
         workers["gpu_memory_utilization"] = gpu_memory_utilization
     if kv_layerwise:

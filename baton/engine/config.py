@@ -171,6 +171,9 @@ class EngineConfig:
     speculative_model: str | None = None  # a smaller checkpoint with the target's vocabulary (the draft proposer)
     ngram_max: int = 4  # prompt lookup matches the last ngram_max..ngram_min tokens, longest first
     ngram_min: int = 2
+    # Steps of a batch of more running requests than this do not speculate (vLLM's disable_by_batch_size): there a
+    # synchronous verification step costs more than its extra tokens bring. None: any batch speculates.
+    speculative_disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -193,6 +196,9 @@ class EngineConfig:
             raise ValueError("speculative_method draft needs speculative_model (a draft checkpoint directory)")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise ValueError("speculative_disable_by_batch_size must be at least 1, got "
+                             f"{self.speculative_disable_by_batch_size}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.quantization in ("none", ""):

@@ -161,8 +161,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching, events)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         # With speculation on by default, verification steps (1 + k decode rows a request) replay graphs too.
-        graph_rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative_method != "off"
-                                            else 1)
+        graph_rows = config.max_num_seqs
+        if config.speculative_method != "off":
+            verifying = min(config.max_num_seqs, config.speculative_disable_by_batch_size or config.max_num_seqs)
+            graph_rows = max(graph_rows, verifying * (1 + config.num_speculative_tokens))
         self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device, graph_rows,
                                   self.max_model_len, cuda_graphs=not config.enforce_eager)
         if self.runner.graphs is not None:
@@ -178,7 +180,8 @@ class LLMEngine:
             from baton.engine.draft_model import DraftModelProposer
 
             proposers["draft"] = DraftModelProposer(*draft, num_blocks, config, self._sample_vocab, self.max_model_len)
-        self.speculator = Speculator(config.speculative_method, config.num_speculative_tokens, proposers)
+        self.speculator = Speculator(config.speculative_method, config.num_speculative_tokens, proposers,
+                                     config.speculative_disable_by_batch_size)
         self._grammar: GrammarBackend | None = None  # built on the first structured-output request
         # Called on the engine thread for every request that finishes, is aborted or is handed off (metrics).
         self.finish_listeners: list[Callable[[FinishedRequest], None]] = []
@@ -312,7 +315,7 @@ class LLMEngine:
             p = seq.params
             if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
                     or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len \
-                    or self.speculator.speculates_next(seq):  # speculative steps run synchronously
+                    or self.speculator.speculates_next(seq, len(sched.running)):  # verification is synchronous
                 return False
         return True
 

@@ -105,10 +105,12 @@ class SpecStats:
 class Speculator:
     """Decides which running requests speculate and by how much, asks their proposer, verifies the drafts."""
 
-    def __init__(self, default_method: str, default_tokens: int, proposers: dict[str, Proposer]) -> None:
+    def __init__(self, default_method: str, default_tokens: int, proposers: dict[str, Proposer],
+                 disable_by_batch_size: int | None = None) -> None:
         self.default_method = default_method
         self.default_tokens = default_tokens
         self.proposers = proposers
+        self.disable_by_batch_size = disable_by_batch_size
         self._draft_probs: dict[str, torch.Tensor] = {}
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
 
@@ -133,11 +135,15 @@ class Speculator:
                 and not p.logit_bias and p.prompt_logprobs is None
                 and seq.num_tokens - seq.num_prompt_tokens >= max(1, p.min_tokens))
 
-    def speculates_next(self, seq: Sequence) -> bool:
+    def active(self, batch_size: int) -> bool:
+        """Whether a step of this many running requests speculates at all (disable_by_batch_size)."""
+        return self.disable_by_batch_size is None or batch_size <= self.disable_by_batch_size
+
+    def speculates_next(self, seq: Sequence, batch_size: int) -> bool:
         """Whether seq's next step should verify proposed tokens, and so run synchronously: it speculates and its
         proposer expects a guess. A proposer that cannot tell (a draft model always guesses) says yes; n-gram
         lookup says no while the output copies nothing, so those steps keep async scheduling's overlap."""
-        if not self.wants(seq):
+        if not self.active(batch_size) or not self.wants(seq):
             return False
         expects = getattr(self.proposers[self._method(seq.params)[0]], "expects_proposal", None)
         return expects is None or expects(seq)
@@ -145,6 +151,8 @@ class Speculator:
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""
         self._draft_probs.clear()  # of proposals the scheduler dropped last step
+        if not self.active(len(running)):
+            return
         by_method: dict[str, list[tuple[Sequence, int]]] = {}
         for seq in running:
             if seq.num_uncomputed != 1 or not self.wants(seq):

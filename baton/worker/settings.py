@@ -73,6 +73,9 @@ class WorkerSettings(ProcessSettings):
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="decode: tokens proposed per step")
     speculative_model: str | None = Field(None, description="decode: a smaller model directory with the same "
                                                             "tokenizer, the draft proposer")
+    speculative_disable_by_batch_size: int | None = Field(
+        None, ge=1, description="decode: steps of a batch of more running requests than this do not speculate "
+                                "(where a synchronous verification step costs more than its extra tokens bring)")
     kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
                               "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
 
@@ -161,4 +164,5 @@ class WorkerSettings(ProcessSettings):
             speculative_method=self.speculative_method if self.pool == "decode" else "off",
             num_speculative_tokens=self.num_speculative_tokens,
             speculative_model=self.speculative_model if self.pool == "decode" else None,
+            speculative_disable_by_batch_size=self.speculative_disable_by_batch_size,
         )

@@ -188,6 +188,21 @@ def test_steps_without_an_ngram_match_stay_pipelined(model_dir):
     assert specced == plain
 
 
+def test_batches_above_disable_by_batch_size_do_not_speculate(model_dir):
+    """Four requests at once: a limit of 3 turns speculation off for their steps (same output, no drafts), a limit
+    of 4 leaves it on."""
+    prompts = loopy_prompts(4, seed=8)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    plain, _ = run(new_engine(model_dir), prompts, params)
+    for limit, speculates in ((3, False), (4, True)):
+        engine = new_engine(model_dir, speculative_method="ngram", speculative_disable_by_batch_size=limit)
+        out, _ = run(engine, prompts, params)
+        assert out == plain
+        assert (engine.stats().spec.num_drafts > 0) is speculates, (limit, engine.stats().spec)
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size"):
+        new_engine(model_dir, speculative_method="ngram", speculative_disable_by_batch_size=0)
+
+
 def test_requests_needing_host_state_decode_without_speculation(model_dir):
     engine = new_engine(model_dir, speculative_method="ngram")
     for params in (SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=0.5),
