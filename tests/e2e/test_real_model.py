@@ -68,19 +68,29 @@ REAL_SCHEMAS = [
 def test_response_format_validates_with_remote_and_local_prefill(cluster, index):
     """The chat prompt is over the local-prefill threshold (the prefill worker samples the first token); the short
     completions prompt is under it (the decode worker prefills)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     schema = REAL_SCHEMAS[index]
     fmt = {"type": "json_schema", "json_schema": {"name": f"s{index}", "schema": schema}}
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
-    for seed in range(3):
-        chat = client.chat.completions.create(model=cluster.model_name, messages=[
+
+    def chat(seed: int) -> tuple[str, str]:
+        out = client.chat.completions.create(model=cluster.model_name, messages=[
             {"role": "user", "content": "Reply with JSON."}], max_tokens=200, temperature=1.0, seed=seed,
-            response_format=fmt)
-        assert chat.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
-        raw = client.completions.create(model=cluster.model_name, prompt="JSON:", max_tokens=200, temperature=1.0,
-                                        seed=seed, extra_body={"response_format": fmt})
-        assert raw.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(raw.choices[0].text), schema)
+            response_format=fmt).choices[0]
+        return out.finish_reason, out.message.content
+
+    def raw(seed: int) -> tuple[str, str]:
+        out = client.completions.create(model=cluster.model_name, prompt="JSON:", max_tokens=200, temperature=1.0,
+                                        seed=seed, extra_body={"response_format": fmt}).choices[0]
+        return out.finish_reason, out.text
+
+    # All at once: the decode worker batches them (constrained rows beside each other), as a server would.
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda call: call[0](call[1]), [(f, seed) for seed in range(3) for f in (chat, raw)]))
+    for finish, text in answers:
+        assert finish == "stop"
+        jsonschema.validate(json.loads(text), schema)
 
 
 REAL_TOOLS = [
@@ -116,8 +126,12 @@ def test_tool_calls_validate_from_the_openai_client(cluster, choice, stream):
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in REAL_TOOLS}
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none")
     messages = [{"role": "user", "content": "What is the weather in Paris? Then book me a flight to Rome."}]
-    for seed in range(2):
-        calls, finish, content = ask(client, cluster.model_name, messages, REAL_TOOLS, choice, stream, seed=seed)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # at once: the decode worker batches them
+        answers = list(pool.map(lambda seed: ask(client, cluster.model_name, messages, REAL_TOOLS, choice, stream,
+                                                 seed=seed), range(2)))
+    for calls, finish, content in answers:
         assert finish == "tool_calls" and calls and content is None
         for call in calls:
             assert choice == "required" or call["name"] == choice
