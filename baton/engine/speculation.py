@@ -36,21 +36,32 @@ class NgramProposer:
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
+        # Per request: the min_n-grams ending at each position before `upto`, so that the async scheduler's check
+        # of every running request, every step, costs the tokens added since (not a scan of the whole context).
+        self._grams: dict[str, tuple[int, int, set[tuple[int, ...]]]] = {}  # (upto, token before it, grams)
 
     def propose(self, requests: list[tuple[Sequence, int]]) -> list[Proposal]:
         return [Proposal(ngram_lookup(seq.token_ids, k, self.min_n, self.max_n)) for seq, k in requests]
 
     def forget(self, request_id: str) -> None:
-        pass
+        self._grams.pop(request_id, None)
 
     def expects_proposal(self, seq: Sequence) -> bool:
-        """Whether the tokens known so far end in a match (an id still being sampled on the device is not known:
-        the match before it stands in, as copy runs are long)."""
-        tokens = seq.token_ids
+        """Whether the tokens known so far end in a match, i.e. whether ngram_lookup would propose (an id still
+        being sampled on the device is not known: the match before it stands in, as copy runs are long)."""
+        tokens, n = seq.token_ids, self.min_n
         end = len(tokens)
         while end and tokens[end - 1] == PLACEHOLDER:
             end -= 1
-        return bool(ngram_lookup(tokens[:end], 1, self.min_n, self.max_n))
+        if end < n + 1:
+            return False
+        upto, before, grams = self._grams.get(seq.request_id, (n - 1, None, None))
+        if grams is None or upto > end - 1 or tokens[upto - 1] != before:  # first look, or the tokens changed
+            upto, grams = n - 1, set()
+        for i in range(upto, end - 1):  # grams ending before the last known token
+            grams.add(tuple(tokens[i - n + 1:i + 1]))
+        self._grams[seq.request_id] = (end - 1, tokens[end - 2], grams)
+        return tuple(tokens[end - n:end]) in grams
 
 
 def ngram_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:

@@ -103,6 +103,35 @@ def test_ngram_lookup_takes_the_latest_longest_match_and_copies_periodic_text():
     assert ngram_lookup([4, 8, 4], 2, 2, 3) == []  # shorter than min_n: nothing
 
 
+@pytest.mark.parametrize("min_n", [1, 2, 3])
+def test_expects_proposal_agrees_with_the_lookup_as_tokens_grow_and_are_cut(min_n):
+    """The incremental check the async scheduler runs every step says yes exactly when ngram_lookup would propose,
+    with ids still being sampled (placeholders) at the end, and after the tokens were cut back and regrown."""
+    from types import SimpleNamespace
+
+    from baton.engine.sequence import PLACEHOLDER
+    from baton.engine.speculation import NgramProposer
+
+    rng = random.Random(min_n)
+    proposer = NgramProposer(min_n, 4)
+    seq = SimpleNamespace(request_id="r", token_ids=[])
+    said = []
+    for step in range(600):
+        if step % 97 == 96:
+            del seq.token_ids[rng.randrange(len(seq.token_ids) + 1):]  # cut back, then regrown differently
+        seq.token_ids.append(rng.randrange(6))
+        known = list(seq.token_ids)
+        if step % 5 == 0:
+            seq.token_ids.append(PLACEHOLDER)  # the id the step in flight samples
+        said.append(proposer.expects_proposal(seq))
+        assert said[-1] == bool(ngram_lookup(known, 1, min_n, 4)), (step, known[-6:])
+        if seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+    assert any(said) and not all(said)
+    proposer.forget("r")
+    assert not proposer._grams
+
+
 def test_greedy_ngram_equals_plain_across_block_boundaries(model_dir):
     stats = same_as_plain(model_dir, loopy_prompts(5), NGRAM, block_size=4)
     assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens, stats
