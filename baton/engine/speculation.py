@@ -41,7 +41,9 @@ class NgramProposer:
         self._grams: dict[str, tuple[int, int, set[tuple[int, ...]]]] = {}  # (upto, token before it, grams)
 
     def propose(self, requests: list[tuple[Sequence, int]]) -> list[Proposal]:
-        return [Proposal(ngram_lookup(seq.token_ids, k, self.min_n, self.max_n)) for seq, k in requests]
+        # The incremental check first: the whole lookup only runs where it will find something.
+        return [Proposal(ngram_lookup(seq.token_ids, k, self.min_n, self.max_n) if self.expects_proposal(seq) else [])
+                for seq, k in requests]
 
     def forget(self, request_id: str) -> None:
         self._grams.pop(request_id, None)
