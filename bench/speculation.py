@@ -133,8 +133,9 @@ def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
 
 class _Phases:
     """Host wall time per engine phase, from wrappers around the engine's own methods (no cProfile: its overhead
-    would dwarf a 1 ms step). `device_wait` is a synchronize right after the model is queued: what the host then
-    waits for the device, which a synchronous (speculative) step has to wait for anyway."""
+    would dwarf a 1 ms step). "device wait" is a synchronize right after the model is queued: what the host then
+    waits for the device, which a synchronous (speculative) step has to wait for anyway. That sync also stops async
+    scheduling's overlap, so every profiled step is timed as a synchronous one."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.ms: dict[str, float] = {}
@@ -222,7 +223,7 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
 
 def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
     """One decode of these prompts, plain then n-gram: per engine step, the wall time and the host time of each
-    phase (see _Phases). Plain steps are timed with async scheduling off too, to show what overlap hides."""
+    phase (see _Phases), beside the same decode's unprofiled rate (async scheduling's overlap intact)."""
     out = {}
     for mode in ("off", "ngram"):
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,

@@ -25,8 +25,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
                  SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
     # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
     # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored. Program axis 1
-    # picks the group of (up to) 4 rows.
-    row0 = tl.program_id(1) * 4
+    # picks the group of BLOCK_M rows (a second group only when M > ROWS_PER_PROGRAM, where BLOCK_M is that).
+    row0 = tl.program_id(1) * BLOCK_M
     x_ptr += row0 * stride_xm
     out_ptr += row0 * stride_om
     M -= row0

@@ -52,6 +52,9 @@ class DraftModelProposer:
         self._generators: dict[str, torch.Generator] = {}
         self._shadows: dict[str, Sequence] = {}  # the draft's copy of each request: its tokens and its KV blocks
 
+    def expects_proposal(self, seq: Sequence) -> bool:
+        return True  # a draft model always guesses
+
     def forget(self, request_id: str) -> None:
         shadow = self._shadows.pop(request_id, None)
         self._generators.pop(request_id, None)

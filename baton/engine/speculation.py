@@ -29,6 +29,10 @@ class Proposer(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
+    def expects_proposal(self, seq: Sequence) -> bool:
+        """Whether propose would find a guess for seq now; yes where it cannot tell more cheaply than proposing."""
+        ...
+
 
 class NgramProposer:
     """Prompt lookup: the last n tokens (n from max_n down to min_n) also occur earlier in prompt + output; propose
@@ -154,12 +158,11 @@ class Speculator:
 
     def speculates_next(self, seq: Sequence, batch_size: int) -> bool:
         """Whether seq's next step should verify proposed tokens, and so run synchronously: it speculates and its
-        proposer expects a guess. A proposer that cannot tell (a draft model always guesses) says yes; n-gram
-        lookup says no while the output copies nothing, so those steps keep async scheduling's overlap."""
+        proposer expects a guess. A draft model always guesses; n-gram lookup says no while the output copies
+        nothing, so those steps keep async scheduling's overlap."""
         if not self.active(batch_size) or not self.wants(seq):
             return False
-        expects = getattr(self.proposers[self._method(seq.params)[0]], "expects_proposal", None)
-        return expects is None or expects(seq)
+        return self.proposers[self._method(seq.params)[0]].expects_proposal(seq)
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""
