@@ -7,7 +7,9 @@ kernel. With `silu_mul`, x is the MLP's gate||up [M, 2K] and the activation silu
 fly (rounded to x's dtype, as the separate kernel stores it), so the down projection needs no kernel before it.
 Accumulation is float32. A program keeps at most 4 rows' accumulators: 5-8 rows (a batch-1 speculative
 verification step) run as a second group of programs over the same columns, still one launch, which is what a small
-launch-bound model pays for. `pick_config` times the candidate configs against cuBLAS on the real shape, once."""
+launch-bound model pays for. FP8 (e4m3) weights become float32 either through the hardware conversions or through
+integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. `pick_config` times the candidate configs
+against cuBLAS on the real shape, once."""
 from __future__ import annotations
 
 import torch
@@ -22,10 +24,11 @@ ROWS_PER_PROGRAM = 4
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_BITS: tl.constexpr):
     # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
     # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored. Program axis 1
     # picks the group of BLOCK_M rows (a second group only when M > ROWS_PER_PROGRAM, where BLOCK_M is that).
+    # FP8_BITS: w holds e4m3 bytes as int8, turned into float32 by integer ops (_e4m3_bits), not the conversion unit.
     row0 = tl.program_id(1) * BLOCK_M
     x_ptr += row0 * stride_xm
     out_ptr += row0 * stride_om
@@ -40,31 +43,54 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
-            w = tl.load(w_rows + ks[None, :]).to(tl.float32)
+            w = tl.load(w_rows + ks[None, :])
         else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
-        acc0 += w * _x_row(x_ptr, 0, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w = _e4m3_bits(w) if FP8_BITS else w.to(tl.float32)
+        acc0 += w * _x_row(x_ptr, 0, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
         if BLOCK_M > 1:
             if M > 1:
-                acc1 += w * _x_row(x_ptr, 1, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+                acc1 += w * _x_row(x_ptr, 1, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
         if BLOCK_M > 2:
             if M > 2:
-                acc2 += w * _x_row(x_ptr, 2, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
+                acc2 += w * _x_row(x_ptr, 2, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
             if M > 3:
-                acc3 += w * _x_row(x_ptr, 3, stride_xm, ks, K, EVEN, SILU_MUL)[None, :]
-    _store_row(acc0, 0, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+                acc3 += w * _x_row(x_ptr, 3, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
+    _store_row(acc0, 0, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
     if BLOCK_M > 1:
         if M > 1:
-            _store_row(acc1, 1, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+            _store_row(acc1, 1, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
     if BLOCK_M > 2:
         if M > 2:
-            _store_row(acc2, 2, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+            _store_row(acc2, 2, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
         if M > 3:
-            _store_row(acc3, 3, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE)
+            _store_row(acc3, 3, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
+
+
+# FP8_BITS scaling: _e4m3_bits gives w * 2**-120; x is loaded times 2**60 and the sum times 2**60 again on store,
+# all exact powers of two. Products are w * x * 2**-60: no underflow for |w * x| >= 2**-66, no overflow below 2**68.
+X_GAIN = tl.constexpr(2.0**60)
 
 
 @triton.jit
-def _x_row(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+def _e4m3_bits(b):
+    # e4m3 byte s.eeee.mmm (sign-extended int8) -> float32 bits s.0000eeee.mmm0...: the same exponent and mantissa
+    # fields under float32's bias of 127 instead of 7, so the float is exactly w * 2**-120, subnormals included
+    # (e = 0 lands on float32 subnormals). e4m3fn has no inf; its NaN bytes 0x7F/0xFF would read as 480 * 2**-120,
+    # but quantized weights never hold them (clamped to +-448). -0x78100000 is 0x87F00000 as an int32.
+    return ((b.to(tl.int32) << 20) & -0x78100000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_row(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr, FP8_BITS: tl.constexpr):
+    x = _x_row_f32(x_ptr, row, stride_xm, ks, K, EVEN, SILU_MUL)
+    if FP8_BITS:
+        x *= X_GAIN
+    return x
+
+
+@triton.jit
+def _x_row_f32(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
     ptrs = x_ptr + row * stride_xm + ks
     if SILU_MUL:  # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it
         if EVEN:
@@ -81,10 +107,13 @@ def _x_row(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.conste
 
 @triton.jit
 def _store_row(acc, row, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS: tl.constexpr,
-               HAS_SCALE: tl.constexpr):
+               HAS_SCALE: tl.constexpr, FP8_BITS: tl.constexpr):
     out = tl.sum(acc, axis=1)
     if HAS_SCALE:  # FP8 weights: one float32 scale per output channel
-        out *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+        scale = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+        if FP8_BITS:
+            scale *= X_GAIN
+        out *= scale
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
@@ -94,26 +123,33 @@ def _store_row(acc, row, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIA
 # BLOCK_N sets the program count, and so how evenly the last wave of programs fills the SMs on narrow projections.
 CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 1024, 8))
 # FP8 weights: a 1024-wide row step is only 8 bytes a thread at 4 warps; 2048 gives each thread 16-byte loads.
-CONFIGS_FP8 = CONFIGS + ((2, 2048, 4), (4, 2048, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8))
+# A 4th field says how the e4m3 bytes become float32: "cvt", the hardware conversions (e4m3x2 -> f16x2 -> f32), or
+# "bits", integer ops (_e4m3_bits) that keep the conversion unit out of the loop; start-up timing picks.
+FP8_TILES = CONFIGS + ((2, 2048, 4), (4, 2048, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8))
+CONFIGS_FP8 = tuple((*c, "cvt") for c in FP8_TILES) + tuple((*c, "bits") for c in FP8_TILES)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
-         config: tuple[int, int, int] = (8, 256, 4), out: torch.Tensor | None = None,
+         config: tuple = (8, 256, 4), out: torch.Tensor | None = None,
          scale: torch.Tensor | None = None) -> torch.Tensor:
-    """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype."""
+    """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype.
+    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after."""
     m = x.shape[0]
     n, k = weight.shape
     assert 0 < m <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
     assert x.shape[1] == (2 * k if silu_mul else k), (tuple(x.shape), tuple(weight.shape), silu_mul)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config
+    block_n, block_k, warps, *mode = config
     even = n % block_n == 0 and k % block_k == 0
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
+    bits = mode == ["bits"]
+    assert mode in ([], ["cvt"], ["bits"]) and (scale is not None or not mode), config
     _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, ROWS_PER_PROGRAM))](
-        x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight.view(torch.int8) if bits else weight, scale if scale is not None else x,
+        bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=min(ROWS_PER_PROGRAM, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FP8_BITS=bits, num_warps=warps,
     )
     return out
 
@@ -164,7 +200,7 @@ def device_time_ms(fn, reps: int = 16) -> float:
 
 
 def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-                scale: torch.Tensor | None = None, baseline=None) -> tuple[int, int, int] | None:
+                scale: torch.Tensor | None = None, baseline=None) -> tuple | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
     kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
     Runs kernels: call it outside CUDA-graph capture."""

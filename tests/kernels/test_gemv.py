@@ -83,7 +83,8 @@ def test_fp8_gemv_matches_dequantized_reference(device):
 @pytest.mark.parametrize("n,k,silu", [(6144, 4096, False), (4096, 14336, True)])
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
-    """Every config pick_config may choose for FP8 weights (the 2048-wide ones too) gives the reference's answer."""
+    """Every config pick_config may choose for FP8 weights (2048-wide ones, both e4m3 conversions) gives the reference's
+    answer."""
     from baton.engine.quantization import Fp8Linear
 
     lin = torch.nn.Linear(k, n, bias=False, device="cuda")
@@ -92,3 +93,67 @@ def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
     expected = gemv_reference(x, q.weight, None, silu_mul=silu, scale=q.scale)
     for config in CONFIGS_FP8:
         assert_close(gemv(x, q.weight, silu_mul=silu, config=config, scale=q.scale), expected)
+
+
+def _e4m3_weight(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized random weight and its scale, with the e4m3 corner values planted: +-0, subnormals, +-448."""
+    from baton.engine.quantization import Fp8Linear
+
+    q = Fp8Linear.quantize(torch.nn.Linear(k, n, bias=False, device=device))
+    special = torch.tensor([0, 0x80, 0x01, 0x81, 0x07, 0x87, 0x7E, 0xFE, 0x08, 0x88], dtype=torch.uint8)
+    w = q.weight.view(torch.uint8).flatten().clone()
+    w[torch.randperm(w.numel())[: special.numel()].to(w.device)] = special.to(w.device)
+    return w.view(torch.float8_e4m3fn).view(n, k), q.scale
+
+
+def test_e4m3_bit_trick_gives_every_finite_value_times_2_pow_minus_120():
+    """The FP8_BITS conversion in plain torch: an int8 e4m3 byte, sign-extended, shifted left 20 and masked with
+    0x87F00000, read as float32, is exactly the e4m3 value * 2**-120 for all 254 finite bytes (subnormals too)."""
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    value = byte.view(torch.float8_e4m3fn).float()
+    finite = ~value.isnan()
+    assert int(finite.sum()) == 254
+    bits = ((byte.view(torch.int8).to(torch.int32) << 20) & -0x78100000).view(torch.float32)
+    torch.testing.assert_close(bits[finite], value[finite] * 2.0**-120, rtol=0, atol=0)
+    assert torch.equal(bits[finite].signbit(), value[finite].signbit())  # -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("mode", ["cvt", "bits"])
+def test_fp8_gemv_reads_every_e4m3_value_exactly(device, mode):
+    """One-hot rows of x pick single weights: each of the 254 finite e4m3 values comes out exactly (8 rows, two
+    row groups; N = 254 and K = 8 are ragged for the config)."""
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = byte[~byte.view(torch.float8_e4m3fn).float().isnan()]
+    cols = torch.randint(0, 256, (254, 8), dtype=torch.int32).to(torch.uint8)
+    cols[(cols & 0x7F) == 0x7F] = 0  # no NaN
+    cols[:, 3] = values
+    weight = cols.view(torch.float8_e4m3fn).to(device)
+    x = torch.eye(8, device=device)
+    out = gemv(x, weight, config=(8, 16, 4, mode), scale=torch.ones(254, device=device))
+    assert torch.equal(out, weight.float().t())
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k,config", [(24, 64, (8, 32, 4)), (21, 80, (8, 32, 4))])
+def test_fp8_bits_matches_reference_and_cvt(device, m, silu_mul, bias, n, k, config):
+    """The integer e4m3 conversion against the dequantized reference, and bit for bit against the hardware
+    conversion: its powers of two (w * 2**-120, x * 2**60, the sum * 2**60) are exact, so every rounding is the same."""
+    weight, scale = _e4m3_weight(n, k, device)
+    b = torch.randn(n, device=device) if bias else None
+    x = torch.randn(m, 2 * k if silu_mul else k, device=device)
+    out = poisoned(m, n, dtype=torch.float32, device=device)
+    gemv(x, weight, b, silu_mul=silu_mul, config=(*config, "bits"), out=out, scale=scale)
+    assert_close(out, gemv_reference(x, weight, b, silu_mul=silu_mul, scale=scale))
+    assert torch.equal(out, gemv(x, weight, b, silu_mul=silu_mul, config=(*config, "cvt"), scale=scale))
+
+
+def test_fp8_bits_bf16_activations(device):
+    """As the engine runs it: bf16 x (the fused activation rounded to bf16 before the 2**60 gain), bf16 output."""
+    weight, scale = _e4m3_weight(24, 64, device)
+    x = torch.randn(3, 128, device=device).to(torch.bfloat16)
+    out = gemv(x, weight, silu_mul=True, config=(8, 32, 4, "bits"), scale=scale)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, gemv_reference(x, weight, silu_mul=True, scale=scale))
+    assert torch.equal(out, gemv(x, weight, silu_mul=True, config=(8, 32, 4, "cvt"), scale=scale))
