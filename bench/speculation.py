@@ -5,8 +5,11 @@ output is checked to be unchanged. The reference is the same engine, same reques
 CPU (default): the real SmolLM2-135M-Instruct from the model cache when present (else a random tiny model).
 GPU: --device cuda builds Llama-3-8B-shaped random bf16 weights as bench/engine_gpu.py does (random weights rarely
 copy their prompt, so acceptance is low there), or --model DIR for a real checkpoint.
-Usage: python bench/speculation.py [--device cuda] [--model DIR] [--batches 1,16] [--new-tokens 64]
-       [--num-tokens 4] [--quick]
+Requests run until their answer ends (EOS) or --new-tokens: a code edit is worth measuring over the whole edited
+code it returns, not its first lines. Batch 1 serves the prompts one after another (one request at a time, as a
+batch-1 server would); a larger batch serves them together, each prompt repeated to fill it.
+Usage: python bench/speculation.py [--device cuda] [--model DIR] [--batches 1,16] [--new-tokens 256]
+       [--num-tokens 7] [--ignore-eos] [--quick]
 """
 from __future__ import annotations
 
@@ -150,6 +153,13 @@ class _Phases:
         if engine.runner.graphs is not None:  # inside "model queued": filling the inputs, then the launch itself
             self._wrap(engine.runner.graphs, "replay", "graph inputs + launch")
             self._wrap(torch.cuda.CUDAGraph, "replay", "graph launch", restore=True)
+        import baton.engine.model_runner as runner_module
+        import baton.kernels.greedy_sample as greedy_module
+
+        self._wrap(engine.runner, "_inputs", "runner inputs")  # inside "model queued", before the graph inputs
+        self._wrap(runner_module, "_sources", "runner sources", restore=True)
+        self._wrap(greedy_module, "greedy_sample", "greedy sample", restore=True)  # inside "verify", queued only
+        self._wrap(engine, "_pipelinable", "pipelinable check")
         self._wrap(engine.speculator, "verify", "verify")
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(engine, "_accept", "accept")
@@ -221,12 +231,27 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
     return out
 
 
+def serve(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, one_at_a_time: bool
+          ) -> tuple[float, list[list[int]], int]:
+    """(decode tok/s, outputs, tokens) of these prompts served together, or one after another (batch 1): then the
+    rate is all tokens over the sum of the decode times."""
+    if not one_at_a_time:
+        return timed_decode(engine, prompts, params)
+    seconds, outputs, total = 0.0, [], 0
+    for prompt in prompts:
+        rate, out, tokens = timed_decode(engine, [prompt], params)
+        seconds += tokens / rate if tokens else 0.0
+        outputs += out
+        total += tokens
+    return total / seconds if seconds else float("nan"), outputs, total
+
+
 def profile_steps(engine: LLMEngine, prompts: list[list[int]], args) -> dict:
     """One decode of these prompts, plain then n-gram: per engine step, the wall time and the host time of each
     phase (see _Phases), beside the same decode's unprofiled rate (async scheduling's overlap intact)."""
     out = {}
     for mode in ("off", "ngram"):
-        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=args.ignore_eos,
                                 speculation=SpeculationParams(mode, args.num_tokens if mode == "ngram" else None))
         timed_decode(engine, prompts, params)  # warm
         rate, _, tokens = timed_decode(engine, prompts, params)
@@ -252,8 +277,11 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="a real checkpoint directory (default: see above)")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--num-tokens", type=int, default=4, help="tokens proposed per step")
+    ap.add_argument("--new-tokens", type=int, default=256, help="max_tokens of each request")
+    ap.add_argument("--ignore-eos", action="store_true", help="every request generates --new-tokens tokens")
+    ap.add_argument("--num-tokens", type=int, default=7,
+                    help="tokens proposed per step (7: a batch-1 verification is 8 rows, the gemv kernel's most "
+                         "in one launch and a decode graph bucket of its own)")
     ap.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float16", "float32"],
                     help="a real checkpoint's dtype (default: bfloat16 on the GPU, as served; the checkpoint's on the CPU)")
     ap.add_argument("--ngram-min", type=int, default=EngineConfig.ngram_min, help="shortest suffix prompt lookup matches")
@@ -282,19 +310,20 @@ def main() -> int:
         for workload in ("code", "chat"):
             base = prompts_for(engine, workload)
             for batch in args.batches:
-                prompts = [base[i % len(base)] for i in range(batch)]
-                greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                alone = batch == 1
+                prompts = base if alone else [base[i % len(base)] for i in range(batch)]
+                greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=args.ignore_eos,
                                         speculation=SpeculationParams("off"))
-                specced = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
+                specced = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=args.ignore_eos,
                                          speculation=spec)
                 for warm in (greedy, specced):  # warm-up (kernels and their configs per row count, prefix cache)
-                    timed_decode(engine, prompts, warm)
+                    serve(engine, prompts, warm, alone)
                 plain_rates, spec_rates = [], []
                 before = engine.stats().spec
                 for _ in range(args.repeats):  # alternated, so that load from other jobs hits both alike
-                    rate, plain_out, _ = timed_decode(engine, prompts, greedy)
+                    rate, plain_out, _ = serve(engine, prompts, greedy, alone)
                     plain_rates.append(rate)
-                    rate, spec_out, _ = timed_decode(engine, prompts, specced)
+                    rate, spec_out, _ = serve(engine, prompts, specced, alone)
                     spec_rates.append(rate)
                 after = engine.stats().spec
                 plain_rate, spec_rate = statistics.median(plain_rates), statistics.median(spec_rates)
@@ -323,7 +352,7 @@ def main() -> int:
     doc = {"model": model_name, "device": args.device, "dtype": str(next(engine.model.parameters()).dtype),
            "num_speculative_tokens": args.num_tokens,
            "ngram_min": args.ngram_min, "ngram_max": args.ngram_max,
-           "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+           "new_tokens": args.new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "load_average": os.getloadavg(), "rows": rows,
            "reference": "the same engine and requests with speculation off, measured in this run"}
     if args.profile:

@@ -52,6 +52,8 @@ class DraftModelProposer:
         self._generators: dict[str, torch.Generator] = {}
         self._shadows: dict[str, Sequence] = {}  # the draft's copy of each request: its tokens and its KV blocks
 
+    proposes_in_flight = False  # the draft runs its own forward over every id: it needs the last one known
+
     def expects_proposal(self, seq: Sequence) -> bool:
         return True  # a draft model always guesses
 

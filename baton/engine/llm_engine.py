@@ -87,12 +87,27 @@ class EngineStats:
 
 @dataclass
 class _InFlight:
-    """A decode step queued on the device whose sampled ids have not reached the host yet."""
+    """A decode step queued on the device whose sampled ids have not reached the host yet. A step that verifies
+    proposed tokens keeps its logits instead (`verifying`): what it accepts decides what runs next, so it is
+    resolved before the next step is queued."""
 
     seqs: list[Sequence]
     positions: list[int]  # where each request's sampled token goes in its token_ids (a PLACEHOLDER until then)
-    sample: PendingSample
+    sample: PendingSample | None
     rows: dict[str, int]  # request id -> row in sample.tokens
+    scheduled: list[ScheduledSeq] | None = None  # verifying: the step as scheduled, its logits and rows per request
+    logits: torch.Tensor | None = None
+    num_rows: list[int] | None = None
+
+    @property
+    def verifying(self) -> bool:
+        return self.scheduled is not None
+
+    def wait(self) -> None:
+        if self.sample is not None:
+            self.sample.wait()
+        elif self.logits is not None and self.logits.is_cuda:
+            torch.cuda.synchronize(self.logits.device)
 
 
 def _stamp_scheduled(scheduled: list[ScheduledSeq]) -> None:
@@ -288,11 +303,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step's outputs. With async scheduling, a decode step's outputs come back from the next call:
         that call first queues the following step on the device, then waits for this one's ids."""
+        # A verification in flight is resolved first: the tokens it accepts decide the next step's inputs.
+        outputs = self._drain() if self._inflight is not None and self._inflight.verifying else []
         if self._pipelinable():
             previous = self._inflight
             self._inflight = self._launch_decode()
-            return self._resolve(previous) if previous is not None else []
-        outputs = self._drain()
+            return outputs + (self._resolve(previous) if previous is not None else [])
+        outputs += self._drain()
         return outputs + self._step_sync()
 
     def _drain(self) -> list[RequestOutput]:
@@ -302,7 +319,9 @@ class LLMEngine:
     def _pipelinable(self) -> bool:
         """Whether the next step may be queued before the host knows the last sampled ids: decode only, no
         admissions, no preemption possible, and nothing that needs the ids on the host to sample (grammar
-        masks, penalties) or to decide whether there is a next token at all (the limits)."""
+        masks, penalties) or to decide whether there is a next token at all (the limits). A request whose next
+        step verifies proposed tokens may be queued too where its proposer guesses past the id still being sampled
+        (n-gram lookup); that step is then resolved before the next one is queued."""
         sched = self.scheduler
         if not self.async_scheduling or sched.waiting or not sched.running:
             return False
@@ -315,16 +334,20 @@ class LLMEngine:
             p = seq.params
             if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
                     or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len \
-                    or self.speculator.speculates_next(seq, len(sched.running)):  # verification is synchronous
+                    or (self.speculator.speculates_next(seq, len(sched.running))
+                        and not self.speculator.proposes_in_flight(seq)):
                 return False
         return True
 
     def _launch_decode(self) -> _InFlight:
+        self.speculator.propose(self.scheduler.running, self.max_model_len)
         scheduled = self.scheduler.schedule()
         _stamp_scheduled(scheduled)
         previous = self._inflight
         logits = self.runner.run(scheduled, (previous.sample.tokens, previous.rows) if previous else None)
         seqs = [item.seq for item in scheduled]
+        if any(seq.num_draft for seq in seqs):  # every request decodes here: 1 + its proposed tokens rows each
+            return _InFlight(seqs, [], None, {}, scheduled, logits, [1 + seq.num_draft for seq in seqs])
         sample = self.sampler.launch(logits[:, : self._sample_vocab], seqs)
         positions = []
         for seq in seqs:
@@ -334,6 +357,8 @@ class LLMEngine:
         return _InFlight(seqs, positions, sample, {seq.request_id: row for row, seq in enumerate(seqs)})
 
     def _resolve(self, inflight: _InFlight) -> list[RequestOutput]:
+        if inflight.verifying:
+            return self._resolve_verification(inflight)
         result = inflight.sample.result()
         outputs = []
         for i, (seq, position) in enumerate(zip(inflight.seqs, inflight.positions)):
@@ -345,13 +370,36 @@ class LLMEngine:
                 self.block_manager.register_computed(seq)
         return outputs
 
+    def _resolve_verification(self, inflight: _InFlight) -> list[RequestOutput]:
+        """A queued verification step, resolved as a synchronous step would be, less the requests that finished (or
+        were aborted) while it was in flight: their rows are dropped, their blocks are already free."""
+        scheduled, logits = inflight.scheduled, inflight.logits
+        live = [self._seqs.get(item.seq.request_id) is item.seq for item in scheduled]
+        if not all(live):
+            keep, row = [], 0
+            for item, n, ok in zip(scheduled, inflight.num_rows, live):
+                if ok:
+                    keep += range(row, row + n)
+                else:
+                    item.seq.num_draft = 0  # its token_ids were cut back when it finished
+                row += n
+            scheduled = [item for item, ok in zip(scheduled, live) if ok]
+            if not scheduled:
+                return []
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+        return self._finish_step(scheduled, logits)
+
     def _step_sync(self) -> list[RequestOutput]:
         self.speculator.propose(self.scheduler.running, self.max_model_len)
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
         _stamp_scheduled(scheduled)
-        logits = self.runner.run(scheduled, layer_done=_layer_sinks(scheduled))[:, : self._sample_vocab]
+        return self._finish_step(scheduled, self.runner.run(scheduled, layer_done=_layer_sinks(scheduled)))
+
+    def _finish_step(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
+        """Samples (or verifies) the step's logits and advances its requests."""
+        logits = logits[:, : self._sample_vocab]
         sampling = [s for s in scheduled if s.samples]
         verified: list[tuple[Sequence, Verified]] = []
         if any(s.seq.num_draft for s in sampling):
@@ -546,7 +594,7 @@ class LLMEngine:
         if self._inflight is not None:
             # Blocks freed while a step is in flight may still take that step's KV writes (stream-ordered for
             # local work, but a remote writer is not on this stream): let the step finish first.
-            self._inflight.sample.wait()
+            self._inflight.wait()
         # The prefill worker's first token obeyed the grammar too; commit_remote() advances this matcher with it.
         seq = Sequence(request_id, list(prompt_ids), params, grammar=self._matcher(params))
         if not self.block_manager.can_allocate(seq):

@@ -33,10 +33,16 @@ class Proposer(Protocol):
         """Whether propose would find a guess for seq now; yes where it cannot tell more cheaply than proposing."""
         ...
 
+    # Whether propose takes sequences that end in a PLACEHOLDER (the id the step in flight samples), guessing past
+    # it: their verification step can then be queued behind that step instead of waiting for the id.
+    proposes_in_flight: bool
+
 
 class NgramProposer:
     """Prompt lookup: the last n tokens (n from max_n down to min_n) also occur earlier in prompt + output; propose
     what followed that occurrence. Costs no model, and wins where outputs copy their context (code edits, RAG)."""
+
+    proposes_in_flight = True
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
@@ -46,8 +52,14 @@ class NgramProposer:
 
     def propose(self, requests: list[tuple[Sequence, int]]) -> list[Proposal]:
         # The incremental check first: the whole lookup only runs where it will find something.
-        return [Proposal(ngram_lookup(seq.token_ids, k, self.min_n, self.max_n) if self.expects_proposal(seq) else [])
-                for seq, k in requests]
+        return [Proposal(self._lookup(seq.token_ids, k) if self.expects_proposal(seq) else []) for seq, k in requests]
+
+    def _lookup(self, tokens: list[int], k: int) -> list[int]:
+        if tokens[-1] != PLACEHOLDER:
+            return ngram_lookup(tokens, k, self.min_n, self.max_n)
+        # The last id is still being sampled: the copy's next token stands in for it, and the proposal is what
+        # follows. Verification feeds the real id, so a wrong guess costs acceptance, never correctness.
+        return ngram_lookup(tokens[:-1], k + 1, self.min_n, self.max_n)[1:]
 
     def forget(self, request_id: str) -> None:
         self._grams.pop(request_id, None)
@@ -163,6 +175,10 @@ class Speculator:
         if not self.active(batch_size) or not self.wants(seq):
             return False
         return self.proposers[self._method(seq.params)[0]].expects_proposal(seq)
+
+    def proposes_in_flight(self, seq: Sequence) -> bool:
+        """Whether seq's proposer can guess before seq's last id reaches the host (see Proposer)."""
+        return self.proposers[self._method(seq.params)[0]].proposes_in_flight
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         """Appends each speculating request's proposed tokens to its token_ids (num_draft says how many)."""

@@ -52,9 +52,13 @@ def check_blocks(engine):
     """Every running request holds exactly the blocks its computed tokens need, and its prefix-cache hashes are
     those of its own (accepted) tokens."""
     bm = engine.block_manager
+    inflight = engine._inflight  # a verification queued behind the previous step holds its drafts' slots
+    pending = {item.seq.request_id: item.num_tokens for item in inflight.scheduled} \
+        if inflight is not None and inflight.verifying else {}
     for seq in engine.scheduler.running:
-        assert seq.num_draft == 0
-        assert len(seq.block_table) == bm.num_blocks_for(seq.num_computed_tokens), seq.request_id
+        queued = pending.get(seq.request_id, 0)
+        assert seq.num_draft == 0 or queued
+        assert len(seq.block_table) == bm.num_blocks_for(seq.num_computed_tokens + queued), seq.request_id
         parent = ROOT_HASH
         for i, h in enumerate(seq.block_hashes):
             parent = hash_block(parent, seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
@@ -184,14 +188,62 @@ def test_preemption_and_mixed_batches_equal_plain(model_dir):
     assert list(ids.values()) == [p[0] for p in plain]
 
 
-def test_async_scheduling_runs_speculating_steps_synchronously(model_dir):
+def test_async_scheduling_with_speculation_equals_plain(model_dir):
     stats = same_as_plain(model_dir, loopy_prompts(4, seed=6), NGRAM, async_scheduling=True)
     assert stats.num_drafts > 0
+    # The draft model needs every id on the host before it proposes: its verification steps run synchronously.
+    assert same_as_plain(model_dir, loopy_prompts(2, seed=6), DRAFT, async_scheduling=True,
+                         speculative_model=model_dir).num_drafts > 0
 
 
-def test_steps_without_an_ngram_match_stay_pipelined(model_dir):
-    """A request whose output copies nothing keeps async scheduling (a synchronous step there only costs the host
-    time that overlap hides); once its tokens end in a match it verifies proposals synchronously. Same output."""
+@pytest.mark.parametrize("max_tokens", [2, 5, 7, 13])
+def test_queued_verification_when_the_step_before_it_finishes_the_request(model_dir, max_tokens):
+    """Async scheduling queues an n-gram verification behind the step still sampling the id before it; that id can
+    end the request (max_tokens, a stop token, a stop string, EOS): the queued verification is then dropped, its
+    blocks freed with the request's, and the output is plain decoding's."""
+    prompts = loopy_prompts(3, seed=4)
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outputs = [s.output_ids for s in new_engine(model_dir).generate(prompts, greedy)]
+    text = new_engine(model_dir).tokenizer.decode(outputs[0])
+    for params in (SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                   SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True,
+                                  stop_token_ids=[out[max_tokens] for out in outputs]),
+                   SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[text[max_tokens:max_tokens + 3]]),
+                   SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[outputs[0][max_tokens]])):
+        same_as_plain(model_dir, prompts, NGRAM, params, async_scheduling=True, block_size=4)
+
+
+def test_preemption_and_aborts_with_queued_verifications(model_dir):
+    """Async scheduling with verifications queued ahead, under block pressure (preemptions) and with requests
+    aborted between steps: the survivors' output is plain decoding's and every block comes back."""
+    prompts = loopy_prompts(6, seed=5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain, _ = run(new_engine(model_dir, block_size=4, num_kv_blocks=24), prompts, params)
+    engine = new_engine(model_dir, block_size=4, num_kv_blocks=24, async_scheduling=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, dataclasses.replace(params, speculation=NGRAM))
+    ids = {f"r{i}": [] for i in range(len(prompts))}
+    queued = steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            ids[out.request_id] += out.new_token_ids
+        steps += 1
+        if engine._inflight is not None and engine._inflight.verifying:
+            queued += 1
+            if queued in (1, 2):  # a request the queued verification covers
+                victim = engine._inflight.seqs[-1].request_id
+                assert engine.abort(victim)
+                ids.pop(victim)
+        check_blocks(engine)
+    assert_all_free(engine)
+    assert queued >= 2 and engine.stats().preemptions > 0 and len(ids) == 4
+    assert ids == {f"r{i}": plain[i][0] for i in range(len(prompts)) if f"r{i}" in ids}
+
+
+def test_ngram_steps_stay_pipelined(model_dir):
+    """With async scheduling, n-gram speculation keeps steps queued ahead: a request whose output copies nothing
+    decodes pipelined, and once its tokens end in a match its verification step is queued behind the step still in
+    flight (the proposal guesses past the id being sampled); only what it accepts is waited for. Same output."""
     import random
 
     rng = random.Random(11)
@@ -203,7 +255,8 @@ def test_steps_without_an_ngram_match_stay_pipelined(model_dir):
 
     def recording_step():
         outputs = step()
-        modes.append(engine._inflight is not None)  # a decode step left queued on the device: pipelined
+        inflight = engine._inflight  # a step left queued on the device, plain or verifying: pipelined
+        modes.append(None if inflight is None else inflight.verifying)
         return outputs
 
     engine.step = recording_step
@@ -211,7 +264,7 @@ def test_steps_without_an_ngram_match_stay_pipelined(model_dir):
         engine.add_request(f"r{i}", prompt, dataclasses.replace(params, speculation=NGRAM))
         while engine.has_unfinished():
             engine.step()  # one request at a time: its own steps' mode, not the batch's
-    assert engine.stats().spec.num_drafts > 0 and any(modes) and not all(modes)
+    assert engine.stats().spec.num_drafts > 0 and {None, False, True} <= set(modes)
     engine.step = step
     specced, _ = run(engine, prompts, dataclasses.replace(params, speculation=NGRAM))
     assert specced == plain
