@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -22,6 +23,29 @@ _ONEDNN_LINEAR = (os.environ.get("BATON_ONEDNN_LINEAR", "1") != "0" and torch.ba
 # Decode GEMMs of a few rows on the GPU: kernels/gemv.py where it measured faster than cuBLAS on this shape.
 _GEMV = os.environ.get("BATON_GEMV", "1") != "0"
 _gemv_plans: dict[tuple, tuple[int, int, int] | None] = {}
+# Row-invariant mode (speculative verification, see row_invariant()): each of up to MAX_ROWS rows is computed as a
+# one-row step computes it, so that verifying k tokens at once rounds exactly as decoding them one at a time.
+_row_invariant = False
+
+
+@contextmanager
+def row_invariant(on: bool = True):
+    """Within: linear layers of up to MAX_ROWS (8) rows on the GPU run each row through the one-row step's own kernel
+    and config (the gemv kernel computes every row alike; where cuBLAS won at one row, one launch per row), so a
+    row's result does not depend on how many rows share the step. Attention's split count is the caller's part."""
+    global _row_invariant
+    was, _row_invariant = _row_invariant, on
+    try:
+        yield
+    finally:
+        _row_invariant = was
+
+
+def invariant_rows(m: int) -> bool:
+    """Whether a step of m rows is computed row-invariantly here."""
+    from baton.kernels.gemv import MAX_ROWS
+
+    return _row_invariant and 1 < m <= MAX_ROWS
 
 
 def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool):
@@ -33,7 +57,7 @@ def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     m = x.shape[0]
     if not 0 < m <= MAX_ROWS:
         return None
-    rows = 1 << (m - 1).bit_length()
+    rows = 1 if _row_invariant else 1 << (m - 1).bit_length()
     key = (rows, *weight.shape, weight.dtype, weight.device, bias is not None, silu_mul)
     if key not in _gemv_plans:
         if torch.cuda.is_current_stream_capturing():
@@ -52,6 +76,8 @@ def linear(x: torch.Tensor, layer: nn.Linear | Fp8Linear | torch.Tensor, silu_mu
         from baton.kernels.gemv import gemv
 
         return gemv(x, weight, bias, silu_mul=silu_mul, config=plan)
+    if x.is_cuda and x.dim() == 2 and invariant_rows(x.shape[0]):  # cuBLAS won at one row: a launch per row
+        return torch.cat([linear(x[i:i + 1], layer, silu_mul) for i in range(x.shape[0])])
     if silu_mul:
         if x.is_cuda:
             from baton.kernels.silu_mul import silu_mul as silu_mul_kernel

@@ -11,10 +11,12 @@ from typing import Callable
 import torch
 
 from baton.engine.attention import build_batch
-from baton.engine.model import CausalLM
+from baton.engine.model import CausalLM, row_invariant
 from baton.engine.scheduler import ScheduledSeq
 from baton.engine.sequence import PLACEHOLDER
 
+# Verification steps of at most this many rows run row-invariantly (kernels.gemv.MAX_ROWS: one gemv launch).
+INVARIANT_ROWS = 8
 # The previous step's sampled ids, still on the device, and the row of each request in them.
 PreviousTokens = tuple[torch.Tensor, dict[str, int]]
 
@@ -63,18 +65,25 @@ class ModelRunner:
         runs right after layer l has written its KV (eager steps only)."""
         ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
         src = _sources(scheduled, ids, previous)
+        invariant = False
         if len(logits_indices) == len(ids) > len(queries) and not prompt_indices:
             # Speculative verification: every token needs its logits, so each one runs as a decode row over the keys
-            # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too.
+            # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too. Up to
+            # MAX_ROWS rows, each row is computed as a one-row step would compute it (model.row_invariant): greedy
+            # output then stays token for token that of decoding without speculation, in bf16 too.
             queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
+            invariant = self.device.type == "cuda" and len(queries) <= INVARIANT_ROWS
         if self.graphs is not None and layer_done is None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
-            return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src)
+            return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src, invariant)
         if self.device.type == "cuda":
             from baton.engine.attention_triton import build_triton_batch
+            from baton.kernels.paged_decode_attention import pick_num_splits
 
-            batch = build_triton_batch(queries, self.block_size, self.scale, self.device, self.num_sms,
-                                       self.model.config.num_kv_heads)
+            kv_heads = self.model.config.num_kv_heads
+            batch = build_triton_batch(queries, self.block_size, self.scale, self.device, self.num_sms, kv_heads)
+            if invariant:
+                batch.num_splits = pick_num_splits(1, kv_heads, self.num_sms)
         else:
             batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
@@ -82,8 +91,9 @@ class ModelRunner:
         if src is not None:
             rows = as_tensor(src)
             input_ids = torch.where(rows >= 0, previous[0][rows.clamp(min=0)], input_ids)
-        return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
-                          as_tensor(logits_indices + prompt_indices), layer_done=layer_done)
+        with row_invariant(invariant):
+            return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
+                              as_tensor(logits_indices + prompt_indices), layer_done=layer_done)
 
 
 def _sources(scheduled: list[ScheduledSeq], ids: list[int], previous: PreviousTokens | None) -> list[int] | None:
@@ -136,14 +146,22 @@ class DecodeGraphs:
         self.batches = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
                                        num_splits=pick_num_splits(b, kv_heads, runner.num_sms))
                         for b in self.buckets}
+        # Verification steps of 2..INVARIANT_ROWS rows have graphs of their own, captured row-invariantly: one-row
+        # kernel configs and the one-row attention split count (model.row_invariant).
+        one = pick_num_splits(1, kv_heads, runner.num_sms)
+        self.invariant = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
+                                         num_splits=one) for b in self.buckets if 1 < b <= INVARIANT_ROWS}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.invariant_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, invariant: bool = False) -> torch.Tensor:
         r = self.runner
-        return r.model(self.ids[:b], self.positions[:b], r.kv_cache, self.batches[b], self.rows[:b])
+        with row_invariant(invariant):
+            return r.model(self.ids[:b], self.positions[:b], r.kv_cache,
+                           (self.invariant if invariant else self.batches)[b], self.rows[:b])
 
     def capture(self) -> None:
         """Largest bucket first, so the smaller graphs reuse its memory pool. The garbage collector is held off
@@ -153,22 +171,24 @@ class DecodeGraphs:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for b in reversed(self.buckets):
-                self._forward(b)  # compiles the kernels for this shape outside the capture
+            for b, invariant in [(b, False) for b in reversed(self.buckets)] + \
+                    [(b, True) for b in reversed(self.buckets) if b in self.invariant]:
+                self._forward(b, invariant)  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize(self.runner.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(b)
+                    out = self._forward(b, invariant)
                 pool = graph.pool()
-                self.graphs[b] = (graph, out)
+                (self.invariant_graphs if invariant else self.graphs)[b] = (graph, out)
             torch.cuda.synchronize(self.runner.device)
         finally:
             if was_enabled:
                 gc.enable()
 
     def replay(self, ids: list[int], positions: list[int], queries, previous: torch.Tensor | None = None,
-               src: list[int] | None = None) -> torch.Tensor:
-        """src[i] >= 0: row i's id is previous[src[i]] (sampled by the step still in flight), read on the device."""
+               src: list[int] | None = None, invariant: bool = False) -> torch.Tensor:
+        """src[i] >= 0: row i's id is previous[src[i]] (sampled by the step still in flight), read on the device.
+        invariant: a verification step, replayed from the row-invariant graph of its bucket where there is one."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         if b not in self.graphs:
@@ -197,6 +217,6 @@ class DecodeGraphs:
             rows = self.src_rows[:b]
             rows.copy_(host[4, :b], non_blocking=True)
             self.ids[:b] = torch.where(rows >= 0, previous[rows.clamp(min=0)], self.ids[:b])
-        graph, out = self.graphs[b]
+        graph, out = (self.invariant_graphs if invariant and b in self.invariant_graphs else self.graphs)[b]
         graph.replay()
         return out[:n]

@@ -57,15 +57,19 @@ class Fp8Linear(nn.Module):
             return F.linear(x, self.dequantized(x.dtype), self.bias)
         from baton.kernels.gemv import MAX_ROWS, gemv, pick_config
 
+        from baton.engine import model
+
         m = x.shape[0]
         if 0 < m <= MAX_ROWS and x.stride(-1) == 1:
-            key = (1 << (m - 1).bit_length(), silu_mul)
+            key = (1 if model.invariant_rows(m) else 1 << (m - 1).bit_length(), silu_mul)
             if key not in self._plans and not torch.cuda.is_current_stream_capturing():
                 self._plans[key] = pick_config(key[0], self.weight, self.bias, silu_mul, scale=self.scale,
                                                baseline=lambda h: self._scaled_mm(h, silu_mul))
             plan = self._plans.get(key)
             if plan is not None:
                 return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
+            if model.invariant_rows(m):  # the tensor cores won at one row: a launch per row (model.row_invariant)
+                return torch.cat([self._scaled_mm(x[i:i + 1], silu_mul) for i in range(m)])
         return self._scaled_mm(x, silu_mul)
 
 

@@ -165,3 +165,31 @@ def test_greedy_ngram_speculation_on_the_gpu_equals_plain_decoding(tmp_path):
     for a, b in zip(spec_lp, plain_lp):
         assert a == pytest.approx(b, abs=1e-4)
     assert stats.num_accepted_tokens > 0, stats
+
+
+def test_bf16_verification_rows_round_as_one_row_steps(tmp_path):
+    """In bf16, a batch-1 verification step (1 + 7 rows) runs row-invariantly: each row's logits are those of the
+    one-row decode step at that position, so greedy output with n-gram speculation equals plain decoding token for
+    token, logprobs included, over long copies (multi-row tensor-core GEMMs would round differently)."""
+    from baton.devtools.make_model import make_model
+    from baton.engine.sampling_params import SpeculationParams
+    from tests.engine.test_speculation import loopy_prompts
+
+    model_dir = str(make_model(tmp_path / "m", arch="llama", vocab=300, seed=5, hidden=256, heads=4, kv_heads=2))
+    prompts = loopy_prompts(4, seed=8)
+
+    def run(spec):
+        engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256, block_size=16,
+                                        max_num_seqs=1, show_progress=False, speculative_method="ngram",
+                                        num_speculative_tokens=7))
+        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=True, speculation=spec)
+        seqs = engine.generate(prompts, params)
+        assert engine.stats().blocks.in_use == 0
+        return [s.output_ids for s in seqs], [s.output_logprobs for s in seqs], engine.stats().spec
+
+    plain, plain_lp, _ = run(SpeculationParams("off"))
+    specced, spec_lp, stats = run(SpeculationParams("ngram", 7))
+    assert stats.num_accepted_tokens > 0, stats
+    assert specced == plain
+    for a, b in zip(spec_lp, plain_lp):
+        assert a == pytest.approx(b, abs=1e-6)
