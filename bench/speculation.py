@@ -351,6 +351,7 @@ def main() -> int:
     head["greedy_equal"] = all(r["greedy_equal"] for r in rows)
     doc = {"model": model_name, "device": args.device, "dtype": str(next(engine.model.parameters()).dtype),
            "num_speculative_tokens": args.num_tokens,
+           "row_invariant_verification": engine.runner.invariant_rows > 0,
            "ngram_min": args.ngram_min, "ngram_max": args.ngram_max,
            "new_tokens": args.new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "load_average": os.getloadavg(), "rows": rows,

@@ -31,8 +31,10 @@ _row_invariant = False
 @contextmanager
 def row_invariant(on: bool = True):
     """Within: linear layers of up to MAX_ROWS (8) rows on the GPU run each row through the one-row step's own kernel
-    and config (the gemv kernel computes every row alike; where cuBLAS won at one row, one launch per row), so a
-    row's result does not depend on how many rows share the step. Attention's split count is the caller's part."""
+    and config (the gemv kernel with one row per program; where cuBLAS won at one row, one launch per row), so a
+    row's result does not depend on how many rows share the step. Attention's split count is the caller's part.
+    Each row reads the weight again: from L2 for a small model's layers, from HBM for a large one's (see
+    EngineConfig.row_invariant_verification)."""
     global _row_invariant
     was, _row_invariant = _row_invariant, on
     try:
@@ -75,7 +77,7 @@ def linear(x: torch.Tensor, layer: nn.Linear | Fp8Linear | torch.Tensor, silu_mu
     if plan is not None:
         from baton.kernels.gemv import gemv
 
-        return gemv(x, weight, bias, silu_mul=silu_mul, config=plan)
+        return gemv(x, weight, bias, silu_mul=silu_mul, config=plan, row_programs=invariant_rows(x.shape[0]))
     if x.is_cuda and x.dim() == 2 and invariant_rows(x.shape[0]):  # cuBLAS won at one row: a launch per row
         return torch.cat([linear(x[i:i + 1], layer, silu_mul) for i in range(x.shape[0])])
     if silu_mul:

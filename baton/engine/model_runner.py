@@ -15,7 +15,7 @@ from baton.engine.model import CausalLM, row_invariant
 from baton.engine.scheduler import ScheduledSeq
 from baton.engine.sequence import PLACEHOLDER
 
-# Verification steps of at most this many rows run row-invariantly (kernels.gemv.MAX_ROWS: one gemv launch).
+# The most rows a row-invariant verification step has (kernels.gemv.MAX_ROWS: one gemv launch).
 INVARIANT_ROWS = 8
 # The previous step's sampled ids, still on the device, and the row of each request in them.
 PreviousTokens = tuple[torch.Tensor, dict[str, int]]
@@ -23,7 +23,8 @@ PreviousTokens = tuple[torch.Tensor, dict[str, int]]
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: str,
-                 max_num_seqs: int = 1, max_model_len: int = 0, cuda_graphs: bool = True) -> None:
+                 max_num_seqs: int = 1, max_model_len: int = 0, cuda_graphs: bool = True,
+                 row_invariant: bool = False) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -31,6 +32,8 @@ class ModelRunner:
         mc = model.config
         self.scale = mc.head_dim ** -0.5
         self.graphs: DecodeGraphs | None = None
+        # Verification steps of at most this many rows run row-invariantly (EngineConfig.row_invariant_verification).
+        self.invariant_rows = INVARIANT_ROWS if row_invariant and self.device.type == "cuda" else 0
         if self.device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             if cuda_graphs:
@@ -72,7 +75,7 @@ class ModelRunner:
             # MAX_ROWS rows, each row is computed as a one-row step would compute it (model.row_invariant): greedy
             # output then stays token for token that of decoding without speculation, in bf16 too.
             queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
-            invariant = self.device.type == "cuda" and len(queries) <= INVARIANT_ROWS
+            invariant = len(queries) <= self.invariant_rows
         if self.graphs is not None and layer_done is None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
             return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src, invariant)
@@ -150,7 +153,7 @@ class DecodeGraphs:
         # kernel configs and the one-row attention split count (model.row_invariant).
         one = pick_num_splits(1, kv_heads, runner.num_sms)
         self.invariant = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
-                                         num_splits=one) for b in self.buckets if 1 < b <= INVARIANT_ROWS}
+                                         num_splits=one) for b in self.buckets if 1 < b <= runner.invariant_rows}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.invariant_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 

@@ -67,7 +67,8 @@ class Fp8Linear(nn.Module):
                                                baseline=lambda h: self._scaled_mm(h, silu_mul))
             plan = self._plans.get(key)
             if plan is not None:
-                return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
+                return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale,
+                            row_programs=model.invariant_rows(m))
             if model.invariant_rows(m):  # the tensor cores won at one row: a launch per row (model.row_invariant)
                 return torch.cat([self._scaled_mm(x[i:i + 1], silu_mul) for i in range(m)])
         return self._scaled_mm(x, silu_mul)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned
 
-from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, gemv, gemv_reference, pick_config
+from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, gemv, gemv_reference, pick_config
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
@@ -17,6 +17,26 @@ def test_gemv_matches_reference(device, m, silu_mul, n, k, config):
     out = poisoned(m, n, dtype=torch.float32, device=device)
     gemv(x, weight, silu_mul=silu_mul, config=config, out=out)
     assert_close(out, gemv_reference(x, weight, silu_mul=silu_mul))
+
+
+@pytest.mark.parametrize("m", [2, 5, 8])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_row_programs_give_each_row_its_one_row_result_bit_for_bit(device, m, fp8):
+    """row_programs (row-invariant verification): every row of an m-row call equals a one-row call on that row
+    exactly, bf16 and FP8 weights, ragged shape, fused activation and bias."""
+    from baton.engine.quantization import Fp8Linear
+
+    n, k = 21, 80
+    lin = torch.nn.Linear(k, n, device=device)
+    weight, scale = (lin.weight.detach(), None) if not fp8 else (Fp8Linear.quantize(lin).weight, Fp8Linear.quantize(lin).scale)
+    bias = lin.bias.detach().to(torch.bfloat16)
+    x = torch.randn(m, 2 * k, device=device).to(torch.bfloat16)
+    weight = weight if fp8 else weight.to(torch.bfloat16)
+    config = (8, 32, 4, "cvt") if fp8 else (8, 32, 4)
+    rows = gemv(x, weight, bias, silu_mul=True, config=config, scale=scale, row_programs=True)
+    for i in range(m):
+        assert torch.equal(rows[i:i + 1], gemv(x[i:i + 1], weight, bias, silu_mul=True, config=config, scale=scale))
+    assert_close(rows, gemv_reference(x, weight, bias, silu_mul=True, scale=scale))
 
 
 def test_gemv_bias_and_strided_rows(device):
@@ -91,7 +111,7 @@ def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
     q = Fp8Linear.quantize(lin)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
     expected = gemv_reference(x, q.weight, None, silu_mul=silu, scale=q.scale)
-    for config in CONFIGS_FP8:
+    for config in CONFIGS_FP8 + CONFIGS_FP8_BITS:
         assert_close(gemv(x, q.weight, silu_mul=silu, config=config, scale=q.scale), expected)
 
 
