@@ -1,8 +1,10 @@
 """FP8 weights (`--quantization fp8`) and the FP8 KV cache (`--kv-cache-dtype fp8`) against the model dtype,
 measured side by side in one run.
 
-speed (CUDA): Llama-3-8B-shaped random weights, bf16 engine then FP8 engine: decode tok/s at batch 1 and 64
-  (1k context) and prefill of 4k tokens; writes bench/results/fp8.json.
+speed (CUDA): Llama-3-8B-shaped random weights, bf16 engine, FP8 engine (default: first and last decoder layers and
+  the LM head in bf16), FP8 with the LM head too (fp8_head: fp8_lm_head), then with all layers (fp8_all:
+  + fp8_all_layers): decode tok/s at batch 1
+  and 64 (1k context) and prefill of 4k tokens; writes bench/results/fp8.json. quality covers all three.
 quality (CPU or CUDA): a real checkpoint (default: `baton up`'s SmolLM2-135M-Instruct) in bf16 and in FP8:
   perplexity on bench/data/declaration_of_independence.txt (public domain, teacher-forced prompt logprobs) and
   greedy agreement (tokens before the first divergence) on a few prompts; writes bench/results/fp8_quality.json.
@@ -37,7 +39,10 @@ from bench.report import emit  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "declaration_of_independence.txt"
 # What the bf16 and the FP8 engine of each mode differ in.
-VARIANTS = {"weights": {"bf16": {}, "fp8": {"quantization": "fp8"}},
+# fp8_head: the LM head in FP8 too (fp8_lm_head); fp8_all: the first and last decoder layers as well (fp8_all_layers).
+VARIANTS = {"weights": {"bf16": {}, "fp8": {"quantization": "fp8"},
+                        "fp8_head": {"quantization": "fp8", "fp8_lm_head": True},
+                        "fp8_all": {"quantization": "fp8", "fp8_all_layers": True, "fp8_lm_head": True}},
             "kv": {"bf16": {}, "fp8": {"kv_cache_dtype": "fp8"}}}
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France? Explain briefly.",
            "List three uses of a paperclip.", "def fibonacci(n):", "The theory of relativity says that"]
@@ -50,14 +55,13 @@ def speed(args) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
-        for quant in (None, "fp8"):
+        for name, variant in VARIANTS["weights"].items():
             engine = LLMEngine(EngineConfig(tmp, device="cuda", dtype="bfloat16", load_format="dummy",
-                                            quantization=quant, max_num_seqs=64, max_num_batched_tokens=8192,
+                                            max_num_seqs=64, max_num_batched_tokens=8192,
                                             max_model_len=4096 + 96, gpu_memory_utilization=0.6,
-                                            enable_prefix_caching=False, show_progress=False))
+                                            enable_prefix_caching=False, show_progress=False, **variant))
             weight_bytes = sum(b.numel() * b.element_size() for b in [*engine.model.parameters(),
                                                                        *engine.model.buffers()])
-            name = quant or "bf16"
             row = {"weight_gb": weight_bytes / 1e9}
             for batch in (1, 64):
                 row[f"b{batch}_tok_s"], _ = decode_rate(engine, batch, 1024, 64)
@@ -79,7 +83,10 @@ def speed(args) -> int:
     head = {"b1_fp8_over_bf16": round(f8["b1_tok_s"] / bf["b1_tok_s"], 3),
             "b64_fp8_over_bf16": round(f8["b64_tok_s"] / bf["b64_tok_s"], 3),
             "prefill_fp8_over_bf16": round(bf["prefill_4k_s"] / f8["prefill_4k_s"], 3),
-            "b1_fp8_tok_s": round(f8["b1_tok_s"], 1)}
+            "b1_fp8_tok_s": round(f8["b1_tok_s"], 1),
+            "b1_fp8_head_over_bf16": round(rows["fp8_head"]["b1_tok_s"] / bf["b1_tok_s"], 3),
+            "b1_fp8_all_over_bf16": round(rows["fp8_all"]["b1_tok_s"] / bf["b1_tok_s"], 3),
+            "b64_fp8_all_over_bf16": round(rows["fp8_all"]["b64_tok_s"] / bf["b64_tok_s"], 3)}
     emit("fp8", head, {"model": "quick" if args.quick else "llama3-8b-shaped", "device": torch.cuda.get_device_name(),
                        "rows": rows}, out=args.out)
     return 0
@@ -201,6 +208,11 @@ def quality(args) -> int:
     head = {"ppl_bf16": round(result["bf16"]["perplexity"], 4), "ppl_fp8": round(result["fp8"]["perplexity"], 4),
             "ppl_fp8_over_bf16": round(result["fp8"]["perplexity"] / result["bf16"]["perplexity"], 4),
             "greedy_agreement": share("fp8")}
+    if not kv:
+        head |= {"ppl_fp8_head_over_bf16": round(result["fp8_head"]["perplexity"] / result["bf16"]["perplexity"], 4),
+                 "greedy_agreement_fp8_head": share("fp8_head"),
+                 "ppl_fp8_all_over_bf16": round(result["fp8_all"]["perplexity"] / result["bf16"]["perplexity"], 4),
+                 "greedy_agreement_fp8_all": share("fp8_all")}
     if kv:
         head |= {"ppl_fp8_calculated": round(result["fp8_calculated"]["perplexity"], 4),
                  "ppl_fp8_calculated_over_bf16": round(result["fp8_calculated"]["perplexity"]

@@ -13,7 +13,7 @@
 #   ttft: bench/disagg_ttft.py (TTFT of `baton up` 1P+1D over CUDA IPC vs one colocated worker, 4k-token prompts)
 #          on the real model at /tmp/smollm2 (step `model`) if there, else on a Llama-3-8B-shaped checkpoint
 #          made once in /tmp/llama8b with SmolLM2's tokenizer (carry .gpu_assets)
-#   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS)
+#   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS);  fp8q: bench/fp8.py quality on the GPU (after `model`)
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
 #          on that real model (SPEC_ARGS: extra arguments, e.g. --profile)
@@ -98,6 +98,7 @@ case "$STEP" in
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --tokens 5000,32000 --backends ipc --reps 5 --out "$OUT/kv_transfer_gpu.json" ;;
   fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
   fp8kv) $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
+  fp8q) $PY "$R"/bench/fp8.py quality --model /tmp/smollm2 --device cuda --out "$OUT/fp8_quality_gpu.json" ;;  # after `model`
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
   attn) $PY "$R"/bench/decode_attention.py --out "$OUT/decode_attention.json" ;;
   so) $PY "$R"/bench/structured_output.py --device cuda --shape llama3-8b --model "$R/.gpu_assets/smollm2" \

@@ -156,6 +156,7 @@ class EngineConfig:
     calculate_kv_scales: bool = False
     quantization: str | None = None  # fp8: decoder projections in FP8 e4m3, per-channel scales, quantized at load
     fp8_all_layers: bool = False  # also the first and last decoder layers (kept in the model dtype by default)
+    fp8_lm_head: bool = False  # also the LM head (kept in the model dtype by default)
     # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the safetensors files; dummy: random weights (benchmarks; needs config.json)
@@ -211,6 +212,8 @@ class EngineConfig:
             self.quantization = None
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be fp8 or none, got {self.quantization!r}")
+        if self.fp8_lm_head and self.quantization != "fp8":
+            raise ValueError("fp8_lm_head needs quantization fp8 (it quantizes the LM head at load, as the projections)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.calculate_kv_scales and KV_CACHE_DTYPES[self.kv_cache_dtype] != FP8_KV_DTYPE:

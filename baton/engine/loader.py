@@ -121,9 +121,11 @@ def _load_kv_scale(kv_scales: torch.Tensor, match: re.Match, tensor: torch.Tenso
 
 def _quantized(model: CausalLM, config: EngineConfig) -> CausalLM:
     if config.quantization == "fp8":
-        from baton.engine.quantization import quantize_fp8_
+        from baton.engine.quantization import quantize_fp8_, quantize_lm_head_fp8_
 
         quantize_fp8_(model, all_layers=config.fp8_all_layers)
+        if config.fp8_lm_head:
+            quantize_lm_head_fp8_(model)
     return model
 
 

@@ -284,6 +284,7 @@ class CausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.fp8_head: Fp8Linear | None = None  # an FP8 LM head, used in place of the above (quantize_lm_head_fp8_)
 
     @torch.inference_mode()
     def forward(
@@ -305,5 +306,7 @@ class CausalLM(nn.Module):
             if layer_done is not None:
                 layer_done(i)
         x, _ = self.model.norm(x[logits_indices], residual[logits_indices])
+        if self.fp8_head is not None:
+            return linear(x, self.fp8_head).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight).float()

@@ -47,6 +47,30 @@ def test_first_and_last_layers_stay_in_the_model_dtype(model_dir):
         EngineConfig(model_dir, quantization="int3")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fp8_lm_head_quantizes_the_head_and_scores_text_like_the_model_dtype(tmp_path, tied):
+    """fp8_lm_head: the head (a tied one: an FP8 copy beside the embedding, which stays) is FP8, and teacher-forced
+    logprobs stay close to the model dtype's."""
+    model_dir = str(make_hf_checkpoint(tmp_path / "m", "llama", seed=6, layers=2, max_position=256,
+                                       tie=tied))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    prompt = [7, 19, 23, 101, 5, 77] * 6 + list(range(30, 70))
+    scores = []
+    for variant in ({}, {"quantization": "fp8", "fp8_lm_head": True}):
+        engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, show_progress=False, **variant))
+        if variant:
+            assert isinstance(engine.model.fp8_head, Fp8Linear) and engine.model.lm_head is None
+            assert engine.model.model.embed_tokens.weight.dtype != torch.float8_e4m3fn
+        engine.add_request("r", prompt, params)
+        outs = [o for _ in range(8) for o in engine.step()]
+        scores.append(torch.tensor(outs[0].prompt_logprobs))
+    base, fp8 = scores
+    assert (fp8 - base).abs().mean() < 0.02 * base.abs().mean(), (base, fp8)
+    assert not torch.equal(fp8, base)
+    with pytest.raises(ValueError, match="fp8_lm_head"):
+        EngineConfig(model_dir, fp8_lm_head=True)
+
+
 def test_fp8_engine_scores_text_like_the_model_dtype(model_dir):
     """Teacher-forced: the log-probability of every prompt token moves little under FP8 (greedy agreement of a
     random tiny model says nothing: its logits are nearly flat)."""
