@@ -130,16 +130,19 @@ CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (
 FP8_TILES = CONFIGS + ((2, 2048, 4), (4, 2048, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8))
 CONFIGS_FP8 = tuple((*c, "cvt") for c in FP8_TILES)
 CONFIGS_FP8_BITS = tuple((*c, "bits") for c in FP8_TILES)
+# Row-invariant decoding (speculative verification): one config serves 1 to MAX_ROWS rows, and a row's result is
+# the same bit for bit however many rows share the launch (each row's accumulation runs the same code whatever
+# BLOCK_M is). So its program must hold ROWS_PER_PROGRAM rows' accumulators without spilling: at most 16 elements
+# a thread per row (BLOCK_N * BLOCK_K / (32 * num_warps)).
+ALIKE_TILES = tuple(c for c in sorted(set(FP8_TILES) | {(2, 512, 4), (4, 256, 4), (8, 256, 8), (1, 1024, 4)})
+                    if c[0] * c[1] <= 16 * 32 * c[2])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
          config: tuple = (8, 256, 4), out: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None, row_programs: bool = False) -> torch.Tensor:
+         scale: torch.Tensor | None = None) -> torch.Tensor:
     """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype.
-    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after.
-    row_programs: one row per program (the weight is read once per row, from L2 where it fits): every row then runs
-    the very code a one-row call runs, whatever the config's register needs at 4 rows, so its result is bit for bit
-    the one-row result (row-invariant speculative verification)."""
+    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after."""
     m = x.shape[0]
     n, k = weight.shape
     assert 0 < m <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
@@ -151,7 +154,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
     bits = mode == ["bits"]
     assert mode in ([], ["cvt"], ["bits"]) and (scale is not None or not mode), config
-    block_m = 1 if row_programs else min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
+    block_m = min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
     _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, weight.view(torch.int8) if bits else weight, scale if scale is not None else x,
         bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
@@ -207,13 +210,19 @@ def device_time_ms(fn, reps: int = 16) -> float:
 
 
 def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,
-                scale: torch.Tensor | None = None, baseline=None) -> tuple | None:
+                scale: torch.Tensor | None = None, baseline=None, alike: bool = False) -> tuple | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
     kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
-    Runs kernels: call it outside CUDA-graph capture."""
+    alike: one config for every row count up to MAX_ROWS (ALIKE_TILES, timed at 1 row plus at MAX_ROWS rows), never
+    cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
     k = weight.shape[1]
     dtype = weight.dtype if scale is None else torch.bfloat16
     x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)
+    if alike:
+        xs = (x[:1], torch.randn(MAX_ROWS, x.shape[1], device=weight.device).to(dtype))
+        mode = () if scale is None else ("cvt",)
+        return min(((*c, *mode) for c in ALIKE_TILES), key=lambda c: sum(
+            device_time_ms(lambda h=h: gemv(h, weight, bias, silu_mul=silu_mul, config=c, scale=scale)) for h in xs))
 
     def reference():
         if baseline is not None:

@@ -30,11 +30,9 @@ _row_invariant = False
 
 @contextmanager
 def row_invariant(on: bool = True):
-    """Within: linear layers of up to MAX_ROWS (8) rows on the GPU run each row through the one-row step's own kernel
-    and config (the gemv kernel with one row per program; where cuBLAS won at one row, one launch per row), so a
-    row's result does not depend on how many rows share the step. Attention's split count is the caller's part.
-    Each row reads the weight again: from L2 for a small model's layers, from HBM for a large one's (see
-    EngineConfig.row_invariant_verification)."""
+    """Within: linear layers of up to MAX_ROWS (8) rows on the GPU all run the gemv kernel with one config per shape
+    (kernels.gemv.pick_config's `alike`), so a row's result does not depend on how many rows share the step: a
+    verification step's rows round as one-row steps do. Attention's split count is the caller's part."""
     global _row_invariant
     was, _row_invariant = _row_invariant, on
     try:
@@ -43,11 +41,9 @@ def row_invariant(on: bool = True):
         _row_invariant = was
 
 
-def invariant_rows(m: int) -> bool:
-    """Whether a step of m rows is computed row-invariantly here."""
-    from baton.kernels.gemv import MAX_ROWS
-
-    return _row_invariant and 1 < m <= MAX_ROWS
+def rows_alike() -> bool:
+    """Whether steps of up to MAX_ROWS rows run row-invariantly here (row_invariant)."""
+    return _row_invariant
 
 
 def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool):
@@ -59,12 +55,12 @@ def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     m = x.shape[0]
     if not 0 < m <= MAX_ROWS:
         return None
-    rows = 1 if _row_invariant else 1 << (m - 1).bit_length()
-    key = (rows, *weight.shape, weight.dtype, weight.device, bias is not None, silu_mul)
+    rows = 1 << (m - 1).bit_length()
+    key = (0 if _row_invariant else rows, *weight.shape, weight.dtype, weight.device, bias is not None, silu_mul)
     if key not in _gemv_plans:
         if torch.cuda.is_current_stream_capturing():
             return None  # timed on the warm-up run before each capture; never inside one
-        _gemv_plans[key] = pick_config(rows, weight, bias, silu_mul)
+        _gemv_plans[key] = pick_config(rows, weight, bias, silu_mul, alike=_row_invariant)
     return _gemv_plans[key]
 
 
@@ -77,9 +73,7 @@ def linear(x: torch.Tensor, layer: nn.Linear | Fp8Linear | torch.Tensor, silu_mu
     if plan is not None:
         from baton.kernels.gemv import gemv
 
-        return gemv(x, weight, bias, silu_mul=silu_mul, config=plan, row_programs=invariant_rows(x.shape[0]))
-    if x.is_cuda and x.dim() == 2 and invariant_rows(x.shape[0]):  # cuBLAS won at one row: a launch per row
-        return torch.cat([linear(x[i:i + 1], layer, silu_mul) for i in range(x.shape[0])])
+        return gemv(x, weight, bias, silu_mul=silu_mul, config=plan)
     if silu_mul:
         if x.is_cuda:
             from baton.kernels.silu_mul import silu_mul as silu_mul_kernel

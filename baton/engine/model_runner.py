@@ -94,7 +94,7 @@ class ModelRunner:
         if src is not None:
             rows = as_tensor(src)
             input_ids = torch.where(rows >= 0, previous[0][rows.clamp(min=0)], input_ids)
-        with row_invariant(invariant):
+        with row_invariant(self.invariant_rows > 0):
             return self.model(input_ids, as_tensor(positions), self.kv_cache, batch,
                               as_tensor(logits_indices + prompt_indices), layer_done=layer_done)
 
@@ -149,8 +149,8 @@ class DecodeGraphs:
         self.batches = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
                                        num_splits=pick_num_splits(b, kv_heads, runner.num_sms))
                         for b in self.buckets}
-        # Verification steps of 2..INVARIANT_ROWS rows have graphs of their own, captured row-invariantly: one-row
-        # kernel configs and the one-row attention split count (model.row_invariant).
+        # Verification steps of 2..INVARIANT_ROWS rows have graphs of their own, with the one-row attention split
+        # count (the linear layers already compute rows alike in a row-invariant engine: model.row_invariant).
         one = pick_num_splits(1, kv_heads, runner.num_sms)
         self.invariant = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
                                          num_splits=one) for b in self.buckets if 1 < b <= runner.invariant_rows}
@@ -162,7 +162,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int, invariant: bool = False) -> torch.Tensor:
         r = self.runner
-        with row_invariant(invariant):
+        with row_invariant(r.invariant_rows > 0):
             return r.model(self.ids[:b], self.positions[:b], r.kv_cache,
                            (self.invariant if invariant else self.batches)[b], self.rows[:b])
 

@@ -62,16 +62,14 @@ class Fp8Linear(nn.Module):
 
         m = x.shape[0]
         if 0 < m <= MAX_ROWS and x.stride(-1) == 1:
-            key = (1 if model.invariant_rows(m) else 1 << (m - 1).bit_length(), silu_mul)
+            alike = model.rows_alike()  # one config for 1..MAX_ROWS rows (model.row_invariant)
+            key = (0 if alike else 1 << (m - 1).bit_length(), silu_mul)
             if key not in self._plans and not torch.cuda.is_current_stream_capturing():
-                self._plans[key] = pick_config(key[0], self.weight, self.bias, silu_mul, scale=self.scale,
-                                               baseline=lambda h: self._scaled_mm(h, silu_mul))
+                self._plans[key] = pick_config(max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
+                                               baseline=lambda h: self._scaled_mm(h, silu_mul), alike=alike)
             plan = self._plans.get(key)
             if plan is not None:
-                return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale,
-                            row_programs=model.invariant_rows(m))
-            if model.invariant_rows(m):  # the tensor cores won at one row: a launch per row (model.row_invariant)
-                return torch.cat([self._scaled_mm(x[i:i + 1], silu_mul) for i in range(m)])
+                return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
         return self._scaled_mm(x, silu_mul)
 
 

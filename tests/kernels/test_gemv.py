@@ -21,9 +21,10 @@ def test_gemv_matches_reference(device, m, silu_mul, n, k, config):
 
 @pytest.mark.parametrize("m", [2, 5, 8])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_row_programs_give_each_row_its_one_row_result_bit_for_bit(device, m, fp8):
-    """row_programs (row-invariant verification): every row of an m-row call equals a one-row call on that row
-    exactly, bf16 and FP8 weights, ragged shape, fused activation and bias."""
+def test_a_row_gets_its_one_row_result_bit_for_bit_in_any_row_count(device, m, fp8):
+    """Row-invariant verification rests on this: with one config, every row of an m-row call (programs of 2 or 4
+    rows, a second group above 4) equals a one-row call on that row exactly; bf16 and FP8 weights, ragged shape,
+    fused activation and bias."""
     from baton.engine.quantization import Fp8Linear
 
     n, k = 21, 80
@@ -33,10 +34,18 @@ def test_row_programs_give_each_row_its_one_row_result_bit_for_bit(device, m, fp
     x = torch.randn(m, 2 * k, device=device).to(torch.bfloat16)
     weight = weight if fp8 else weight.to(torch.bfloat16)
     config = (8, 32, 4, "cvt") if fp8 else (8, 32, 4)
-    rows = gemv(x, weight, bias, silu_mul=True, config=config, scale=scale, row_programs=True)
+    rows = gemv(x, weight, bias, silu_mul=True, config=config, scale=scale)
     for i in range(m):
         assert torch.equal(rows[i:i + 1], gemv(x[i:i + 1], weight, bias, silu_mul=True, config=config, scale=scale))
     assert_close(rows, gemv_reference(x, weight, bias, silu_mul=True, scale=scale))
+
+
+def test_alike_tiles_fit_four_rows_in_registers():
+    from baton.kernels.gemv import ALIKE_TILES, ROWS_PER_PROGRAM
+
+    assert len(ALIKE_TILES) >= 6
+    for block_n, block_k, warps in ALIKE_TILES:
+        assert ROWS_PER_PROGRAM * block_n * block_k // (32 * warps) <= 64  # fp32 accumulator registers a thread
 
 
 def test_gemv_bias_and_strided_rows(device):
