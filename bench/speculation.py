@@ -108,6 +108,7 @@ def prompts_for(engine: LLMEngine, workload: str) -> list[list[int]]:
 def build_engine(args, tmp: str) -> tuple[LLMEngine, str]:
     # ngram by default (the plain runs ask for "off"): decode graphs are then captured for verification rows too.
     common = dict(max_num_seqs=max(args.batches), show_progress=False, seed=0, speculative_method="ngram",
+                  row_invariant_verification=args.row_invariant,
                   num_speculative_tokens=args.num_tokens, ngram_min=args.ngram_min, ngram_max=args.ngram_max)
     if args.device.startswith("cuda"):
         if args.model:
@@ -283,6 +284,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=256, help="max_tokens of each request")
     ap.add_argument("--ignore-eos", action="store_true", help="every request generates --new-tokens tokens")
+    ap.add_argument("--row-invariant", action="store_true",
+                    help="GPU: row_invariant_verification (bf16 greedy output with speculation equal to without)")
     ap.add_argument("--num-tokens", type=int, default=7,
                     help="tokens proposed per step (7: a batch-1 verification is 8 rows, the gemv kernel's most "
                          "in one launch and a decode graph bucket of its own)")

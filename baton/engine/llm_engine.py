@@ -134,15 +134,6 @@ def _layer_sinks(scheduled: list[ScheduledSeq]):
     return layer_done
 
 
-def _projections_fit_l2(model: torch.nn.Module) -> bool:
-    """Whether every decoder projection's weight fits in half the GPU's L2 cache (row-invariant verification reads
-    it once per row: from L2 for these)."""
-    l2 = torch.cuda.get_device_properties(next(model.parameters()).device).L2_cache_size
-    sizes = [m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
-             if name.split(".")[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") and hasattr(m, "weight")]
-    return bool(sizes) and max(sizes) <= l2 // 2
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, events: KVEventSink | None = None) -> None:
         self.config = config
@@ -189,12 +180,9 @@ class LLMEngine:
         if config.speculative_method != "off":
             verifying = min(config.max_num_seqs, config.speculative_disable_by_batch_size or config.max_num_seqs)
             graph_rows = max(graph_rows, verifying * (1 + config.num_speculative_tokens))
-        invariant = config.row_invariant_verification
-        if invariant is None:
-            invariant = config.device.startswith("cuda") and _projections_fit_l2(self.model)
         self.runner = ModelRunner(self.model, self.kv_cache, bs, config.device, graph_rows,
                                   self.max_model_len, cuda_graphs=not config.enforce_eager,
-                                  row_invariant=invariant and config.device.startswith("cuda"))
+                                  row_invariant=config.row_invariant_verification)
         if self.runner.graphs is not None:
             self.runner.graphs.capture()
         # Published checkpoints often pad the embedding past the tokenizer; such ids can never be decoded.

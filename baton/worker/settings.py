@@ -76,10 +76,10 @@ class WorkerSettings(ProcessSettings):
     speculative_disable_by_batch_size: int | None = Field(
         None, ge=1, description="decode: steps of a batch of more running requests than this do not speculate "
                                 "(where a synchronous verification step costs more than its extra tokens bring)")
-    row_invariant_verification: bool | None = Field(
-        None, description="decode, GPU: batch-1 verification steps compute each row as a one-row step does, so greedy "
-                          "output with speculation equals greedy output without it in bf16 too; unset: on where the "
-                          "model's projections fit in half the L2 cache")
+    row_invariant_verification: bool = Field(
+        False, description="decode, GPU: steps of up to 8 rows compute each row alike, so that bf16 greedy output with "
+                           "speculation equals greedy output without it token for token (slower decode at batches "
+                           "2-8 and slower verification)")
     kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
                               "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
 

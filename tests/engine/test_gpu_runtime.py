@@ -168,7 +168,7 @@ def test_greedy_ngram_speculation_on_the_gpu_equals_plain_decoding(tmp_path):
 
 
 def test_bf16_verification_rows_round_as_one_row_steps(tmp_path):
-    """In bf16, a batch-1 verification step (1 + 7 rows) runs row-invariantly: each row's logits are those of the
+    """With row_invariant_verification, a bf16 batch-1 verification step (1 + 7 rows) computes each row's logits as the
     one-row decode step at that position, so greedy output with n-gram speculation equals plain decoding token for
     token, logprobs included, over long copies (multi-row tensor-core GEMMs would round differently)."""
     from baton.devtools.make_model import make_model
@@ -181,7 +181,7 @@ def test_bf16_verification_rows_round_as_one_row_steps(tmp_path):
     def run(spec):
         engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256, block_size=16,
                                         max_num_seqs=1, show_progress=False, speculative_method="ngram",
-                                        num_speculative_tokens=7))
+                                        num_speculative_tokens=7, row_invariant_verification=True))
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=True, speculation=spec)
         seqs = engine.generate(prompts, params)
         assert engine.stats().blocks.in_use == 0
