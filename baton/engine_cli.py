@@ -168,6 +168,9 @@ def up_cmd(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="No CUDA graphs for decode steps."),
     quantization: str = typer.Option("none", "--quantization", help="fp8: decoder projections in FP8 (e4m3, "
                                      "per-channel scales), quantized at load; none: the checkpoint's weights."),
+    fp8_all_layers: bool = typer.Option(False, "--fp8-all-layers", help="With --quantization fp8: the first and "
+                                        "last decoder layers in FP8 too (kept in the model dtype by default)."),
+    fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="With --quantization fp8: the LM head in FP8 too."),
     speculative_method: str = typer.Option("off", "--speculative-method", help="Decode workers' default "
                                            "speculation for requests that don't choose: ngram | draft | off."),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", min=1, max=16,
@@ -221,6 +224,12 @@ def up_cmd(
                "enable_prefix_caching": enable_prefix_caching, "enforce_eager": enforce_eager}
     if quantization != "none":
         workers["quantization"] = quantization
+    for flag, on in (("--fp8-all-layers", fp8_all_layers), ("--fp8-lm-head", fp8_lm_head)):
+        if on and quantization != "fp8":
+            typer.echo(f"error: {flag} needs --quantization fp8, got {quantization!r}", err=True)
+            raise typer.Exit(2)
+        if on:
+            workers[flag[2:].replace("-", "_")] = True
     if kv_cache_dtype != "auto":
         workers["kv_cache_dtype"] = kv_cache_dtype
     if calculate_kv_scales:

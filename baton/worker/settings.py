@@ -65,6 +65,10 @@ class WorkerSettings(ProcessSettings):
     enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
     quantization: Literal["none", "fp8"] = Field("none", description="fp8: decoder projections in FP8 e4m3 with "
                                                  "per-channel scales, quantized at load (first and last layers kept)")
+    fp8_all_layers: bool = Field(False, description="with --quantization fp8: the first and last decoder layers in FP8 "
+                                                    "too (kept in the model dtype by default: the most sensitive)")
+    fp8_lm_head: bool = Field(False, description="with --quantization fp8: the LM head in FP8 too (batch 1 reads it "
+                                                 "every token: about 1 GB of Llama-3-8B's 15)")
     max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
     speculative_method: Literal["ngram", "draft", "off"] = Field(
@@ -82,6 +86,13 @@ class WorkerSettings(ProcessSettings):
                            "2-8 and slower verification)")
     kv_transport: str = Field("auto", description="KV hand-off transports in order of preference, comma-separated: "
                               "ipc (same host: CUDA IPC / shared memory), tcp, nixl; auto = ipc,tcp")
+
+    @field_validator("fp8_all_layers", "fp8_lm_head")
+    @classmethod
+    def _fp8_weights(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("quantization", "none") != "fp8":
+            raise ValueError("needs --quantization fp8")
+        return value
 
     @field_validator("calculate_kv_scales")
     @classmethod
@@ -162,6 +173,7 @@ class WorkerSettings(ProcessSettings):
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             quantization=None if self.quantization == "none" else self.quantization,
+            fp8_all_layers=self.fp8_all_layers, fp8_lm_head=self.fp8_lm_head,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching, show_progress=True,
             # Prefill-only requests never speculate: a prefill worker loads no draft model.

@@ -113,6 +113,22 @@ def test_calculate_kv_scales_flag_reaches_the_engine_config_and_needs_fp8(model_
                                          "an FP8 KV cache's), got 'auto'")
 
 
+def test_fp8_layer_flags_reach_the_engine_config_and_need_fp8(model_dir, served):
+    result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), "--quantization", "fp8",
+                                      "--fp8-all-layers", "--fp8-lm-head"])
+    assert result.exit_code == 0, result.output
+    config = served[0].engine_config()
+    assert (config.quantization, config.fp8_all_layers, config.fp8_lm_head) == ("fp8", True, True)
+    for flag in ("--fp8-all-layers", "--fp8-lm-head"):
+        setting = flag[2:].replace("-", "_")
+        result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), flag])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.output.strip() == (f"error: baton worker setting '{setting}' (flag {flag}): Value error, "
+                                         "needs --quantization fp8")
+        result = CliRunner().invoke(app, ["up", "--model", str(model_dir), flag])
+        assert (result.exit_code, result.output.strip()) == (2, f"error: {flag} needs --quantization fp8, got 'none'")
+
+
 def test_generate_with_calculated_kv_scales(model_dir):
     result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt-ids", "5,6,7", "--max-tokens", "3",
                                       "--device", "cpu", "--kv-cache-dtype", "fp8", "--calculate-kv-scales", "--json"])
