@@ -171,6 +171,8 @@ def up_cmd(
     fp8_all_layers: bool = typer.Option(False, "--fp8-all-layers", help="With --quantization fp8: the first and "
                                         "last decoder layers in FP8 too (kept in the model dtype by default)."),
     fp8_lm_head: bool = typer.Option(False, "--fp8-lm-head", help="With --quantization fp8: the LM head in FP8 too."),
+    fp8_weight_only: bool = typer.Option(False, "--fp8-weight-only", help="FP8 layers keep bf16 activations in "
+                                         "prefill and larger batches too (W8A16: quality over prefill speed)."),
     speculative_method: str = typer.Option("off", "--speculative-method", help="Decode workers' default "
                                            "speculation for requests that don't choose: ngram | draft | off."),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens", min=1, max=16,
@@ -230,6 +232,8 @@ def up_cmd(
             raise typer.Exit(2)
         if on:
             workers[flag[2:].replace("-", "_")] = True
+    if fp8_weight_only:  # an FP8 checkpoint needs no --quantization: the worker refuses a model without FP8 layers
+        workers["fp8_weight_only"] = True
     if kv_cache_dtype != "auto":
         workers["kv_cache_dtype"] = kv_cache_dtype
     if calculate_kv_scales:

@@ -2,8 +2,8 @@
 measured side by side in one run.
 
 speed (CUDA): Llama-3-8B-shaped random weights, bf16 engine, FP8 engine (default: first and last decoder layers and
-  the LM head in bf16), FP8 with the LM head too (fp8_head: fp8_lm_head), then with all layers (fp8_all:
-  + fp8_all_layers): decode tok/s at batch 1
+  the LM head in bf16), FP8 with bf16 activations in every GEMM (fp8_w8a16: fp8_weight_only), with the LM head
+  too (fp8_head: fp8_lm_head), then with all layers (fp8_all: + fp8_all_layers): decode tok/s at batch 1
   and 64 (1k context) and prefill of 4k tokens; writes bench/results/fp8.json. quality covers all three.
 quality (CPU or CUDA): a real checkpoint (default: `baton up`'s SmolLM2-135M-Instruct) in bf16 and in FP8:
   perplexity on bench/data/declaration_of_independence.txt (public domain, teacher-forced prompt logprobs) and
@@ -39,8 +39,10 @@ from bench.report import emit  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "declaration_of_independence.txt"
 # What the bf16 and the FP8 engine of each mode differ in.
-# fp8_head: the LM head in FP8 too (fp8_lm_head); fp8_all: the first and last decoder layers as well (fp8_all_layers).
+# fp8_w8a16: bf16 activations in every GEMM (fp8_weight_only); fp8_head: the LM head in FP8 too (fp8_lm_head);
+# fp8_all: the first and last decoder layers as well (fp8_all_layers).
 VARIANTS = {"weights": {"bf16": {}, "fp8": {"quantization": "fp8"},
+                        "fp8_w8a16": {"quantization": "fp8", "fp8_weight_only": True},
                         "fp8_head": {"quantization": "fp8", "fp8_lm_head": True},
                         "fp8_all": {"quantization": "fp8", "fp8_all_layers": True, "fp8_lm_head": True}},
             "kv": {"bf16": {}, "fp8": {"kv_cache_dtype": "fp8"}}}
@@ -85,6 +87,8 @@ def speed(args) -> int:
             "prefill_fp8_over_bf16": round(bf["prefill_4k_s"] / f8["prefill_4k_s"], 3),
             "b1_fp8_tok_s": round(f8["b1_tok_s"], 1),
             "b1_fp8_head_over_bf16": round(rows["fp8_head"]["b1_tok_s"] / bf["b1_tok_s"], 3),
+            "prefill_fp8_w8a16_over_bf16": round(bf["prefill_4k_s"] / rows["fp8_w8a16"]["prefill_4k_s"], 3),
+            "b64_fp8_w8a16_over_bf16": round(rows["fp8_w8a16"]["b64_tok_s"] / bf["b64_tok_s"], 3),
             "b1_fp8_all_over_bf16": round(rows["fp8_all"]["b1_tok_s"] / bf["b1_tok_s"], 3),
             "b64_fp8_all_over_bf16": round(rows["fp8_all"]["b64_tok_s"] / bf["b64_tok_s"], 3)}
     emit("fp8", head, {"model": "quick" if args.quick else "llama3-8b-shaped", "device": torch.cuda.get_device_name(),
@@ -209,7 +213,8 @@ def quality(args) -> int:
             "ppl_fp8_over_bf16": round(result["fp8"]["perplexity"] / result["bf16"]["perplexity"], 4),
             "greedy_agreement": share("fp8")}
     if not kv:
-        head |= {"ppl_fp8_head_over_bf16": round(result["fp8_head"]["perplexity"] / result["bf16"]["perplexity"], 4),
+        head |= {"ppl_fp8_w8a16_over_bf16": round(result["fp8_w8a16"]["perplexity"] / result["bf16"]["perplexity"], 4),
+                 "ppl_fp8_head_over_bf16": round(result["fp8_head"]["perplexity"] / result["bf16"]["perplexity"], 4),
                  "greedy_agreement_fp8_head": share("fp8_head"),
                  "ppl_fp8_all_over_bf16": round(result["fp8_all"]["perplexity"] / result["bf16"]["perplexity"], 4),
                  "greedy_agreement_fp8_all": share("fp8_all")}

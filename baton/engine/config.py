@@ -157,6 +157,10 @@ class EngineConfig:
     quantization: str | None = None  # fp8: decoder projections in FP8 e4m3, per-channel scales, quantized at load
     fp8_all_layers: bool = False  # also the first and last decoder layers (kept in the model dtype by default)
     fp8_lm_head: bool = False  # also the LM head (kept in the model dtype by default)
+    # FP8 layers keep the activations in the model dtype in steps of more than a few rows too (W8A16 on the 16-bit
+    # tensor cores), instead of quantizing them per token for the FP8 ones (torch._scaled_mm, vLLM's W8A8 default):
+    # quality over prefill speed. Decode steps of up to 8 rows are weight-only either way (kernels/gemv.py).
+    fp8_weight_only: bool = False
     # Queue the next decode step before the host has the last sampled ids. None: on when decode runs CUDA graphs.
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto: the safetensors files; dummy: random weights (benchmarks; needs config.json)

@@ -120,12 +120,21 @@ def _load_kv_scale(kv_scales: torch.Tensor, match: re.Match, tensor: torch.Tenso
 
 
 def _quantized(model: CausalLM, config: EngineConfig) -> CausalLM:
+    from baton.engine.quantization import Fp8Linear
+
     if config.quantization == "fp8":
         from baton.engine.quantization import quantize_fp8_, quantize_lm_head_fp8_
 
         quantize_fp8_(model, all_layers=config.fp8_all_layers)
         if config.fp8_lm_head:
             quantize_lm_head_fp8_(model)
+    if config.fp8_weight_only:  # quantized here or FP8 in the checkpoint
+        fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+        if not fp8:
+            raise ValueError("fp8_weight_only: the model has no FP8 layers (quantize with --quantization fp8, or "
+                             "load an FP8 checkpoint)")
+        for module in fp8:
+            module.weight_only = True
     return model
 
 

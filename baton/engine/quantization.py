@@ -3,7 +3,8 @@
 Decode is a stream of weight bytes, so halving them is worth up to 2x at small batches. Which kernel runs:
 - GPU, a few rows (decode): kernels/gemv.py reads the FP8 weight and applies the scale after the dot product;
 - GPU, larger batches and prefill: `torch._scaled_mm` (Hopper FP8 tensor cores) with the activations quantized
-  per token on the fly (row-wise scales on both sides);
+  per token on the fly (row-wise scales on both sides); or, `fp8_weight_only`, kernels/fp8_gemm.py, which widens
+  the FP8 weight tiles to the activations' dtype on the 16-bit tensor cores (no activation rounding);
 - CPU: the weight dequantized to the activations' dtype (correctness and quality checks, not speed).
 Norms, embeddings, the LM head and attention stay in the model dtype; so do the first and last decoder layers
 (the most sensitive ones) unless `all_layers`. `quantize_lm_head_fp8_` puts the LM head in FP8 too (`fp8_lm_head`):
@@ -28,6 +29,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
         self._plans: dict[tuple[int, bool], tuple | None] = {}
+        # Weight-only (EngineConfig.fp8_weight_only): steps of more than a few rows keep the activations in the model
+        # dtype too (kernels/fp8_gemm.py) instead of quantizing them per token for the FP8 tensor cores.
+        self.weight_only = False
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> "Fp8Linear":
@@ -50,6 +54,18 @@ class Fp8Linear(nn.Module):
                                out_dtype=x.dtype)
         return out if self.bias is None else out + self.bias
 
+    def _w8a16(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        from baton.kernels.fp8_gemm import w8a16_gemm
+
+        if silu_mul:
+            from baton.kernels.silu_mul import silu_mul as act
+
+            x = act(x)
+        return w8a16_gemm(x, self.weight, self.scale, self.bias)
+
+    def _many_rows(self, x: torch.Tensor, silu_mul: bool) -> torch.Tensor:
+        return self._w8a16(x, silu_mul) if self.weight_only else self._scaled_mm(x, silu_mul)
+
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         if not x.is_cuda:
             if silu_mul:
@@ -66,11 +82,11 @@ class Fp8Linear(nn.Module):
             key = (0 if alike else 1 << (m - 1).bit_length(), silu_mul)
             if key not in self._plans and not torch.cuda.is_current_stream_capturing():
                 self._plans[key] = pick_config(max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
-                                               baseline=lambda h: self._scaled_mm(h, silu_mul), alike=alike)
+                                               baseline=lambda h: self._many_rows(h, silu_mul), alike=alike)
             plan = self._plans.get(key)
             if plan is not None:
                 return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
-        return self._scaled_mm(x, silu_mul)
+        return self._many_rows(x, silu_mul)
 
 
 def quantize_lm_head_fp8_(model: nn.Module) -> None:

@@ -69,6 +69,9 @@ class WorkerSettings(ProcessSettings):
                                                     "too (kept in the model dtype by default: the most sensitive)")
     fp8_lm_head: bool = Field(False, description="with --quantization fp8: the LM head in FP8 too (batch 1 reads it "
                                                  "every token: about 1 GB of Llama-3-8B's 15)")
+    fp8_weight_only: bool = Field(False, description="FP8 layers (--quantization fp8 or an FP8 checkpoint) keep the "
+                                                     "activations in the model dtype in prefill and larger batches "
+                                                     "too (W8A16): better quality, 16-bit tensor-core prefill")
     max_num_seqs: int = Field(64, gt=0, description="max requests in a batch")
     max_num_batched_tokens: int = Field(2048, gt=0, description="token budget per step (chunked prefill)")
     speculative_method: Literal["ngram", "draft", "off"] = Field(
@@ -173,7 +176,7 @@ class WorkerSettings(ProcessSettings):
             num_kv_blocks=self.num_kv_blocks, kv_cache_memory_gb=self.kv_cache_memory_gb,
             gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
             quantization=None if self.quantization == "none" else self.quantization,
-            fp8_all_layers=self.fp8_all_layers, fp8_lm_head=self.fp8_lm_head,
+            fp8_all_layers=self.fp8_all_layers, fp8_lm_head=self.fp8_lm_head, fp8_weight_only=self.fp8_weight_only,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching, show_progress=True,
             # Prefill-only requests never speculate: a prefill worker loads no draft model.

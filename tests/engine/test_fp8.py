@@ -71,6 +71,35 @@ def test_fp8_lm_head_quantizes_the_head_and_scores_text_like_the_model_dtype(tmp
         EngineConfig(model_dir, fp8_lm_head=True)
 
 
+def test_fp8_weight_only_marks_every_fp8_layer_and_needs_some(model_dir):
+    engine = LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, quantization="fp8", fp8_weight_only=True,
+                                    show_progress=False))
+    fp8 = [m for m in engine.model.modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and all(m.weight_only for m in fp8)
+    with pytest.raises(ValueError, match="fp8_weight_only: the model has no FP8 layers"):
+        LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, fp8_weight_only=True, show_progress=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [16, 300])
+@pytest.mark.parametrize("silu", [False, True])
+def test_fp8_weight_only_linear_on_the_gpu_is_exact_up_to_rounding(m, silu):
+    """fp8_weight_only: steps above the gemv's rows keep bf16 activations (kernels/fp8_gemm.py), so the result is
+    the dequantized reference up to bf16 rounding, tighter than per-token FP8 activations allow."""
+    torch.manual_seed(m)
+    q = Fp8Linear.quantize(nn.Linear(4096, 6144, bias=False, device="cuda", dtype=torch.bfloat16))
+    q.weight_only = True
+    x = torch.randn(m, 2 * 4096 if silu else 4096, device="cuda").to(torch.bfloat16)
+    h = x
+    if silu:
+        gate, up = x.float().chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    ref = h.float() @ q.dequantized(torch.float32).t()
+    out = q(x, silu_mul=silu).float()
+    assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.01
+
+
 def test_fp8_engine_scores_text_like_the_model_dtype(model_dir):
     """Teacher-forced: the log-probability of every prompt token moves little under FP8 (greedy agreement of a
     random tiny model says nothing: its logits are nearly flat)."""

@@ -115,10 +115,11 @@ def test_calculate_kv_scales_flag_reaches_the_engine_config_and_needs_fp8(model_
 
 def test_fp8_layer_flags_reach_the_engine_config_and_need_fp8(model_dir, served):
     result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), "--quantization", "fp8",
-                                      "--fp8-all-layers", "--fp8-lm-head"])
+                                      "--fp8-all-layers", "--fp8-lm-head", "--fp8-weight-only"])
     assert result.exit_code == 0, result.output
     config = served[0].engine_config()
-    assert (config.quantization, config.fp8_all_layers, config.fp8_lm_head) == ("fp8", True, True)
+    assert (config.quantization, config.fp8_all_layers, config.fp8_lm_head, config.fp8_weight_only) == \
+        ("fp8", True, True, True)
     for flag in ("--fp8-all-layers", "--fp8-lm-head"):
         setting = flag[2:].replace("-", "_")
         result = CliRunner().invoke(app, ["decode-worker", "--model", str(model_dir), flag])
