@@ -213,6 +213,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None \
             else self.runner.graphs is not None
         self._inflight: _InFlight | None = None
+        self._proposing = False
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -331,17 +332,21 @@ class LLMEngine:
             return False
         if self.runner.graphs is not None and not self.runner.graphs.fits(len(sched.running)):
             return False
+        self._proposing = False  # whether the step to queue has a proposal to verify (_launch_decode asks for it)
         for seq in sched.running:
             p = seq.params
             if seq.num_uncomputed != 1 or seq.grammar is not None or p.penalized or seq.prefill_only \
-                    or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len \
-                    or (self.speculator.speculates_next(seq, len(sched.running))
-                        and not self.speculator.proposes_in_flight(seq)):
+                    or len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 return False
+            if self.speculator.speculates_next(seq, len(sched.running)):
+                if not self.speculator.proposes_in_flight(seq):
+                    return False
+                self._proposing = True
         return True
 
     def _launch_decode(self) -> _InFlight:
-        self.speculator.propose(self.scheduler.running, self.max_model_len)
+        if self._proposing:
+            self.speculator.propose(self.scheduler.running, self.max_model_len)
         scheduled = self.scheduler.schedule()
         _stamp_scheduled(scheduled)
         previous = self._inflight
