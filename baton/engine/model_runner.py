@@ -71,9 +71,10 @@ class ModelRunner:
         invariant = False
         if len(logits_indices) == len(ids) > len(queries) and not prompt_indices:
             # Speculative verification: every token needs its logits, so each one runs as a decode row over the keys
-            # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too. Up to
-            # MAX_ROWS rows, each row is computed as a one-row step would compute it (model.row_invariant): greedy
-            # output then stays token for token that of decoding without speculation, in bf16 too.
+            # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too. In a
+            # row-invariant engine (EngineConfig.row_invariant_verification), up to INVARIANT_ROWS rows are computed
+            # as one-row steps compute them (model.row_invariant): bf16 greedy output then stays that of decoding
+            # without speculation, token for token.
             queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
             invariant = len(queries) <= self.invariant_rows
         if self.graphs is not None and layer_done is None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
