@@ -179,6 +179,9 @@ def up_cmd(
                                                help="Tokens proposed per speculative step."),
     speculative_model: Optional[str] = typer.Option(None, "--speculative-model", help="Draft model directory "
                                                     "(same tokenizer) for --speculative-method draft."),
+    row_invariant_verification: bool = typer.Option(
+        False, "--row-invariant-verification", help="GPU: decode steps of up to 8 rows compute every row alike, so "
+        "bf16 greedy output with speculation equals greedy output without it (slower decode at batches 2-8)."),
     speculative_disable_by_batch_size: Optional[int] = typer.Option(
         None, "--speculative-disable-by-batch-size", min=1, help="Steps of a batch of more running requests than "
         "this do not speculate (default: any batch does)."),
@@ -243,6 +246,8 @@ def up_cmd(
                     "speculative_model": speculative_model}
     if speculative_disable_by_batch_size is not None:
         workers["speculative_disable_by_batch_size"] = speculative_disable_by_batch_size
+    if row_invariant_verification:
+        workers["row_invariant_verification"] = True
     if gpu_memory_utilization is not None:
         workers["gpu_memory_utilization"] = gpu_memory_utilization
     if kv_layerwise:

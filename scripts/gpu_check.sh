@@ -16,7 +16,7 @@
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS);  fp8q: bench/fp8.py quality on the GPU (after `model`)
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
-#          on that real model (SPEC_ARGS: extra arguments, e.g. --profile)
+#          on that real model (SPEC_ARGS: extra arguments, e.g. --profile);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -116,6 +116,14 @@ case "$STEP" in
       "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
     ls -la /tmp/smollm2 ;;
   spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 ${SPEC_ARGS:-} --out "$OUT/speculation_gpu.json" ;;
+  spec-fp8)  # issue 23's whole GPU battery in one call, after `model`: its GPU tests, speculation, FP8 quality, FP8 speed
+    fail=0
+    $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/kernels/test_fp8_gemm.py \
+      "$R"/tests/engine/test_fp8.py "$R"/tests/engine/test_gpu_runtime.py || fail=1
+    $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --out "$OUT/speculation_gpu.json" || fail=1
+    $PY "$R"/bench/fp8.py quality --model /tmp/smollm2 --device cuda --out "$OUT/fp8_quality_gpu.json" || fail=1
+    $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" || fail=1
+    exit $fail ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;

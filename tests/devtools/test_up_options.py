@@ -31,6 +31,7 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
                      worker_settings={"device": "cpu", "dtype": "half", "max_num_seqs": 8,
                                       "enable_prefix_caching": False, "enforce_eager": True,
                                       "quantization": "fp8", "fp8_all_layers": True, "fp8_lm_head": True,
+                                      "row_invariant_verification": True,
                                       "speculative_method": "ngram",
                                       "num_speculative_tokens": 3, "kv_cache_dtype": "fp8",
                                       "calculate_kv_scales": True})
@@ -47,7 +48,7 @@ def test_engine_flags_reach_router_and_workers(model_dir, tmp_path):
     assert (worker["max_num_seqs"], worker["enable_prefix_caching"], worker["enforce_eager"]) == (8, False, True)
     assert (worker["quantization"], worker["speculative_method"], worker["num_speculative_tokens"]) == ("fp8", "ngram", 3)
     assert (worker["kv_cache_dtype"], worker["calculate_kv_scales"]) == ("fp8", True)
-    assert (worker["fp8_all_layers"], worker["fp8_lm_head"]) == (True, True)
+    assert (worker["fp8_all_layers"], worker["fp8_lm_head"], worker["row_invariant_verification"]) == (True, True, True)
     # Unless given, the workers the pools may grow to (1 prefill + 3 decode) split 0.9 of a GPU evenly.
     assert worker["gpu_memory_utilization"] == pytest.approx(0.225)
     assert "--chat-template" not in cluster.worker_args()  # the router renders chat prompts
