@@ -80,6 +80,19 @@ def test_fp8_weight_only_marks_every_fp8_layer_and_needs_some(model_dir):
         LLMEngine(EngineConfig(model_dir, num_kv_blocks=64, fp8_weight_only=True, show_progress=False))
 
 
+def _llama_projection_case(m: int, silu: bool):
+    """An FP8 Llama-3-8B qkv-sized layer on the GPU, m bf16 input rows (gate || up with silu) and the float32
+    product of the activation with the dequantized weight."""
+    torch.manual_seed(m)
+    q = Fp8Linear.quantize(nn.Linear(4096, 6144, bias=False, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(m, 2 * 4096 if silu else 4096, device="cuda").to(torch.bfloat16)
+    h = x
+    if silu:
+        gate, up = x.float().chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+    return q, x, h.float() @ q.dequantized(torch.float32).t()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [16, 300])
@@ -87,15 +100,8 @@ def test_fp8_weight_only_marks_every_fp8_layer_and_needs_some(model_dir):
 def test_fp8_weight_only_linear_on_the_gpu_is_exact_up_to_rounding(m, silu):
     """fp8_weight_only: steps above the gemv's rows keep bf16 activations (kernels/fp8_gemm.py), so the result is
     the dequantized reference up to bf16 rounding, tighter than per-token FP8 activations allow."""
-    torch.manual_seed(m)
-    q = Fp8Linear.quantize(nn.Linear(4096, 6144, bias=False, device="cuda", dtype=torch.bfloat16))
+    q, x, ref = _llama_projection_case(m, silu)
     q.weight_only = True
-    x = torch.randn(m, 2 * 4096 if silu else 4096, device="cuda").to(torch.bfloat16)
-    h = x
-    if silu:
-        gate, up = x.float().chunk(2, dim=-1)
-        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
-    ref = h.float() @ q.dequantized(torch.float32).t()
     out = q(x, silu_mul=silu).float()
     assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 0.01
 
@@ -123,15 +129,7 @@ def test_fp8_engine_scores_text_like_the_model_dtype(model_dir):
 @pytest.mark.parametrize("m", [1, 3, 8, 64])
 @pytest.mark.parametrize("silu", [False, True])
 def test_fp8_linear_on_the_gpu_matches_the_dequantized_reference(m, silu):
-    torch.manual_seed(m)
-    lin = nn.Linear(4096, 6144, bias=False, device="cuda", dtype=torch.bfloat16)
-    q = Fp8Linear.quantize(lin)
-    x = torch.randn(m, 2 * 4096 if silu else 4096, device="cuda").to(torch.bfloat16)
-    h = x
-    if silu:
-        gate, up = x.float().chunk(2, dim=-1)
-        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
-    ref = h.float() @ q.dequantized(torch.float32).t()
+    q, x, ref = _llama_projection_case(m, silu)
     out = q(x, silu_mul=silu).float()
     # gemv is exact up to float rounding; _scaled_mm also quantizes the activations per token. Which one a shape
     # uses at m <= 4 is timed once per (rows bucket, silu) and kept in q._plans (None: _scaled_mm was faster).
