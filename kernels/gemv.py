@@ -8,9 +8,13 @@ fly (rounded to x's dtype, as the separate kernel stores it), so the down projec
 Accumulation is float32. A program keeps at most 4 rows' accumulators: 5-8 rows (a batch-1 speculative
 verification step) run as a second group of programs over the same columns, still one launch, which is what a small
 launch-bound model pays for. FP8 (e4m3) weights become float32 either through the hardware conversions or through
-integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. `pick_config` times the candidate configs
-against cuBLAS on the real shape, once."""
+integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. A second kernel (`_mma_kernel`) runs
+the same product on tensor cores, always as a 16-row tile: one pass over the weight for any row count up to 16, and
+a row's result independent of how many rows share the call. `pick_config` times the candidate configs against
+cuBLAS on the real shape, once."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +123,51 @@ def _store_row(acc, row, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIA
     tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MMA_ROWS = tl.constexpr(16)  # an MMA tile's x rows (the fewest a tensor-core dot takes): up to this many per call
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    # Tensor cores on out^T = W @ x^T: a program owns BLOCK_N output columns and all MMA_ROWS rows, rows past M
+    # load as zeros (and are never stored). Every launch computes the same [BLOCK_N, MMA_ROWS] tile whatever M
+    # is, and an MMA's element (n, m) depends on W's row n and x's row m only: a row's result is the same bit for
+    # bit in a 1-row call and in an 8-row one. M is never specialized (M == 1 would compile another kernel).
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rows = tl.arange(0, MMA_ROWS)
+    row_ok = rows < M
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_N, MMA_ROWS), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        x_ok = row_ok[:, None] & (ks < K)[None, :]
+        if SILU_MUL:  # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it
+            gate = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0)
+        if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly: float32 holds their products exactly
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty).to(tl.float32), tl.trans(x).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc)
+    if HAS_SCALE:  # FP8 weights: one float32 scale per output channel
+        acc *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & row_ok[None, :])
+
+
 # (BLOCK_N, BLOCK_K, num_warps): few enough to compile and time at start-up, varied enough for every projection.
 # BLOCK_N sets the program count, and so how evenly the last wave of programs fills the SMs on narrow projections.
 CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (8, 1024, 8))
@@ -136,22 +185,41 @@ CONFIGS_FP8_BITS = tuple((*c, "bits") for c in FP8_TILES)
 # a thread per row (BLOCK_N * BLOCK_K / (32 * num_warps)).
 ALIKE_TILES = tuple(c for c in sorted(set(FP8_TILES) | {(2, 512, 4), (4, 256, 4), (8, 256, 8), (1, 1024, 4)})
                     if c[0] * c[1] <= 16 * 32 * c[2])
+# Tensor-core configs (_mma_kernel), (BLOCK_N, BLOCK_K, num_warps, "mma", num_stages): row-invariant by
+# construction for up to MMA_ROWS rows, and no second pass over the weight for rows 5-8 as the gemv kernel makes.
+# Their weight loads are pipelined through shared memory (num_stages tiles in flight a program, no registers held),
+# which a bandwidth-bound decode step wants most with FP8's half-size tiles: those get longer K steps too.
+MMA_CONFIGS = tuple((n, k, w, "mma", st) for n, k, w, st in (
+    (16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
+    (64, 256, 8, 3), (32, 64, 4, 4)))
+MMA_CONFIGS_FP8 = MMA_CONFIGS + tuple((n, k, w, "mma", st) for n, k, w, st in (
+    (32, 512, 4, 3), (64, 256, 4, 4), (64, 512, 8, 3), (128, 256, 8, 3)))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
          config: tuple = (8, 256, 4), out: torch.Tensor | None = None,
          scale: torch.Tensor | None = None) -> torch.Tensor:
     """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype.
-    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after."""
+    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after;
+    or a tensor-core config (MMA_CONFIGS, up to MMA_ROWS rows)."""
     m = x.shape[0]
     n, k = weight.shape
-    assert 0 < m <= MAX_ROWS and x.stride(1) == 1 and weight.stride(1) == 1
+    block_n, block_k, warps, *mode = config
+    mma = mode[:1] == ["mma"]
+    assert 0 < m <= (MMA_ROWS if mma else MAX_ROWS) and x.stride(1) == 1 and weight.stride(1) == 1
     assert x.shape[1] == (2 * k if silu_mul else k), (tuple(x.shape), tuple(weight.shape), silu_mul)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, *mode = config
     even = n % block_n == 0 and k % block_k == 0
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
+    if mma:
+        assert out.stride(1) == 1, "the MMA kernel stores rows with unit column stride"
+        _mma_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k,
+            x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
+            SILU_MUL=silu_mul, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+            DOT_F32=x.dtype == torch.float32 or _INTERPRETED, num_warps=warps, num_stages=mode[1])
+        return out
     bits = mode == ["bits"]
     assert mode in ([], ["cvt"], ["bits"]) and (scale is not None or not mode), config
     block_m = min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
@@ -213,15 +281,16 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
                 scale: torch.Tensor | None = None, baseline=None, alike: bool = False) -> tuple | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
     kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
-    alike: one config for every row count up to MAX_ROWS (ALIKE_TILES, timed at 1 row plus at MAX_ROWS rows), never
-    cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
+    alike: one config for every row count up to MAX_ROWS (ALIKE_TILES or MMA_CONFIGS, timed at 1 row plus at MAX_ROWS
+    rows), never cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
     k = weight.shape[1]
     dtype = weight.dtype if scale is None else torch.bfloat16
     x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)
+    mode = () if scale is None else ("cvt",)
     if alike:
         xs = (x[:1], torch.randn(MAX_ROWS, x.shape[1], device=weight.device).to(dtype))
-        mode = () if scale is None else ("cvt",)
-        return min(((*c, *mode) for c in ALIKE_TILES), key=lambda c: sum(
+        mma = MMA_CONFIGS if scale is None else MMA_CONFIGS_FP8
+        return min((*((*c, *mode) for c in ALIKE_TILES), *mma), key=lambda c: sum(
             device_time_ms(lambda h=h: gemv(h, weight, bias, silu_mul=silu_mul, config=c, scale=scale)) for h in xs))
 
     def reference():
@@ -235,7 +304,7 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
         return F.linear(h, weight, bias)
 
     best, best_ms = None, device_time_ms(reference)
-    for config in (CONFIGS if scale is None else CONFIGS_FP8):
+    for config in (CONFIGS + MMA_CONFIGS if scale is None else CONFIGS_FP8 + MMA_CONFIGS_FP8):
         ms = device_time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c, scale=scale))
         if ms < 0.97 * best_ms:  # a clear win only: equal time is not worth leaving cuBLAS for
             best, best_ms = config, ms

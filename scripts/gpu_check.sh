@@ -16,7 +16,8 @@
 #   fp8: bench/fp8.py speed (bf16 vs FP8 weights);  fp8kv: bench/fp8.py kv-speed (bf16 vs FP8 KV cache);  gemv: bench/gemv.py (decode linear layers vs cuBLAS);  fp8q: bench/fp8.py quality on the GPU (after `model`)
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
-#          on that real model (SPEC_ARGS: extra arguments, e.g. --profile);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
+#          on that real model (SPEC_ARGS: extra arguments, e.g. --profile; SPEC_OUT: the JSON's name);
+#   rowgemm: bench/row_invariant_gemm.py (row-invariant linear layers: gemv vs tensor-core configs vs cuBLAS);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -96,7 +97,7 @@ case "$STEP" in
   pytest) $PY -m pytest -q -p no:cacheprovider --timeout 300 "$@" ;;
   bench) $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
   kv) $PY "$R"/bench/kv_transfer.py --device cuda --tokens 5000,32000 --backends ipc --reps 5 --out "$OUT/kv_transfer_gpu.json" ;;
-  fp8) $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" ;;
+  fp8) $PY "$R"/bench/fp8.py speed ${FP8_ARGS:-} --out "$OUT/fp8.json" ;;
   fp8kv) $PY "$R"/bench/fp8.py kv-speed --out "$OUT/fp8_kv.json" ;;
   fp8q) $PY "$R"/bench/fp8.py quality --model /tmp/smollm2 --device cuda --out "$OUT/fp8_quality_gpu.json" ;;  # after `model`
   gemv) $PY "$R"/bench/gemv.py --rows 1,4 --out "$OUT/gemv.json" ;;
@@ -115,7 +116,9 @@ case "$STEP" in
     [ -f /tmp/smollm2/config.json ] || { cat /tmp/baton-gguf-parts/part_* > /tmp/smollm2.gguf && $PY -c \
       "import pathlib; from baton.devtools.gguf_to_hf import convert_gguf; convert_gguf(pathlib.Path('/tmp/smollm2.gguf'), pathlib.Path('/tmp/smollm2'))"; }
     ls -la /tmp/smollm2 ;;
-  spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 ${SPEC_ARGS:-} --out "$OUT/speculation_gpu.json" ;;
+  spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 ${SPEC_ARGS:-} \
+          --out "$OUT/${SPEC_OUT:-speculation_gpu}.json" ;;
+  rowgemm) $PY "$R"/bench/row_invariant_gemm.py --out "$OUT/row_invariant_gemm.json" ;;
   spec-fp8)  # issue 23's whole GPU battery in one call, after `model`: its GPU tests, speculation, FP8 quality, FP8 speed
     fail=0
     $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/kernels/test_fp8_gemm.py \
@@ -126,5 +129,5 @@ case "$STEP" in
     exit $fail ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|rowgemm|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac

@@ -22,7 +22,7 @@ _ONEDNN_LINEAR = (os.environ.get("BATON_ONEDNN_LINEAR", "1") != "0" and torch.ba
 
 # Decode GEMMs of a few rows on the GPU: kernels/gemv.py where it measured faster than cuBLAS on this shape.
 _GEMV = os.environ.get("BATON_GEMV", "1") != "0"
-_gemv_plans: dict[tuple, tuple[int, int, int] | None] = {}
+_gemv_plans: dict[tuple, tuple | None] = {}
 # Row-invariant mode (speculative verification, see row_invariant()): each of up to MAX_ROWS rows is computed as a
 # one-row step computes it, so that verifying k tokens at once rounds exactly as decoding them one at a time.
 _row_invariant = False
@@ -30,7 +30,7 @@ _row_invariant = False
 
 @contextmanager
 def row_invariant(on: bool = True):
-    """Within: linear layers of up to MAX_ROWS (8) rows on the GPU all run the gemv kernel with one config per shape
+    """Within: linear layers of up to MAX_ROWS (8) rows on the GPU all run one gemv or tensor-core config per shape
     (kernels.gemv.pick_config's `alike`), so a row's result does not depend on how many rows share the step: a
     verification step's rows round as one-row steps do. Attention's split count is the caller's part."""
     global _row_invariant

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned
 
-from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, gemv, gemv_reference, pick_config
+from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, MMA_CONFIGS, MMA_CONFIGS_FP8, gemv, gemv_reference, pick_config
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
@@ -75,9 +75,31 @@ def test_gemv_bf16_rounds_the_fused_activation_like_the_separate_kernel(device):
 def test_llama3_8b_projections(m, n, k, silu):
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
-    for config in CONFIGS:
+    for config in CONFIGS + MMA_CONFIGS:
         assert_close(gemv(x, weight, silu_mul=silu, config=config), gemv_reference(x, weight, silu_mul=silu))
     pick_config(m, weight, None, silu)  # runs: returns a config or None (cuBLAS)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("n,k,silu", [(960, 576, False), (576, 1536, True), (6144, 4096, False)])
+def test_mma_configs_round_each_row_as_a_one_row_call_on_the_gpu(fp8, n, k, silu):
+    """On tensor cores, at SmolLM2 and Llama-3-8B shapes: every MMA config gives each row of an 8-row call the
+    one-row call's result bit for bit (what row-invariant verification relies on), and the reference's answer."""
+    from baton.engine.quantization import Fp8Linear
+
+    lin = torch.nn.Linear(k, n, device="cuda")
+    q = Fp8Linear.quantize(lin)
+    weight, scale = (q.weight, q.scale) if fp8 else (lin.weight.detach().to(torch.bfloat16), None)
+    bias = lin.bias.detach().to(torch.bfloat16)
+    x = torch.randn(8, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
+    for config in MMA_CONFIGS_FP8 if fp8 else MMA_CONFIGS:
+        rows = gemv(x, weight, bias, silu_mul=silu, config=config, scale=scale)
+        assert_close(rows, gemv_reference(x, weight, bias, silu_mul=silu, scale=scale))
+        for i in range(8):
+            one = gemv(x[i:i + 1].clone(), weight, bias, silu_mul=silu, config=config, scale=scale)
+            assert torch.equal(rows[i:i + 1], one), (config, i)
 
 
 @pytest.mark.parametrize("silu_mul", [False, True])
@@ -120,7 +142,7 @@ def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
     q = Fp8Linear.quantize(lin)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
     expected = gemv_reference(x, q.weight, None, silu_mul=silu, scale=q.scale)
-    for config in CONFIGS_FP8 + CONFIGS_FP8_BITS:
+    for config in CONFIGS_FP8 + CONFIGS_FP8_BITS + MMA_CONFIGS_FP8:
         assert_close(gemv(x, q.weight, silu_mul=silu, config=config, scale=q.scale), expected)
 
 
@@ -186,3 +208,37 @@ def test_fp8_bits_bf16_activations(device):
     assert out.dtype == torch.bfloat16
     assert_close(out, gemv_reference(x, weight, silu_mul=True, scale=scale))
     assert torch.equal(out, gemv(x, weight, silu_mul=True, config=(8, 32, 4, "cvt"), scale=scale))
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k,config", [(48, 64, (16, 32, 4, "mma", 2)), (21, 80, (16, 32, 4, "mma", 2)),
+                                         (40, 96, (32, 64, 4, "mma", 3))])
+def test_mma_config_matches_reference(device, m, n, k, config):
+    """The tensor-core kernel: even and ragged shapes (masked columns and K tail), 1 to 16 rows, fused activation,
+    bias; no row past m is written."""
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(torch.bfloat16)
+    bias = torch.randn(n, device=device).to(torch.bfloat16)
+    x = torch.randn(m, 2 * k, device=device).to(torch.bfloat16)
+    out = poisoned(m + 1, n, dtype=torch.bfloat16, device=device)
+    gemv(x, weight, bias, silu_mul=True, config=config, out=out[:m])
+    assert_close(out[:m], gemv_reference(x, weight, bias, silu_mul=True))
+    assert out[m:].isnan().all()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mma_rows_equal_their_one_row_results_bit_for_bit(device, fp8):
+    """Row-invariant verification with a tensor-core config: each row of a 2-, 5- or 8-row call equals the one-row
+    call on that row exactly (bf16 and FP8 weights)."""
+    from baton.engine.quantization import Fp8Linear
+
+    n, k = 40, 96
+    lin = torch.nn.Linear(k, n, device=device)
+    q = Fp8Linear.quantize(lin)
+    weight, scale = (q.weight, q.scale) if fp8 else (lin.weight.detach().to(torch.bfloat16), None)
+    x = torch.randn(8, k, device=device).to(torch.bfloat16)
+    config = (16, 32, 4, "mma", 2)
+    for m in (2, 5, 8):
+        rows = gemv(x[:m], weight, config=config, scale=scale)
+        for i in range(m):
+            assert torch.equal(rows[i:i + 1], gemv(x[i:i + 1], weight, config=config, scale=scale))
+    assert_close(rows, gemv_reference(x, weight, scale=scale))
