@@ -200,8 +200,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: tuple = (8, 256, 4), out: torch.Tensor | None = None,
          scale: torch.Tensor | None = None) -> torch.Tensor:
     """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype.
-    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after;
-    or a tensor-core config (MMA_CONFIGS, up to MMA_ROWS rows)."""
+    config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after,
+    then optionally "r1" (a program per row); or a tensor-core config (MMA_CONFIGS, up to MMA_ROWS rows)."""
     m = x.shape[0]
     n, k = weight.shape
     block_n, block_k, warps, *mode = config
@@ -220,12 +220,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             SILU_MUL=silu_mul, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
             DOT_F32=x.dtype == torch.float32 or _INTERPRETED, num_warps=warps, num_stages=mode[1])
         return out
-    bits = mode == ["bits"]
-    assert mode in ([], ["cvt"], ["bits"]) and (scale is not None or not mode), config
-    block_m = min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
-    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+    # "r1": a program per row, each compiled and run exactly as a one-row call (M = 1): a row's result is that
+    # of the one-row call by construction, and rows past the first re-read the weight from L2, not HBM, as long as
+    # it fits there (small models).
+    one_row = mode[-1:] == ["r1"]
+    fp8_mode = mode[:-1] if one_row else mode
+    bits = fp8_mode == ["bits"]
+    assert fp8_mode in ([], ["cvt"], ["bits"]) and (scale is not None or not fp8_mode), config
+    block_m = 1 if one_row else min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
+    _gemv_kernel[(triton.cdiv(n, block_n), m if one_row else triton.cdiv(m, block_m))](
         x, weight.view(torch.int8) if bits else weight, scale if scale is not None else x,
-        bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        bias if bias is not None else x, out, 1 if one_row else m, n, k, x.stride(0), weight.stride(0),
+        out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FP8_BITS=bits, num_warps=warps,
     )
@@ -281,8 +287,8 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
                 scale: torch.Tensor | None = None, baseline=None, alike: bool = False) -> tuple | None:
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
     kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
-    alike: one config for every row count up to MAX_ROWS (ALIKE_TILES or MMA_CONFIGS, timed at 1 row plus at MAX_ROWS
-    rows), never cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
+    alike: one config for every row count up to MAX_ROWS (ALIKE_TILES, a one-row config run as a program per row
+    ("r1"), or MMA_CONFIGS; timed at 1 row plus at MAX_ROWS rows), never cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
     k = weight.shape[1]
     dtype = weight.dtype if scale is None else torch.bfloat16
     x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)
@@ -290,7 +296,8 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
     if alike:
         xs = (x[:1], torch.randn(MAX_ROWS, x.shape[1], device=weight.device).to(dtype))
         mma = MMA_CONFIGS if scale is None else MMA_CONFIGS_FP8
-        return min((*((*c, *mode) for c in ALIKE_TILES), *mma), key=lambda c: sum(
+        one_row = tuple((*c, *mode, "r1") for c in (CONFIGS if scale is None else FP8_TILES))
+        return min((*((*c, *mode) for c in ALIKE_TILES), *one_row, *mma), key=lambda c: sum(
             device_time_ms(lambda h=h: gemv(h, weight, bias, silu_mul=silu_mul, config=c, scale=scale)) for h in xs))
 
     def reference():

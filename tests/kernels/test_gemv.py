@@ -21,10 +21,11 @@ def test_gemv_matches_reference(device, m, silu_mul, n, k, config):
 
 @pytest.mark.parametrize("m", [2, 5, 8])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_a_row_gets_its_one_row_result_bit_for_bit_in_any_row_count(device, m, fp8):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_a_row_gets_its_one_row_result_bit_for_bit_in_any_row_count(device, m, fp8, one_row):
     """Row-invariant verification rests on this: with one config, every row of an m-row call (programs of 2 or 4
-    rows, a second group above 4) equals a one-row call on that row exactly; bf16 and FP8 weights, ragged shape,
-    fused activation and bias."""
+    rows, a second group above 4; or "r1", a program per row) equals a one-row call on that row exactly; bf16 and
+    FP8 weights, ragged shape, fused activation and bias."""
     from baton.engine.quantization import Fp8Linear
 
     n, k = 21, 80
@@ -33,7 +34,7 @@ def test_a_row_gets_its_one_row_result_bit_for_bit_in_any_row_count(device, m, f
     bias = lin.bias.detach().to(torch.bfloat16)
     x = torch.randn(m, 2 * k, device=device).to(torch.bfloat16)
     weight = weight if fp8 else weight.to(torch.bfloat16)
-    config = (8, 32, 4, "cvt") if fp8 else (8, 32, 4)
+    config = ((8, 32, 4, "cvt") if fp8 else (8, 32, 4)) + (("r1",) if one_row else ())
     rows = gemv(x, weight, bias, silu_mul=True, config=config, scale=scale)
     for i in range(m):
         assert torch.equal(rows[i:i + 1], gemv(x[i:i + 1], weight, bias, silu_mul=True, config=config, scale=scale))
@@ -84,9 +85,10 @@ def test_llama3_8b_projections(m, n, k, silu):
 @needs_cuda
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("n,k,silu", [(960, 576, False), (576, 1536, True), (6144, 4096, False)])
-def test_mma_configs_round_each_row_as_a_one_row_call_on_the_gpu(fp8, n, k, silu):
-    """On tensor cores, at SmolLM2 and Llama-3-8B shapes: every MMA config gives each row of an 8-row call the
-    one-row call's result bit for bit (what row-invariant verification relies on), and the reference's answer."""
+def test_mma_and_one_row_configs_round_each_row_as_a_one_row_call_on_the_gpu(fp8, n, k, silu):
+    """At SmolLM2 and Llama-3-8B shapes: every tensor-core config and every gemv config run a program per row ("r1")
+    give each row of an 8-row call the one-row call's result bit for bit (what row-invariant verification relies on),
+    and the reference's answer."""
     from baton.engine.quantization import Fp8Linear
 
     lin = torch.nn.Linear(k, n, device="cuda")
@@ -94,7 +96,8 @@ def test_mma_configs_round_each_row_as_a_one_row_call_on_the_gpu(fp8, n, k, silu
     weight, scale = (q.weight, q.scale) if fp8 else (lin.weight.detach().to(torch.bfloat16), None)
     bias = lin.bias.detach().to(torch.bfloat16)
     x = torch.randn(8, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
-    for config in MMA_CONFIGS_FP8 if fp8 else MMA_CONFIGS:
+    one_row = tuple((*c, *(("cvt",) if fp8 else ()), "r1") for c in CONFIGS)
+    for config in (MMA_CONFIGS_FP8 if fp8 else MMA_CONFIGS) + one_row:
         rows = gemv(x, weight, bias, silu_mul=silu, config=config, scale=scale)
         assert_close(rows, gemv_reference(x, weight, bias, silu_mul=silu, scale=scale))
         for i in range(8):
