@@ -206,9 +206,7 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
     if graphs is None:
         return {}
     out = {}
-    every = [(f"bucket{b}", g) for b, (g, _) in sorted(graphs.graphs.items())]
-    every += [(f"invariant{b}", g) for b, (g, _) in sorted(graphs.invariant_graphs.items())]
-    for label, graph in every:
+    for label, graph in [(f"bucket{b}", g) for b, (g, _) in sorted(graphs.graphs.items())]:
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -220,10 +218,7 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
         out[f"{label}_ms"] = round(start.elapsed_time(end) / reps, 4)
     verify = next(b for b in graphs.buckets if b >= 1 + engine.config.num_speculative_tokens)
     print("\ndecode graph replay, device ms per step by bucket: " + ", ".join(f"{k}={v}" for k, v in out.items()))
-    picks = [(f"bucket{b}", graphs.graphs[b][0]) for b in dict.fromkeys((1, verify))]
-    if verify in graphs.invariant_graphs:  # what a batch-1 verification replays
-        picks.append((f"invariant{verify}", graphs.invariant_graphs[verify][0]))
-    for label, graph in picks:
+    for label, graph in [(f"bucket{b}", graphs.graphs[b][0]) for b in dict.fromkeys((1, verify))]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
             for _ in range(reps):
                 graph.replay()

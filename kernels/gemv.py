@@ -10,7 +10,7 @@ verification step) run as a second group of programs over the same columns, stil
 launch-bound model pays for. FP8 (e4m3) weights become float32 either through the hardware conversions or through
 integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. A second kernel (`_mma_kernel`) runs
 the same product on tensor cores, always as a 16-row tile: one pass over the weight for any row count up to 16, and
-a row's result independent of how many rows share the call. `pick_config` times the candidate configs against
+a row's result independent of how many rows share the call (SwiGLU runs before it, as its own kernel). `pick_config` times the candidate configs against
 cuBLAS on the real shape, once."""
 from __future__ import annotations
 
@@ -129,12 +129,13 @@ MMA_ROWS = tl.constexpr(16)  # an MMA tile's x rows (the fewest a tensor-core do
 
 @triton.jit(do_not_specialize=["M"])
 def _mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
     # Tensor cores on out^T = W @ x^T: a program owns BLOCK_N output columns and all MMA_ROWS rows, rows past M
     # load as zeros (and are never stored). Every launch computes the same [BLOCK_N, MMA_ROWS] tile whatever M
     # is, and an MMA's element (n, m) depends on W's row n and x's row m only: a row's result is the same bit for
     # bit in a 1-row call and in an 8-row one. M is never specialized (M == 1 would compile another kernel).
+    # No fused SwiGLU here: every program would compute it for all MMA_ROWS rows (gemv() runs silu_mul first).
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, MMA_ROWS)
@@ -148,13 +149,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_
             w = tl.load(w_rows + ks[None, :])
         else:
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
-        x_ok = row_ok[:, None] & (ks < K)[None, :]
-        if SILU_MUL:  # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it
-            gate = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + ks[None, :], mask=x_ok, other=0.0).to(tl.float32)
-            x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
-        else:
-            x = tl.load(x_rows + ks[None, :], mask=x_ok, other=0.0)
+        x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
         if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly: float32 holds their products exactly
             acc = tl.dot(w.to(x_ptr.dtype.element_ty).to(tl.float32), tl.trans(x).to(tl.float32), acc,
                          input_precision="ieee")
@@ -214,10 +209,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
     if mma:
         assert out.stride(1) == 1, "the MMA kernel stores rows with unit column stride"
+        if silu_mul:
+            from baton.kernels.silu_mul import silu_mul as act
+
+            x = act(x)
         _mma_kernel[(triton.cdiv(n, block_n),)](
             x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k,
             x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
-            SILU_MUL=silu_mul, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
             DOT_F32=x.dtype == torch.float32 or _INTERPRETED, num_warps=warps, num_stages=mode[1])
         return out
     # "r1": a program per row, each compiled and run exactly as a one-row call (M = 1): a row's result is that

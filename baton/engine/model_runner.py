@@ -36,6 +36,12 @@ class ModelRunner:
         self.invariant_rows = INVARIANT_ROWS if row_invariant and self.device.type == "cuda" else 0
         if self.device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if self.invariant_rows:
+                from baton.kernels.paged_decode_attention import pick_num_splits
+
+                # Decode attention splits each context alike in every step of up to invariant_rows rows (one-row
+                # steps and verifications): the count a full verification step wants.
+                self.invariant_splits = pick_num_splits(self.invariant_rows, mc.num_kv_heads, self.num_sms)
             if cuda_graphs:
                 self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
 
@@ -68,26 +74,23 @@ class ModelRunner:
         runs right after layer l has written its KV (eager steps only)."""
         ids, positions, queries, logits_indices, prompt_indices = self._inputs(scheduled)
         src = _sources(scheduled, ids, previous)
-        invariant = False
         if len(logits_indices) == len(ids) > len(queries) and not prompt_indices:
             # Speculative verification: every token needs its logits, so each one runs as a decode row over the keys
             # before it (a layer writes the step's KV before attending) — through the decode CUDA graphs too. In a
-            # row-invariant engine (EngineConfig.row_invariant_verification), up to INVARIANT_ROWS rows are computed
-            # as one-row steps compute them (model.row_invariant): bf16 greedy output then stays that of decoding
-            # without speculation, token for token.
+            # row-invariant engine (EngineConfig.row_invariant_verification), steps of up to INVARIANT_ROWS rows
+            # compute each row as a one-row step does (model.row_invariant, invariant_splits): bf16 greedy output
+            # then stays that of decoding without speculation, token for token.
             queries = [(start + i, 1, table) for start, n, table in queries for i in range(n)]
-            invariant = len(queries) <= self.invariant_rows
         if self.graphs is not None and layer_done is None and len(ids) == len(queries) and self.graphs.fits(len(ids)) \
                 and len(logits_indices) == len(ids) and not prompt_indices:
-            return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src, invariant)
+            return self.graphs.replay(ids, positions, queries, previous[0] if src else None, src)
         if self.device.type == "cuda":
             from baton.engine.attention_triton import build_triton_batch
-            from baton.kernels.paged_decode_attention import pick_num_splits
 
             kv_heads = self.model.config.num_kv_heads
             batch = build_triton_batch(queries, self.block_size, self.scale, self.device, self.num_sms, kv_heads)
-            if invariant:
-                batch.num_splits = pick_num_splits(1, kv_heads, self.num_sms)
+            if self.invariant_rows and batch.decode_only and len(queries) <= self.invariant_rows:
+                batch.num_splits = self.invariant_splits
         else:
             batch = build_batch(queries, self.kv_cache, self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
@@ -147,25 +150,20 @@ class DecodeGraphs:
                          torch.zeros(bmax, self.max_blocks, dtype=torch.int32, pin_memory=True)) for _ in range(2)]
         self._turn = 0
         kv_heads = runner.model.config.num_kv_heads
+        # A row-invariant engine's buckets of up to invariant_rows rows split contexts alike (ModelRunner.run).
         self.batches = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
-                                       num_splits=pick_num_splits(b, kv_heads, runner.num_sms))
+                                       num_splits=runner.invariant_splits if b <= runner.invariant_rows
+                                       else pick_num_splits(b, kv_heads, runner.num_sms))
                         for b in self.buckets}
-        # Verification steps of 2..INVARIANT_ROWS rows have graphs of their own, with the one-row attention split
-        # count (the linear layers already compute rows alike in a row-invariant engine: model.row_invariant).
-        one = pick_num_splits(1, kv_heads, runner.num_sms)
-        self.invariant = {b: TritonBatch(self.slots[:b], self.block_tables[:b], self.context_lens[:b], runner.scale,
-                                         num_splits=one) for b in self.buckets if 1 < b <= runner.invariant_rows}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.invariant_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
 
-    def _forward(self, b: int, invariant: bool = False) -> torch.Tensor:
+    def _forward(self, b: int) -> torch.Tensor:
         r = self.runner
         with row_invariant(r.invariant_rows > 0):
-            return r.model(self.ids[:b], self.positions[:b], r.kv_cache,
-                           (self.invariant if invariant else self.batches)[b], self.rows[:b])
+            return r.model(self.ids[:b], self.positions[:b], r.kv_cache, self.batches[b], self.rows[:b])
 
     def capture(self) -> None:
         """Largest bucket first, so the smaller graphs reuse its memory pool. The garbage collector is held off
@@ -175,24 +173,22 @@ class DecodeGraphs:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for b, invariant in [(b, False) for b in reversed(self.buckets)] + \
-                    [(b, True) for b in reversed(self.buckets) if b in self.invariant]:
-                self._forward(b, invariant)  # compiles the kernels for this shape outside the capture
+            for b in reversed(self.buckets):
+                self._forward(b)  # compiles the kernels for this shape outside the capture
                 torch.cuda.synchronize(self.runner.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(b, invariant)
+                    out = self._forward(b)
                 pool = graph.pool()
-                (self.invariant_graphs if invariant else self.graphs)[b] = (graph, out)
+                self.graphs[b] = (graph, out)
             torch.cuda.synchronize(self.runner.device)
         finally:
             if was_enabled:
                 gc.enable()
 
     def replay(self, ids: list[int], positions: list[int], queries, previous: torch.Tensor | None = None,
-               src: list[int] | None = None, invariant: bool = False) -> torch.Tensor:
-        """src[i] >= 0: row i's id is previous[src[i]] (sampled by the step still in flight), read on the device.
-        invariant: a verification step, replayed from the row-invariant graph of its bucket where there is one."""
+               src: list[int] | None = None) -> torch.Tensor:
+        """src[i] >= 0: row i's id is previous[src[i]] (sampled by the step still in flight), read on the device."""
         n = len(ids)
         b = next(x for x in self.buckets if x >= n)
         if b not in self.graphs:
@@ -221,6 +217,6 @@ class DecodeGraphs:
             rows = self.src_rows[:b]
             rows.copy_(host[4, :b], non_blocking=True)
             self.ids[:b] = torch.where(rows >= 0, previous[rows.clamp(min=0)], self.ids[:b])
-        graph, out = (self.invariant_graphs if invariant and b in self.invariant_graphs else self.graphs)[b]
+        graph, out = self.graphs[b]
         graph.replay()
         return out[:n]
