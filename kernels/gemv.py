@@ -10,8 +10,8 @@ verification step) run as a second group of programs over the same columns, stil
 launch-bound model pays for. FP8 (e4m3) weights become float32 either through the hardware conversions or through
 integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. A second kernel (`_mma_kernel`) runs
 the same product on tensor cores, always as a 16-row tile: one pass over the weight for any row count up to 16, and
-a row's result independent of how many rows share the call (SwiGLU runs before it, as its own kernel). `pick_config` times the candidate configs against
-cuBLAS on the real shape, once."""
+a row's result independent of how many rows share the call (SwiGLU runs before it, as its own kernel).
+`pick_config` times the candidate configs against cuBLAS on the real shape, once."""
 from __future__ import annotations
 
 import os
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton.kernels.pdl import launch_dependents, launch_kwargs, pdl_enabled, wait_for_previous
+
 MAX_ROWS = 8  # above this, tensor-core GEMMs win; between 5 and 8, pick_config decides per shape
 ROWS_PER_PROGRAM = 4
 
@@ -28,11 +30,15 @@ ROWS_PER_PROGRAM = 4
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_BITS: tl.constexpr):
+                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
     # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
     # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored. Program axis 1
     # picks the group of BLOCK_M rows (a second group only when M > ROWS_PER_PROGRAM, where BLOCK_M is that).
     # FP8_BITS: w holds e4m3 bytes as int8, turned into float32 by integer ops (_e4m3_bits), not the conversion unit.
+    # PREFETCH: the next weight tile's load is issued before this one's FMAs (twice the bytes in flight), and the
+    # first one before waiting for the previous kernel (PDL, kernels/pdl.py). Same sums in the same order either way.
+    launch_dependents(PDL)
     row0 = tl.program_id(1) * BLOCK_M
     x_ptr += row0 * stride_xm
     out_ptr += row0 * stride_om
@@ -44,12 +50,20 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:
+        ahead = _w_tile(w_rows, tl.arange(0, BLOCK_K), K, col_ok, EVEN)
+    wait_for_previous(PDL)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            w = tl.load(w_rows + ks[None, :])
+        if PREFETCH:
+            w = ahead
+            nxt = ks + BLOCK_K
+            if EVEN:
+                ahead = tl.load(w_rows + nxt[None, :], mask=(nxt < K)[None, :], other=0.0)
+            else:
+                ahead = tl.load(w_rows + nxt[None, :], mask=col_ok[:, None] & (nxt < K)[None, :], other=0.0)
         else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+            w = _w_tile(w_rows, ks, K, col_ok, EVEN)
         w = _e4m3_bits(w) if FP8_BITS else w.to(tl.float32)
         acc0 += w * _x_row(x_ptr, 0, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
         if BLOCK_M > 1:
@@ -69,6 +83,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
             _store_row(acc2, 2, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
         if M > 3:
             _store_row(acc3, 3, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
+
+
+@triton.jit
+def _w_tile(w_rows, ks, K, col_ok, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_rows + ks[None, :])
+    return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
 
 
 # FP8_BITS scaling: _e4m3_bits gives w * 2**-120; x is loaded times 2**60 and the sum times 2**60 again on store,
@@ -124,18 +145,23 @@ def _store_row(acc, row, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIA
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Issue the next weight tile's load before the current tile's FMAs (off by default until bench/gemv.py measures it).
+PREFETCH = os.environ.get("BATON_GEMV_PREFETCH", "0") == "1"
 MMA_ROWS = tl.constexpr(16)  # an MMA tile's x rows (the fewest a tensor-core dot takes): up to this many per call
 
 
 @triton.jit(do_not_specialize=["M"])
 def _mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
     # Tensor cores on out^T = W @ x^T: a program owns BLOCK_N output columns and all MMA_ROWS rows, rows past M
     # load as zeros (and are never stored). Every launch computes the same [BLOCK_N, MMA_ROWS] tile whatever M
     # is, and an MMA's element (n, m) depends on W's row n and x's row m only: a row's result is the same bit for
     # bit in a 1-row call and in an 8-row one. M is never specialized (M == 1 would compile another kernel).
     # No fused SwiGLU here: every program would compute it for all MMA_ROWS rows (gemv() runs silu_mul first).
+    # PDL (kernels/pdl.py): the loop's loads (pipelined, x among them) all come after the wait.
+    launch_dependents(PDL)
+    wait_for_previous(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows = tl.arange(0, MMA_ROWS)
@@ -193,10 +219,14 @@ MMA_CONFIGS_FP8 = MMA_CONFIGS + tuple((n, k, w, "mma", st) for n, k, w, st in (
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_mul: bool = False,
          config: tuple = (8, 256, 4), out: torch.Tensor | None = None,
-         scale: torch.Tensor | None = None) -> torch.Tensor:
+         scale: torch.Tensor | None = None, prefetch: bool | None = None, pdl: bool | None = None) -> torch.Tensor:
     """scale: float32 [N] for FP8 (e4m3) weights, W = weight * scale[:, None]; the output takes x's dtype.
     config: (BLOCK_N, BLOCK_K, num_warps), for FP8 weights optionally with "cvt" (the default) or "bits" after,
-    then optionally "r1" (a program per row); or a tensor-core config (MMA_CONFIGS, up to MMA_ROWS rows)."""
+    then optionally "r1" (a program per row); or a tensor-core config (MMA_CONFIGS, up to MMA_ROWS rows).
+    prefetch / pdl: the gemv kernel's weight prefetch and programmatic dependent launch (kernels/pdl.py); by default
+    PREFETCH and pdl_enabled() (BATON_GEMV_PREFETCH, BATON_PDL)."""
+    prefetch = PREFETCH if prefetch is None else prefetch
+    pdl = pdl_enabled() if pdl is None else pdl
     m = x.shape[0]
     n, k = weight.shape
     block_n, block_k, warps, *mode = config
@@ -217,7 +247,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k,
             x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-            DOT_F32=x.dtype == torch.float32 or _INTERPRETED, num_warps=warps, num_stages=mode[1])
+            DOT_F32=x.dtype == torch.float32 or _INTERPRETED, PDL=pdl, num_warps=warps, num_stages=mode[1],
+            **launch_kwargs(pdl))
         return out
     # "r1": a program per row, each compiled and run exactly as a one-row call (M = 1): a row's result is that
     # of the one-row call by construction, and rows past the first re-read the weight from L2, not HBM, as long as
@@ -232,7 +263,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         bias if bias is not None else x, out, 1 if one_row else m, n, k, x.stride(0), weight.stride(0),
         out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FP8_BITS=bits, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FP8_BITS=bits, PREFETCH=prefetch or pdl, PDL=pdl,
+        num_warps=warps, **launch_kwargs(pdl),
     )
     return out
 
@@ -287,7 +319,8 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
     """The fastest config on this device for this shape, or None where cuBLAS (after the separate activation
     kernel, for silu_mul) is as fast; `baseline(x)` replaces both (FP8 weights: it takes gate||up itself).
     alike: one config for every row count up to MAX_ROWS (ALIKE_TILES, a one-row config run as a program per row
-    ("r1"), or MMA_CONFIGS; timed at 1 row plus at MAX_ROWS rows), never cuBLAS, whose kernels differ by row count. Runs kernels: call it outside CUDA-graph capture."""
+    ("r1"), or MMA_CONFIGS; timed at 1 row plus at MAX_ROWS rows), never cuBLAS, whose kernels differ by row count.
+    Runs kernels: call it outside CUDA-graph capture."""
     k = weight.shape[1]
     dtype = weight.dtype if scale is None else torch.bfloat16
     x = torch.randn(m, 2 * k if silu_mul else k, device=weight.device).to(dtype)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from baton.kernels.attention_common import scaled_query, upcast_kv
+from baton.kernels.pdl import launch_dependents, pdl_enabled
 
 _LOG2E = 1.4426950408889634
 
@@ -34,8 +35,9 @@ def _decode_split_kernel(
     layer, qk_scale, window,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, FP8_KV: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr, FP8_KV: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)  # the next kernel (with PDL: the o projection) may start reading its weights
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -134,8 +136,9 @@ def _merge_group(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, b, k
 @triton.jit
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -210,13 +213,13 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=max(block_n or 64, block_size),
         UPCAST=q.device.type != "cuda",  # the CPU interpreter gets bf16 arithmetic wrong
-        FP8_KV=fp8, MERGE=merge, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        FP8_KV=fp8, MERGE=merge, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PDL=pdl_enabled(),
         num_warps=num_warps, num_stages=num_stages,
     )
     if merge == 2:
         _decode_merge_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_D=block_d, PDL=pdl_enabled(),
             num_warps=4 if head_dim >= 128 else 2,
         )
     return out

@@ -5,14 +5,17 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.pdl import launch_dependents, pdl_enabled
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     hidden, eps,
-    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    launch_dependents(PDL)  # the next kernel (with PDL: a projection) may start reading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -45,7 +48,7 @@ def _launch(x, residual, weight, eps, out, residual_out):
             x2, r2, weight, o2, ro2,
             x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
             hidden, eps,
-            ADD_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+            ADD_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_enabled(), num_warps=min(16, max(1, block // 512)),
         )
     return out
 

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton.kernels.pdl import launch_dependents, pdl_enabled
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    launch_dependents(PDL)  # the next kernel (with PDL: the down projection) may start reading its weights
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -27,7 +30,7 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None, block: int = 1024
     assert out.shape == (num_tokens, inter) and out.stride(1) == 1
     if num_tokens:
         _silu_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
-            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, PDL=pdl_enabled(), num_warps=4,
         )
     return out
 

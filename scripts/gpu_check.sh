@@ -17,7 +17,8 @@
 #   prepare-model (networked machine): the real model's GGUF split into .gpu_model/part_*; stash (GPU machine, one
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
 #          on that real model (SPEC_ARGS: extra arguments, e.g. --profile; SPEC_OUT: the JSON's name);
-#   rowgemm: bench/row_invariant_gemm.py (row-invariant linear layers: gemv vs tensor-core configs vs cuBLAS);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
+#   rowgemm: bench/row_invariant_gemm.py (row-invariant linear layers: gemv vs tensor-core configs vs cuBLAS);
+#   pdl: bench/pdl.py (decode with the gemv weight prefetch and programmatic dependent launch vs plain launches);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -119,6 +120,7 @@ case "$STEP" in
   spec) $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 ${SPEC_ARGS:-} \
           --out "$OUT/${SPEC_OUT:-speculation_gpu}.json" ;;
   rowgemm) $PY "$R"/bench/row_invariant_gemm.py --out "$OUT/row_invariant_gemm.json" ;;
+  pdl) $PY "$R"/bench/pdl.py ${PDL_ARGS:-} --out "$OUT/pdl.json" ;;
   spec-fp8)  # issue 23's whole GPU battery in one call, after `model`: its GPU tests, speculation, FP8 quality, FP8 speed
     fail=0
     $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/kernels/test_fp8_gemm.py \
@@ -129,5 +131,5 @@ case "$STEP" in
     exit $fail ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|rowgemm|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|rowgemm|pdl|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac

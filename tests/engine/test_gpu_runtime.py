@@ -193,3 +193,38 @@ def test_bf16_verification_rows_round_as_one_row_steps(tmp_path):
     assert specced == plain
     for a, b in zip(spec_lp, plain_lp):
         assert a == pytest.approx(b, abs=1e-6)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_pdl_and_weight_prefetch_decode_the_same_tokens(tmp_path, quantization):
+    """Programmatic dependent launch and the gemv weight prefetch (bench/pdl.py measures them) only move when kernels
+    start and bytes are read: bf16 greedy output and logprobs are the same bit for bit with them as without, at
+    batch 1 (gemv) and batch 6 (gemv row groups), from CUDA graphs captured for each setting."""
+    from baton.devtools.make_model import make_model
+    from baton.kernels import gemv
+    from baton.kernels.pdl import set_pdl
+
+    model_dir = str(make_model(tmp_path / "m", arch="llama", vocab=300, seed=4, layers=4, hidden=512, heads=8,
+                               kv_heads=2))
+    engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", num_kv_blocks=256, max_num_seqs=8,
+                                    show_progress=False, quantization=quantization))
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 300) for _ in range(40 + 9 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+
+    def run(prefetch: bool, pdl: bool):
+        gemv.PREFETCH = prefetch
+        set_pdl(pdl)
+        engine.runner.graphs.graphs.clear()
+        engine.runner.graphs.capture()
+        seqs = engine.generate(prompts[:1], params) + engine.generate(prompts, params)
+        return [s.output_ids for s in seqs], [s.output_logprobs for s in seqs]
+
+    try:
+        plain = run(False, False)
+        assert run(True, False) == plain
+        assert run(True, True) == plain
+    finally:
+        gemv.PREFETCH = False
+        set_pdl(False)
+    assert engine.stats().blocks.in_use == 0

@@ -4,7 +4,8 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned
 
-from baton.kernels.gemv import CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, MMA_CONFIGS, MMA_CONFIGS_FP8, gemv, gemv_reference, pick_config
+from baton.kernels.gemv import (CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, MMA_CONFIGS, MMA_CONFIGS_FP8, gemv, gemv_reference,
+                                pick_config)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
@@ -245,3 +246,46 @@ def test_mma_rows_equal_their_one_row_results_bit_for_bit(device, fp8):
         for i in range(m):
             assert torch.equal(rows[i:i + 1], gemv(x[i:i + 1], weight, config=config, scale=scale))
     assert_close(rows, gemv_reference(x, weight, scale=scale))
+
+
+@pytest.mark.parametrize("fp8_mode", [None, "cvt", "bits"])
+@pytest.mark.parametrize("n,k,config", [(24, 64, (8, 32, 4)), (21, 80, (8, 32, 4))])
+def test_weight_prefetch_sums_the_same_as_without(device, fp8_mode, n, k, config):
+    """The gemv kernel's weight prefetch (next tile's load issued before this tile's FMAs) changes when bytes are
+    read, not the sums: bit-equal to the plain loop, even and ragged shapes (the last prefetch is masked out)."""
+    from baton.engine.quantization import Fp8Linear
+
+    lin = torch.nn.Linear(k, n, device=device)
+    if fp8_mode:
+        q = Fp8Linear.quantize(lin)
+        weight, scale, config = q.weight, q.scale, (*config, fp8_mode)
+    else:
+        weight, scale = lin.weight.detach().to(torch.bfloat16), None
+    x = torch.randn(5, 2 * k, device=device).to(torch.bfloat16)
+    plain = gemv(x, weight, silu_mul=True, config=config, scale=scale, prefetch=False)
+    ahead = gemv(x, weight, silu_mul=True, config=config, scale=scale, prefetch=True)
+    assert torch.equal(plain, ahead)
+    assert_close(ahead, gemv_reference(x, weight, silu_mul=True, scale=scale))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pdl_launches_give_the_same_results_on_the_gpu(fp8):
+    """Programmatic dependent launch (kernels/pdl.py) at Llama-3-8B shapes, right behind the kernel that writes x:
+    the gemv and tensor-core kernels wait for it and give what they give without PDL, bit for bit."""
+    from baton.engine.quantization import Fp8Linear
+    from baton.kernels.silu_mul import silu_mul
+
+    n, k = 4096, 14336
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    q = Fp8Linear.quantize(lin)
+    weight, scale = (q.weight, q.scale) if fp8 else (lin.weight.detach(), None)
+    source = torch.randn(4, 2 * k, device="cuda").to(torch.bfloat16)
+    configs = (CONFIGS_FP8[:3] + MMA_CONFIGS_FP8[:2]) if fp8 else (CONFIGS[:3] + MMA_CONFIGS[:2])
+    for config in configs:
+        want = gemv(silu_mul(source), weight, config=config, scale=scale, pdl=False)
+        for _ in range(3):
+            x = silu_mul(source)  # written by the kernel just before: a PDL launch must wait for it
+            got = gemv(x, weight, config=config, scale=scale, pdl=True)
+            assert torch.equal(got, want), config
