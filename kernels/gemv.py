@@ -31,13 +31,16 @@ ROWS_PER_PROGRAM = 4
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                  SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr, V: tl.constexpr):
     # Per row of x, a [BLOCK_N, BLOCK_K] float32 accumulator summed over K only once at the end: the loop body is
     # loads and FMAs, no cross-thread reduction per step. Rows past M are never loaded or stored. Program axis 1
     # picks the group of BLOCK_M rows (a second group only when M > ROWS_PER_PROGRAM, where BLOCK_M is that).
     # FP8_BITS: w holds e4m3 bytes as int8, turned into float32 by integer ops (_e4m3_bits), not the conversion unit.
     # PREFETCH: the next weight tile's load is issued before this one's FMAs (twice the bytes in flight), and the
     # first one before waiting for the previous kernel (PDL, kernels/pdl.py). Same sums in the same order either way.
+    # V > 1 (configs flagged "p"): each thread first sums the V products of one 16-byte weight load, so the
+    # accumulator is [BLOCK_N, BLOCK_K / V]: a V-th of the registers, room for more programs an SM and so more bytes
+    # in flight (another rounding order, the same for every row count).
     launch_dependents(PDL)
     row0 = tl.program_id(1) * BLOCK_M
     x_ptr += row0 * stride_xm
@@ -46,10 +49,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K // V), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K // V), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K // V), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K // V), dtype=tl.float32)
     if PREFETCH:
         ahead = _w_tile(w_rows, tl.arange(0, BLOCK_K), K, col_ok, EVEN)
     wait_for_previous(PDL)
@@ -65,15 +68,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
         else:
             w = _w_tile(w_rows, ks, K, col_ok, EVEN)
         w = _e4m3_bits(w) if FP8_BITS else w.to(tl.float32)
-        acc0 += w * _x_row(x_ptr, 0, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
+        acc0 = _acc(acc0, w * _x_row(x_ptr, 0, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
         if BLOCK_M > 1:
             if M > 1:
-                acc1 += w * _x_row(x_ptr, 1, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
+                acc1 = _acc(acc1, w * _x_row(x_ptr, 1, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
         if BLOCK_M > 2:
             if M > 2:
-                acc2 += w * _x_row(x_ptr, 2, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
+                acc2 = _acc(acc2, w * _x_row(x_ptr, 2, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
             if M > 3:
-                acc3 += w * _x_row(x_ptr, 3, stride_xm, ks, K, EVEN, SILU_MUL, FP8_BITS)[None, :]
+                acc3 = _acc(acc3, w * _x_row(x_ptr, 3, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
     _store_row(acc0, 0, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
     if BLOCK_M > 1:
         if M > 1:
@@ -107,27 +110,41 @@ def _e4m3_bits(b):
 
 
 @triton.jit
-def _x_row(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr, FP8_BITS: tl.constexpr):
-    x = _x_row_f32(x_ptr, row, stride_xm, ks, K, EVEN, SILU_MUL)
-    if FP8_BITS:
-        x *= X_GAIN
-    return x
+def _acc(acc, prod, V: tl.constexpr):
+    if V > 1:  # the V products of one thread's 16-byte weight load summed in registers first (no shuffles)
+        acc += tl.sum(tl.reshape(prod, (prod.shape[0], prod.shape[1] // V, V)), axis=2)
+    else:
+        acc += prod
+    return acc
 
 
 @triton.jit
-def _x_row_f32(x_ptr, row, stride_xm, ks, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+def _x_row(x_ptr, row, stride_xm, ks, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr,
+           FP8_BITS: tl.constexpr):
+    """x's row as it multiplies the [BLOCK_N, BLOCK_K] weight tile, in float32."""
     ptrs = x_ptr + row * stride_xm + ks
-    if SILU_MUL:  # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it
+    if SILU_MUL:
+        # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it. Computed once
+        # a program on a [BLOCK_K] row, then broadcast (a layout change through shared memory each step).
         if EVEN:
             gate = tl.load(ptrs).to(tl.float32)
             up = tl.load(ptrs + K).to(tl.float32)
         else:
             gate = tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
             up = tl.load(ptrs + K, mask=ks < K, other=0.0).to(tl.float32)
-        return (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if EVEN:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    else:
+        # Loaded straight into the weight tile's layout (each thread reads the x values of its own weight columns,
+        # from L1): no layout change, so no barrier in the loop.
+        tile = tl.broadcast_to(ptrs[None, :], (BLOCK_N, ks.shape[0]))
+        if EVEN:
+            x = tl.load(tile).to(tl.float32)
+        else:
+            x = tl.load(tile, mask=tl.broadcast_to((ks < K)[None, :], (BLOCK_N, ks.shape[0])), other=0.0)
+            x = x.to(tl.float32)
+    if FP8_BITS:
+        x *= X_GAIN
+    return x
 
 
 @triton.jit
@@ -200,6 +217,12 @@ CONFIGS = ((2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 8), (
 FP8_TILES = CONFIGS + ((2, 2048, 4), (4, 2048, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8))
 CONFIGS_FP8 = tuple((*c, "cvt") for c in FP8_TILES)
 CONFIGS_FP8_BITS = tuple((*c, "bits") for c in FP8_TILES)
+# "p": in-register partial sums (the kernel's V), long K steps: a quarter to a half of the registers of the same
+# tile without, so two to four times the programs an SM and the weight bytes in flight (compiled for sm_90,
+# tests/kernels/sm90_compile.py: FP8 (4, 2048, 4) 40 registers against 96, about 96 KB in flight an SM against 32).
+PARTIAL_TILES = ((2, 2048, 4), (4, 2048, 4), (8, 2048, 8), (2, 4096, 4), (4, 4096, 4), (8, 1024, 8))
+CONFIGS_P = tuple((*c, "p") for c in PARTIAL_TILES)
+CONFIGS_FP8_P = tuple((*c, "cvt", "p") for c in PARTIAL_TILES + ((8, 4096, 8), (16, 2048, 8)))
 # Row-invariant decoding (speculative verification): one config serves 1 to MAX_ROWS rows, and a row's result is
 # the same bit for bit however many rows share the launch (each row's accumulation runs the same code whatever
 # BLOCK_M is). So its program must hold ROWS_PER_PROGRAM rows' accumulators without spilling: at most 16 elements
@@ -253,10 +276,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     # "r1": a program per row, each compiled and run exactly as a one-row call (M = 1): a row's result is that
     # of the one-row call by construction, and rows past the first re-read the weight from L2, not HBM, as long as
     # it fits there (small models).
-    one_row = mode[-1:] == ["r1"]
-    fp8_mode = mode[:-1] if one_row else mode
+    one_row = "r1" in mode
+    partial = "p" in mode
+    fp8_mode = [f for f in mode if f not in ("r1", "p")]
     bits = fp8_mode == ["bits"]
     assert fp8_mode in ([], ["cvt"], ["bits"]) and (scale is not None or not fp8_mode), config
+    v = 16 // weight.element_size() if partial else 1  # the elements of one 16-byte weight load
     block_m = 1 if one_row else min(ROWS_PER_PROGRAM, triton.next_power_of_2(m))
     _gemv_kernel[(triton.cdiv(n, block_n), m if one_row else triton.cdiv(m, block_m))](
         x, weight.view(torch.int8) if bits else weight, scale if scale is not None else x,
@@ -264,7 +289,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, FP8_BITS=bits, PREFETCH=prefetch or pdl, PDL=pdl,
-        num_warps=warps, **launch_kwargs(pdl),
+        V=v, num_warps=warps, **launch_kwargs(pdl),
     )
     return out
 
@@ -328,7 +353,7 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
     if alike:
         xs = (x[:1], torch.randn(MAX_ROWS, x.shape[1], device=weight.device).to(dtype))
         mma = MMA_CONFIGS if scale is None else MMA_CONFIGS_FP8
-        one_row = tuple((*c, *mode, "r1") for c in (CONFIGS if scale is None else FP8_TILES))
+        one_row = tuple((*c, "r1") for c in (CONFIGS + CONFIGS_P if scale is None else CONFIGS_FP8 + CONFIGS_FP8_P))
         return min((*((*c, *mode) for c in ALIKE_TILES), *one_row, *mma), key=lambda c: sum(
             device_time_ms(lambda h=h: gemv(h, weight, bias, silu_mul=silu_mul, config=c, scale=scale)) for h in xs))
 
@@ -343,7 +368,8 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
         return F.linear(h, weight, bias)
 
     best, best_ms = None, device_time_ms(reference)
-    for config in (CONFIGS + MMA_CONFIGS if scale is None else CONFIGS_FP8 + MMA_CONFIGS_FP8):
+    for config in (CONFIGS + CONFIGS_P + MMA_CONFIGS if scale is None else
+                   CONFIGS_FP8 + CONFIGS_FP8_P + MMA_CONFIGS_FP8):
         ms = device_time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c, scale=scale))
         if ms < 0.97 * best_ms:  # a clear win only: equal time is not worth leaving cuBLAS for
             best, best_ms = config, ms

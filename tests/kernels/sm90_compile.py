@@ -39,18 +39,45 @@ def sass(kernel) -> str:
         return subprocess.run([NVDISASM, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
+def registers(kernel) -> int:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+
+
+def loop_barriers(code: str) -> int:
+    """Barriers inside the kernel's K loop: between a label and the branch back to it."""
+    lines = code.splitlines()
+    for end, line in enumerate(lines):
+        back = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if back:
+            start = next((i for i in range(end) if lines[i].strip().startswith(back.group(1) + ":")), None)
+            if start is not None:
+                return sum("BAR.SYNC" in ln for ln in lines[start:end])
+    raise AssertionError("no loop found")
+
+
 def facts() -> dict:
     out = {}
     for weight in ("*bf16", "*fp8e4nv"):
         for prefetch, pdl in ((False, False), (True, False), (True, True)):
             consts = dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, EVEN=True, SILU_MUL=True, HAS_BIAS=False,
-                          HAS_SCALE=weight != "*bf16", FP8_BITS=False, PREFETCH=prefetch, PDL=pdl)
+                          HAS_SCALE=weight != "*bf16", FP8_BITS=False, PREFETCH=prefetch, PDL=pdl, V=1)
             kernel = compile_for_hopper(gemv_module._gemv_kernel, weight, consts, num_warps=8, launch_pdl=pdl)
             ptx, code = kernel.asm["ptx"], sass(kernel)
             out[f"gemv {weight} prefetch={prefetch} pdl={pdl}"] = {
                 "ldg128": "LDG.E.128" in code, "byte_loads": bool(re.search(r"\bLDG\.E\.U8\b", code)),
                 "griddepcontrol": ptx.count("griddepcontrol"),
                 "load_before_wait": pdl and ptx.index("ld.global") < ptx.index("griddepcontrol.wait")}
+        for v, silu in ((1, False), (16 // (1 if "fp8" in weight else 2), False), (1, True)):
+            consts = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN=True, SILU_MUL=silu, HAS_BIAS=False,
+                          HAS_SCALE=weight != "*bf16", FP8_BITS=False, PREFETCH=False, PDL=False, V=v)
+            kernel = compile_for_hopper(gemv_module._gemv_kernel, weight, consts, num_warps=4)
+            out[f"gemv {weight} (4, 2048, 4) V={v} silu={silu}"] = {
+                "registers": registers(kernel), "loop_barriers": loop_barriers(sass(kernel))}
         for block_n in (32, 64):
             consts = dict(BLOCK_N=block_n, BLOCK_K=256, EVEN=True, HAS_BIAS=False, HAS_SCALE=weight != "*bf16",
                           DOT_F32=False, PDL=True)
