@@ -223,6 +223,12 @@ CONFIGS_FP8_BITS = tuple((*c, "bits") for c in FP8_TILES)
 PARTIAL_TILES = ((2, 2048, 4), (4, 2048, 4), (8, 2048, 8), (2, 4096, 4), (4, 4096, 4), (8, 1024, 8))
 CONFIGS_P = tuple((*c, "p") for c in PARTIAL_TILES)
 CONFIGS_FP8_P = tuple((*c, "cvt", "p") for c in PARTIAL_TILES + ((8, 4096, 8), (16, 2048, 8)))
+# "s" (SwiGLU's down projection only): the activation by its own kernel before the gemv. Fused, the activation is
+# computed once a program on a row and then has to change layout through shared memory at every K step.
+CONFIGS_P_SILU = tuple((*c, "s") for c in CONFIGS_P)
+CONFIGS_FP8_P_SILU = tuple((*c, "s") for c in CONFIGS_FP8_P)
+# Four rows a program with partial sums: the accumulators of ALIKE_TILES' budget (16 a thread a row).
+ALIKE_P_TILES = tuple(c for c in PARTIAL_TILES if c[0] * c[1] <= 16 * 32 * c[2] * 8)
 # Row-invariant decoding (speculative verification): one config serves 1 to MAX_ROWS rows, and a row's result is
 # the same bit for bit however many rows share the launch (each row's accumulation runs the same code whatever
 # BLOCK_M is). So its program must hold ROWS_PER_PROGRAM rows' accumulators without spilling: at most 16 elements
@@ -278,7 +284,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     # it fits there (small models).
     one_row = "r1" in mode
     partial = "p" in mode
-    fp8_mode = [f for f in mode if f not in ("r1", "p")]
+    if "s" in mode and silu_mul:  # SwiGLU by its own kernel first: the gemv loop then has no layout change
+        from baton.kernels.silu_mul import silu_mul as act
+
+        x, silu_mul = act(x), False
+    fp8_mode = [f for f in mode if f not in ("r1", "p", "s")]
     bits = fp8_mode == ["bits"]
     assert fp8_mode in ([], ["cvt"], ["bits"]) and (scale is not None or not fp8_mode), config
     v = 16 // weight.element_size() if partial else 1  # the elements of one 16-byte weight load
@@ -354,7 +364,8 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
         xs = (x[:1], torch.randn(MAX_ROWS, x.shape[1], device=weight.device).to(dtype))
         mma = MMA_CONFIGS if scale is None else MMA_CONFIGS_FP8
         one_row = tuple((*c, "r1") for c in (CONFIGS + CONFIGS_P if scale is None else CONFIGS_FP8 + CONFIGS_FP8_P))
-        return min((*((*c, *mode) for c in ALIKE_TILES), *one_row, *mma), key=lambda c: sum(
+        four_rows = tuple((*c, *mode) for c in ALIKE_TILES) + tuple((*c, *mode, "p") for c in ALIKE_P_TILES)
+        return min((*four_rows, *one_row, *mma), key=lambda c: sum(
             device_time_ms(lambda h=h: gemv(h, weight, bias, silu_mul=silu_mul, config=c, scale=scale)) for h in xs))
 
     def reference():
@@ -368,8 +379,9 @@ def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mu
         return F.linear(h, weight, bias)
 
     best, best_ms = None, device_time_ms(reference)
+    separate = (CONFIGS_P_SILU if scale is None else CONFIGS_FP8_P_SILU) if silu_mul else ()
     for config in (CONFIGS + CONFIGS_P + MMA_CONFIGS if scale is None else
-                   CONFIGS_FP8 + CONFIGS_FP8_P + MMA_CONFIGS_FP8):
+                   CONFIGS_FP8 + CONFIGS_FP8_P + MMA_CONFIGS_FP8) + separate:
         ms = device_time_ms(lambda c=config: gemv(x, weight, bias, silu_mul=silu_mul, config=c, scale=scale))
         if ms < 0.97 * best_ms:  # a clear win only: equal time is not worth leaving cuBLAS for
             best, best_ms = config, ms

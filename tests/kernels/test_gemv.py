@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_checks import assert_close, needs_cuda, poisoned
 
-from baton.kernels.gemv import (CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, CONFIGS_FP8_P, CONFIGS_P, MMA_CONFIGS,
-                                MMA_CONFIGS_FP8, gemv, gemv_reference, pick_config)
+from baton.kernels.gemv import (CONFIGS, CONFIGS_FP8, CONFIGS_FP8_BITS, CONFIGS_FP8_P, CONFIGS_FP8_P_SILU, CONFIGS_P,
+                                CONFIGS_P_SILU, MMA_CONFIGS, MMA_CONFIGS_FP8, gemv, gemv_reference, pick_config)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
@@ -77,7 +77,7 @@ def test_gemv_bf16_rounds_the_fused_activation_like_the_separate_kernel(device):
 def test_llama3_8b_projections(m, n, k, silu):
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
-    for config in CONFIGS + CONFIGS_P + MMA_CONFIGS:
+    for config in CONFIGS + CONFIGS_P + MMA_CONFIGS + (CONFIGS_P_SILU if silu else ()):
         assert_close(gemv(x, weight, silu_mul=silu, config=config), gemv_reference(x, weight, silu_mul=silu))
     pick_config(m, weight, None, silu)  # runs: returns a config or None (cuBLAS)
 
@@ -146,7 +146,8 @@ def test_fp8_configs_at_llama3_8b_shapes(m, n, k, silu):
     q = Fp8Linear.quantize(lin)
     x = torch.randn(m, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
     expected = gemv_reference(x, q.weight, None, silu_mul=silu, scale=q.scale)
-    for config in CONFIGS_FP8 + CONFIGS_FP8_BITS + CONFIGS_FP8_P + MMA_CONFIGS_FP8:
+    separate = CONFIGS_FP8_P_SILU if silu else ()
+    for config in CONFIGS_FP8 + CONFIGS_FP8_BITS + CONFIGS_FP8_P + MMA_CONFIGS_FP8 + separate:
         assert_close(gemv(x, q.weight, silu_mul=silu, config=config, scale=q.scale), expected)
 
 
@@ -296,7 +297,8 @@ def test_pdl_launches_give_the_same_results_on_the_gpu(fp8):
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_partial_sum_configs_match_reference_and_keep_rows_alike(device, m, fp8, silu_mul):
     """Configs flagged "p" (in-register partial sums over each 16-byte weight load): the reference's answer on even
-    and ragged shapes, and each row of an m-row call bit-equal to its one-row call (also run a program per row)."""
+    and ragged shapes, and each row of an m-row call bit-equal to its one-row call (also run a program per row, and
+    with SwiGLU from its own kernel first, "s")."""
     from baton.engine.quantization import Fp8Linear
 
     for n, k in ((24, 128), (21, 160)):
@@ -305,8 +307,8 @@ def test_partial_sum_configs_match_reference_and_keep_rows_alike(device, m, fp8,
         weight, scale = (q.weight, q.scale) if fp8 else (lin.weight.detach().to(torch.bfloat16), None)
         bias = lin.bias.detach().to(torch.bfloat16)
         x = torch.randn(m, 2 * k if silu_mul else k, device=device).to(torch.bfloat16)
-        for config in ((8, 64, 4, "cvt", "p"), (4, 128, 4, "cvt", "p", "r1")) if fp8 else \
-                ((8, 64, 4, "p"), (4, 128, 4, "p", "r1")):
+        for config in ((8, 64, 4, "cvt", "p"), (4, 128, 4, "cvt", "p", "r1"), (8, 64, 4, "cvt", "p", "s")) if fp8 \
+                else ((8, 64, 4, "p"), (4, 128, 4, "p", "r1"), (8, 64, 4, "p", "s")):
             rows = gemv(x, weight, bias, silu_mul=silu_mul, config=config, scale=scale)
             assert_close(rows, gemv_reference(x, weight, bias, silu_mul=silu_mul, scale=scale))
             for i in range(m):
