@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Decode kernel configs, timed once per (rows bucket, shape, ...) and shared by every layer of that shape: timing
+# each layer's own copy would take minutes at start-up (32 layers x 4 projections x 4 row buckets).
+_PLANS: dict[tuple, tuple | None] = {}
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 QUANTIZATIONS = ("fp8",)
@@ -28,7 +31,6 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self._plans: dict[tuple[int, bool], tuple | None] = {}
         # Weight-only (EngineConfig.fp8_weight_only): steps of more than a few rows keep the activations in the model
         # dtype too (kernels/fp8_gemm.py) instead of quantizing them per token for the FP8 tensor cores.
         self.weight_only = False
@@ -79,14 +81,22 @@ class Fp8Linear(nn.Module):
         m = x.shape[0]
         if 0 < m <= MAX_ROWS and x.stride(-1) == 1:
             alike = model.rows_alike()  # one config for 1..MAX_ROWS rows (model.row_invariant)
-            key = (0 if alike else 1 << (m - 1).bit_length(), silu_mul)
-            if key not in self._plans and not torch.cuda.is_current_stream_capturing():
-                self._plans[key] = pick_config(max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
-                                               baseline=lambda h: self._many_rows(h, silu_mul), alike=alike)
-            plan = self._plans.get(key)
+            key = self._plan_key(m, silu_mul, alike)
+            if key not in _PLANS and not torch.cuda.is_current_stream_capturing():
+                _PLANS[key] = pick_config(max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
+                                          baseline=lambda h: self._many_rows(h, silu_mul), alike=alike)
+            plan = _PLANS.get(key)
             if plan is not None:
                 return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)
         return self._many_rows(x, silu_mul)
+
+    def _plan_key(self, m: int, silu_mul: bool, alike: bool = False) -> tuple:
+        return (0 if alike else 1 << (m - 1).bit_length(), silu_mul, *self.weight.shape, self.bias is not None,
+                self.weight_only, self.weight.device)
+
+    def plan(self, m: int, silu_mul: bool = False, alike: bool = False) -> tuple | None:
+        """The gemv config steps of m rows use (timed at the first such step), None where the tensor cores do."""
+        return _PLANS.get(self._plan_key(m, silu_mul, alike))
 
 
 def quantize_lm_head_fp8_(model: nn.Module) -> None:

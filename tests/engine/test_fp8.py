@@ -132,10 +132,30 @@ def test_fp8_linear_on_the_gpu_matches_the_dequantized_reference(m, silu):
     q, x, ref = _llama_projection_case(m, silu)
     out = q(x, silu_mul=silu).float()
     # gemv is exact up to float rounding; _scaled_mm also quantizes the activations per token. Which one a shape
-    # uses at m <= 4 is timed once per (rows bucket, silu) and kept in q._plans (None: _scaled_mm was faster).
-    used_gemv = q._plans.get((1 << (m - 1).bit_length(), silu)) is not None
+    # uses at m <= 8 is timed once per (rows bucket, silu, shape) and shared (q.plan; None: _scaled_mm was faster).
+    used_gemv = q.plan(m, silu) is not None
     tol = 0.02 if used_gemv else 0.08
     assert ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_of_one_shape_share_one_timed_plan():
+    """Start-up times each decode shape once, not once per layer: a second layer of the same shape finds the plan
+    the first one's step timed."""
+    first, x, _ = _llama_projection_case(1, False)
+    second = Fp8Linear.quantize(torch.nn.Linear(x.shape[1], first.weight.shape[0], bias=False, device="cuda"))
+    first(x)
+    import baton.kernels.gemv as gemv_module
+
+    calls = []
+    real = gemv_module.pick_config
+    gemv_module.pick_config = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        second(x)
+    finally:
+        gemv_module.pick_config = real
+    assert calls == [] and second.plan(1) == first.plan(1)
 
 
 @pytest.mark.gpu
