@@ -11,6 +11,9 @@ launch-bound model pays for. FP8 (e4m3) weights become float32 either through th
 integer ops on their bytes (`_e4m3_bits`); which is faster is a config field. A second kernel (`_mma_kernel`) runs
 the same product on tensor cores, always as a 16-row tile: one pass over the weight for any row count up to 16, and
 a row's result independent of how many rows share the call (SwiGLU runs before it, as its own kernel).
+Configs may also ask for in-register partial sums ("p": a V-th of the accumulator registers, so more programs and
+weight bytes in flight an SM), SwiGLU by its own kernel first ("s"), or a program per row ("r1"); the weight
+prefetch and programmatic dependent launch are process-wide switches (PREFETCH, kernels/pdl.py).
 `pick_config` times the candidate configs against cuBLAS on the real shape, once."""
 from __future__ import annotations
 

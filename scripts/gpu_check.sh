@@ -18,7 +18,9 @@
 #          call per part, machine kept warm): keeps them; model: joins and converts them; spec: bench/speculation.py
 #          on that real model (SPEC_ARGS: extra arguments, e.g. --profile; SPEC_OUT: the JSON's name);
 #   rowgemm: bench/row_invariant_gemm.py (row-invariant linear layers: gemv vs tensor-core configs vs cuBLAS);
-#   pdl: bench/pdl.py (decode with the gemv weight prefetch and programmatic dependent launch vs plain launches);  spec-fp8: the GPU tests, spec, fp8q and fp8 of the speculation/FP8 issue in one call (after `model`)
+#   pdl: bench/pdl.py (decode with the gemv weight prefetch and programmatic dependent launch vs plain launches)
+#   spec-fp8: the GPU tests and the row-invariant spec bench of the speculation/FP8 issue in one call (after
+#          `model`); decode-speed: bench/pdl.py then FP8 speed (bf16, fp8, fp8_head)
 #   pytest ARGS...: pytest with these arguments (paths under $R), e.g. one test file on the GPU
 set -euo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
@@ -121,15 +123,19 @@ case "$STEP" in
           --out "$OUT/${SPEC_OUT:-speculation_gpu}.json" ;;
   rowgemm) $PY "$R"/bench/row_invariant_gemm.py --out "$OUT/row_invariant_gemm.json" ;;
   pdl) $PY "$R"/bench/pdl.py ${PDL_ARGS:-} --out "$OUT/pdl.json" ;;
-  spec-fp8)  # issue 23's whole GPU battery in one call, after `model`: its GPU tests, speculation, FP8 quality, FP8 speed
+  spec-fp8)  # issue 23's GPU tests and the row-invariant speculation bench, after `model` (about 8 minutes)
     fail=0
-    $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu "$R"/tests/kernels/test_fp8_gemm.py \
-      "$R"/tests/engine/test_fp8.py "$R"/tests/engine/test_gpu_runtime.py || fail=1
-    $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --out "$OUT/speculation_gpu.json" || fail=1
-    $PY "$R"/bench/fp8.py quality --model /tmp/smollm2 --device cuda --out "$OUT/fp8_quality_gpu.json" || fail=1
-    $PY "$R"/bench/fp8.py speed --out "$OUT/fp8.json" || fail=1
+    timeout 330 $PY -m pytest -q -p no:cacheprovider --timeout 300 -m gpu -rf "$R"/tests/kernels/test_gemv.py \
+      "$R"/tests/kernels/test_fp8_gemm.py "$R"/tests/engine/test_fp8.py "$R"/tests/engine/test_gpu_runtime.py || fail=1
+    timeout 200 $PY "$R"/bench/speculation.py --device cuda --model /tmp/smollm2 --row-invariant --profile \
+      --out "$OUT/speculation_gpu_row_invariant.json" || fail=1
+    exit $fail ;;
+  decode-speed)  # the decode kernels' options (bench/pdl.py, bf16 and FP8) and FP8 speed (bench/fp8.py speed)
+    fail=0
+    timeout 300 $PY "$R"/bench/pdl.py --out "$OUT/pdl.json" || fail=1
+    timeout 280 $PY "$R"/bench/fp8.py speed --variants fp8,fp8_head --out "$OUT/fp8.json" || fail=1
     exit $fail ;;
   quick) $PY "$R"/bench/engine_gpu.py --no-hf --batches 1,64 --contexts 1024 --out "$OUT/engine_gpu_quick.json" ;;
   all) run_tests; $PY "$R"/bench/engine_gpu.py --out "$OUT/engine_gpu.json" ;;
-  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|rowgemm|pdl|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
+  *) echo "usage: gpu_check.sh prepare|prepare-model|stash|model|spec|spec-fp8|decode-speed|rowgemm|pdl|tests|pytest ARGS|bench|quick|kv|fp8kv|layerwise|ttft|so|attn|fp8|gemv|all [OUT_DIR]" >&2; exit 2 ;;
 esac
