@@ -18,6 +18,7 @@ prefetch and programmatic dependent launch are process-wide switches (PREFETCH, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -350,6 +351,42 @@ def device_time_ms(fn, reps: int = 16) -> float:
         return best
 
     return max(0.0, graph_ms(True) - graph_ms(False)) / reps
+
+
+def plan_cache_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "baton" / "gemv_plans.json"
+
+
+def cached_plan(key: tuple, pick) -> tuple | None:
+    """pick() (a pick_config call) once per key on this machine: its answer is kept in plan_cache_path(), keyed by
+    the GPU, the Triton version and the candidate lists as well, so a worker's next start skips the timing (most of
+    its start-up). BATON_GEMV_PLAN_CACHE=0: neither read nor written."""
+    if os.environ.get("BATON_GEMV_PLAN_CACHE", "1") == "0":
+        return pick()
+    import hashlib
+    import json
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    candidates = hashlib.sha1(repr((CONFIGS, FP8_TILES, PARTIAL_TILES, ALIKE_TILES, MMA_CONFIGS_FP8)).encode())
+    full = repr((device, triton.__version__, candidates.hexdigest()[:12], *key))
+    path = plan_cache_path()
+    try:
+        plans = json.loads(path.read_text())
+    except (OSError, ValueError):
+        plans = {}
+    if full in plans:
+        return tuple(plans[full]) if plans[full] is not None else None
+    plan = pick()
+    plans[full] = plan
+    try:  # written whole and renamed into place: concurrent workers never see half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(plans))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: the plan still serves this process
+    return plan
 
 
 def pick_config(m: int, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool,

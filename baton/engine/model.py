@@ -50,7 +50,7 @@ def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if not (_GEMV and x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1):
         return None
-    from baton.kernels.gemv import MAX_ROWS, pick_config
+    from baton.kernels.gemv import MAX_ROWS, cached_plan, pick_config
 
     m = x.shape[0]
     if not 0 < m <= MAX_ROWS:
@@ -60,7 +60,8 @@ def _gemv_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if key not in _gemv_plans:
         if torch.cuda.is_current_stream_capturing():
             return None  # timed on the warm-up run before each capture; never inside one
-        _gemv_plans[key] = pick_config(rows, weight, bias, silu_mul, alike=_row_invariant)
+        _gemv_plans[key] = cached_plan(("dense", *key[:3], str(weight.dtype), *key[5:]),
+                                       lambda: pick_config(rows, weight, bias, silu_mul, alike=_row_invariant))
     return _gemv_plans[key]
 
 

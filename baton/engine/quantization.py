@@ -74,7 +74,7 @@ class Fp8Linear(nn.Module):
                 gate, up = x.split(x.shape[-1] // 2, dim=-1)
                 x = F.silu(gate) * up
             return F.linear(x, self.dequantized(x.dtype), self.bias)
-        from baton.kernels.gemv import MAX_ROWS, gemv, pick_config
+        from baton.kernels.gemv import MAX_ROWS, cached_plan, gemv, pick_config
 
         from baton.engine import model
 
@@ -83,8 +83,9 @@ class Fp8Linear(nn.Module):
             alike = model.rows_alike()  # one config for 1..MAX_ROWS rows (model.row_invariant)
             key = self._plan_key(m, silu_mul, alike)
             if key not in _PLANS and not torch.cuda.is_current_stream_capturing():
-                _PLANS[key] = pick_config(max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
-                                          baseline=lambda h: self._many_rows(h, silu_mul), alike=alike)
+                _PLANS[key] = cached_plan(("fp8", *key[:-1]), lambda: pick_config(
+                    max(1, key[0]), self.weight, self.bias, silu_mul, scale=self.scale,
+                    baseline=lambda h: self._many_rows(h, silu_mul), alike=alike))
             plan = _PLANS.get(key)
             if plan is not None:
                 return gemv(x, self.weight, self.bias, silu_mul=silu_mul, config=plan, scale=self.scale)

@@ -315,3 +315,26 @@ def test_partial_sum_configs_match_reference_and_keep_rows_alike(device, m, fp8,
                 one = gemv(x[i:i + 1], weight, bias, silu_mul=silu_mul, config=config, scale=scale)
                 assert torch.equal(rows[i:i + 1], one), (config, i)
 
+
+
+def test_timed_plans_are_kept_on_disk_per_machine(tmp_path, monkeypatch):
+    """A worker's next start reuses the configs its last one timed (cuBLAS answers, None, too); another key is
+    timed anew; BATON_GEMV_PLAN_CACHE=0 times every time and writes nothing."""
+    from baton.kernels.gemv import cached_plan, plan_cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def pick(answer):
+        return lambda: calls.append(answer) or answer
+
+    assert cached_plan(("dense", 1, 960, 576), pick((4, 1024, 4, "p"))) == (4, 1024, 4, "p")
+    assert cached_plan(("dense", 1, 960, 576), pick((8, 512, 8))) == (4, 1024, 4, "p")  # from the file
+    assert cached_plan(("dense", 8, 960, 576), pick(None)) is None
+    assert cached_plan(("dense", 8, 960, 576), pick((2, 1024, 4))) is None
+    assert calls == [(4, 1024, 4, "p"), None] and plan_cache_path().is_file()
+    monkeypatch.setenv("BATON_GEMV_PLAN_CACHE", "0")
+    assert cached_plan(("dense", 1, 960, 576), pick((8, 512, 8))) == (8, 512, 8)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other"))
+    assert cached_plan(("dense", 2, 1, 1), pick((2, 512, 4))) == (2, 512, 4)
+    assert not plan_cache_path().exists()
