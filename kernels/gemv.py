@@ -72,15 +72,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
         else:
             w = _w_tile(w_rows, ks, K, col_ok, EVEN)
         w = _e4m3_bits(w) if FP8_BITS else w.to(tl.float32)
-        acc0 = _acc(acc0, w * _x_row(x_ptr, 0, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
+        acc0 = _acc(acc0, w * _x_row(x_ptr, 0, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS, V > 1), V)
         if BLOCK_M > 1:
             if M > 1:
-                acc1 = _acc(acc1, w * _x_row(x_ptr, 1, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
+                acc1 = _acc(acc1, w * _x_row(x_ptr, 1, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS, V > 1), V)
         if BLOCK_M > 2:
             if M > 2:
-                acc2 = _acc(acc2, w * _x_row(x_ptr, 2, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
+                acc2 = _acc(acc2, w * _x_row(x_ptr, 2, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS, V > 1), V)
             if M > 3:
-                acc3 = _acc(acc3, w * _x_row(x_ptr, 3, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS), V)
+                acc3 = _acc(acc3, w * _x_row(x_ptr, 3, stride_xm, ks, K, BLOCK_N, EVEN, SILU_MUL, FP8_BITS, V > 1), V)
     _store_row(acc0, 0, s_ptr, b_ptr, out_ptr, stride_om, cols, col_ok, HAS_BIAS, HAS_SCALE, FP8_BITS)
     if BLOCK_M > 1:
         if M > 1:
@@ -124,19 +124,25 @@ def _acc(acc, prod, V: tl.constexpr):
 
 @triton.jit
 def _x_row(x_ptr, row, stride_xm, ks, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr,
-           FP8_BITS: tl.constexpr):
-    """x's row as it multiplies the [BLOCK_N, BLOCK_K] weight tile, in float32."""
+           FP8_BITS: tl.constexpr, BROADCAST: tl.constexpr):
+    """x's row as it multiplies the [BLOCK_N, BLOCK_K] weight tile, in float32. BROADCAST ("p" configs): loaded
+    straight into the tile's layout; else as a [BLOCK_K] row that changes layout (through shared memory)."""
     ptrs = x_ptr + row * stride_xm + ks
-    if SILU_MUL:
-        # x holds gate || up: silu(gate) * up, rounded to x's dtype as the separate kernel stores it. Computed once
-        # a program on a [BLOCK_K] row, then broadcast (a layout change through shared memory each step).
+    if SILU_MUL or not BROADCAST:
+        # A [BLOCK_K] row, broadcast over the tile (a layout change through shared memory each step). With SILU_MUL
+        # x holds gate || up: silu(gate) * up, computed once a program, rounded to x's dtype as the separate kernel
+        # stores it.
         if EVEN:
-            gate = tl.load(ptrs).to(tl.float32)
-            up = tl.load(ptrs + K).to(tl.float32)
+            x = tl.load(ptrs).to(tl.float32)
         else:
-            gate = tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
-            up = tl.load(ptrs + K, mask=ks < K, other=0.0).to(tl.float32)
-        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            x = tl.load(ptrs, mask=ks < K, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            if EVEN:
+                up = tl.load(ptrs + K).to(tl.float32)
+            else:
+                up = tl.load(ptrs + K, mask=ks < K, other=0.0).to(tl.float32)
+            x = (x / (1.0 + tl.exp(-x)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = x[None, :]
     else:
         # Loaded straight into the weight tile's layout (each thread reads the x values of its own weight columns,
         # from L1): no layout change, so no barrier in the loop.
