@@ -206,7 +206,7 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
     if graphs is None:
         return {}
     out = {}
-    for label, graph in [(f"bucket{b}", g) for b, (g, _) in sorted(graphs.graphs.items())]:
+    for b, (graph, _) in sorted(graphs.graphs.items()):
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -215,19 +215,20 @@ def profile_buckets(engine: LLMEngine, reps: int = 50) -> dict:
             graph.replay()
         end.record()
         end.synchronize()
-        out[f"{label}_ms"] = round(start.elapsed_time(end) / reps, 4)
+        out[f"bucket{b}_ms"] = round(start.elapsed_time(end) / reps, 4)
     verify = next(b for b in graphs.buckets if b >= 1 + engine.config.num_speculative_tokens)
     print("\ndecode graph replay, device ms per step by bucket: " + ", ".join(f"{k}={v}" for k, v in out.items()))
-    for label, graph in [(f"bucket{b}", graphs.graphs[b][0]) for b in dict.fromkeys((1, verify))]:
+    for b in dict.fromkeys((1, verify)):
+        graph = graphs.graphs[b][0]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
             for _ in range(reps):
                 graph.replay()
             torch.cuda.synchronize()
         kernels = sorted(((e.key, e.device_time_total / reps, e.count // reps) for e in tp.key_averages()
                           if e.device_time_total), key=lambda x: -x[1])
-        out[f"{label}_kernels_us"] = [(name[:80], round(us, 2), n) for name, us, n in kernels[:15]]
-        print(f"{label}: kernels by device time per step (us, launches per step)")
-        for name, us, n in out[f"{label}_kernels_us"]:
+        out[f"bucket{b}_kernels_us"] = [(name[:80], round(us, 2), n) for name, us, n in kernels[:15]]
+        print(f"bucket {b}: kernels by device time per step (us, launches per step)")
+        for name, us, n in out[f"bucket{b}_kernels_us"]:
             print(f"  {us:9.2f} us  {n:4d}x  {name}")
     return out
 

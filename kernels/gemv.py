@@ -198,10 +198,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_
     acc = tl.zeros((BLOCK_N, MMA_ROWS), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w = _w_tile(w_rows, ks, K, col_ok, EVEN)
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
         if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly: float32 holds their products exactly
             acc = tl.dot(w.to(x_ptr.dtype.element_ty).to(tl.float32), tl.trans(x).to(tl.float32), acc,
@@ -276,12 +273,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     even = n % block_n == 0 and k % block_k == 0
     assert (scale is not None) == (weight.dtype == torch.float8_e4m3fn)
+    if silu_mul and (mma or "s" in mode):  # SwiGLU by its own kernel first (the MMA kernel has no fused one)
+        from baton.kernels.silu_mul import silu_mul as act
+
+        x, silu_mul = act(x), False
     if mma:
         assert out.stride(1) == 1, "the MMA kernel stores rows with unit column stride"
-        if silu_mul:
-            from baton.kernels.silu_mul import silu_mul as act
-
-            x = act(x)
         _mma_kernel[(triton.cdiv(n, block_n),)](
             x, weight, scale if scale is not None else x, bias if bias is not None else x, out, m, n, k,
             x.stride(0), weight.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
@@ -294,10 +291,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     # it fits there (small models).
     one_row = "r1" in mode
     partial = "p" in mode
-    if "s" in mode and silu_mul:  # SwiGLU by its own kernel first: the gemv loop then has no layout change
-        from baton.kernels.silu_mul import silu_mul as act
-
-        x, silu_mul = act(x), False
     fp8_mode = [f for f in mode if f not in ("r1", "p", "s")]
     bits = fp8_mode == ["bits"]
     assert fp8_mode in ([], ["cvt"], ["bits"]) and (scale is not None or not fp8_mode), config

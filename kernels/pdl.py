@@ -7,8 +7,8 @@ when the predecessor's programs exit.
 
 A kernel launched with PDL must call `wait_for_previous` in every program before its first dependent read and
 first store; a kernel that only calls `launch_dependents` changes nothing for a successor launched without PDL.
-Off by default (BATON_PDL=1 turns it on): what it saves is measured by `bench/engine_gpu.py` before it becomes
-the default. Never under Triton's CPU interpreter (the instructions are inline PTX)."""
+Off by default (BATON_PDL=1 turns it on): what it saves is measured by `bench/pdl.py` before it becomes the
+default. Never under Triton's CPU interpreter (the instructions are inline PTX)."""
 from __future__ import annotations
 
 import os

@@ -181,8 +181,8 @@ class EngineConfig:
     speculative_disable_by_batch_size: int | None = None
     # GPU: steps of up to 8 rows (decode batches of up to 8, batch-1 verification of up to 7 proposed tokens) compute
     # each row alike whatever the row count (model.row_invariant), so that greedy output with speculation equals
-    # greedy output without it token for token in bf16 too. Off by default: it costs plain decoding at batches 2-8
-    # (H200, SmolLM2: the 8-row graph 0.91 -> 1.30 ms) and speculation (1.61x -> 1.46x at batch 1). Off, multi-row
+    # greedy output without it token for token in bf16 too. Off by default: one-row steps then run the config best
+    # over 1 and 8 rows, not the best for 1 row (H200, SmolLM2: the one-row graph 0.71 -> 0.76 ms). Off, multi-row
     # GEMMs may round differently from one-row ones, and a bf16 greedy token may differ where two are near-tied.
     row_invariant_verification: bool = False
 

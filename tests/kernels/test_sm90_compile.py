@@ -46,8 +46,8 @@ def test_tensor_core_gemm_pipelines_its_weights_through_shared_memory(facts, wei
 
 @pytest.mark.parametrize("weight", ["*bf16", "*fp8e4nv"])
 def test_gemv_loop_has_no_barrier_and_partial_sums_free_registers(facts, weight):
-    """In "p" configs x is loaded straight into the weight tile's layout, so the K loop has no barrier, and partial sums ("p" configs) need well under half the registers, so an SM holds
-    more programs and more weight bytes in flight."""
+    """In "p" configs x is loaded straight into the weight tile's layout, so the K loop has no barrier, and the
+    partial sums need well under half the registers, so an SM holds more programs and more weight bytes in flight."""
     v = 16 if weight == "*fp8e4nv" else 8
     plain = facts[f"gemv {weight} (4, 2048, 4) V=1 silu=False"]
     partial = facts[f"gemv {weight} (4, 2048, 4) V={v} silu=False"]
